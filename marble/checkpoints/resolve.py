@@ -1,0 +1,77 @@
+"""From what the user typed (`--model NAME|PATH`) to a loaded model with its name and hash."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from marble.checkpoints.checkpoint import to_model
+from marble.checkpoints.detect import open_checkpoint
+from marble.checkpoints.errors import ModelLoadError
+from marble.checkpoints.marble_format import file_hash, load_model_file, state_hash
+from marble.models.latent_diffusion import LatentDiffusion, tiny_config
+
+DEFAULT_MODEL = "builtin"
+
+
+def models_dir() -> Path:
+    """Where named models live: $MARBLE_MODELS, else the repository's `models/` folder."""
+    env = os.environ.get("MARBLE_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def builtin_path() -> Path:
+    return models_dir() / "builtin.safetensors"
+
+
+def random_model(config_fn=tiny_config, seed: int = 0) -> LatentDiffusion:
+    """A model with seeded random weights everywhere (zero-initialised layers included, so every
+    path through the network matters): for tests and for demos without trained weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LatentDiffusion(config_fn())
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+                    torch.nn.init.normal_(p, mean=1.0, std=0.1)   # norms keep the signal's scale
+                elif p.ndim > 1:
+                    torch.nn.init.normal_(p, std=1.0 / max(1, p[0].numel()) ** 0.5)  # variance-preserving
+                else:
+                    torch.nn.init.normal_(p, std=0.1)
+    return model.eval().requires_grad_(False)
+
+
+NAMED = {
+    "tiny-random": lambda: random_model(tiny_config, seed=0),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: LatentDiffusion
+    name: str     # what the record calls it: the file stem or the registered name
+    hash: str     # A1111 "Model hash": first 10 hex of the file's sha256
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
+    """A registered name or a path: a marble file, a diffusers folder, an SD single file (.safetensors;
+    .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0."""
+    spec = spec or DEFAULT_MODEL
+    if spec in NAMED:
+        model = NAMED[spec]().to(dtype)
+        return LoadedModel(model, spec, state_hash(model))
+    if spec == "builtin":
+        path = builtin_path()
+        if not path.is_file():
+            raise ModelLoadError(f"the built-in model is missing ({path}); pass --model tiny-random "
+                                 "or a model file")
+        return LoadedModel(load_model_file(path, dtype), "builtin", file_hash(path))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        names = ", ".join(["builtin", *NAMED])
+        raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
+    ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
+    return LoadedModel(to_model(ckpt, dtype), ckpt.name, ckpt.hash)

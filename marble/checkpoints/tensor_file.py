@@ -1,0 +1,157 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
+a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}},
+then the raw little-endian tensor bytes. Reading fills each tensor straight from the file with
+`readinto` (no memory map, no staging copy), optionally casting it on the way, so peak memory while
+loading is the loaded weights plus one tensor. Writing streams each tensor's bytes the same way.
+Only tensors and strings are ever read: loading executes no code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Iterable
+
+import torch
+
+from marble.checkpoints.errors import ModelLoadError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100_000_000   # bytes; the safetensors library's own limit
+
+if sys.byteorder != "little":  # pragma: no cover - every platform we run on is little-endian
+    raise ImportError("marble's safetensors reader assumes a little-endian machine")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int            # offset of the first byte, from the start of the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e.shape for k, e in self.entries.items()}
+
+
+def read_header(path: Path) -> Header:
+    """Parse and check the header: every tensor's bytes lie inside the file and match its shape."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path} is not a safetensors file (too short)")
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > MAX_HEADER or n + 8 > size:
+                raise ModelLoadError(f"{path} is not a valid safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelLoadError(f"{path} is not a valid safetensors file (unreadable header)") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a valid safetensors file (header is not an object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelLoadError(f"{path} is not a valid safetensors file (metadata is not a string map)")
+    data_start = 8 + n
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: tensor {name!r} has an invalid or unsupported header entry") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if any(s < 0 for s in shape) or end - begin != math.prod(shape) * itemsize or begin < 0 \
+                or data_start + end > size:
+            raise ModelLoadError(f"{path} is truncated or corrupt (tensor {name!r} does not fit the file)")
+        entries[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
+    return Header(path, entries, dict(meta))
+
+
+def _read_into(f: IO[bytes], entry: TensorEntry, path: Path, name: str) -> torch.Tensor:
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        f.seek(entry.begin)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        got = f.readinto(view)
+        if got != entry.nbytes:
+            raise ModelLoadError(f"{path} is truncated (tensor {name!r})")
+    return tensor
+
+
+def read_tensors(header: Header, names: Iterable[str] | None = None,
+                 dtype: torch.dtype | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in file order, each read on its own; floating tensors are cast to
+    `dtype` when given (None keeps the stored dtype, bit for bit)."""
+    wanted = header.entries if names is None else {k: header.entries[k] for k in names}
+    order = sorted(wanted, key=lambda k: wanted[k].begin)
+    try:
+        with open(header.path, "rb") as f:
+            for name in order:
+                tensor = _read_into(f, wanted[name], header.path, name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                yield name, tensor
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {header.path}: {e.strerror or e}") from None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (made contiguous on the CPU), without a copy when it already is."""
+    t = tensor.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_writer(tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str] | None = None) -> Callable[[IO[bytes]], None]:
+    """A function that writes `tensors` as a safetensors file to an open binary file, one tensor
+    at a time (for marble.fileio.write_new). Keys are written sorted; the header is padded with
+    spaces to a multiple of 8 bytes, as the reference implementation does."""
+    names = sorted(tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"cannot store {name} of dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            if tensors[name].numel():
+                f.write(tensor_bytes(tensors[name]))
+
+    return write

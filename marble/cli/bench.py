@@ -1,0 +1,54 @@
+"""`marble bench`: time the SD1.5 architecture in marble and in diffusers on the same random weights."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from marble.cli.app import app, fail, info
+
+
+@app.command()
+def bench(
+    steps: int = typer.Option(20, "--steps", help="Euler steps per image."),
+    size: int = typer.Option(512, "--size", help="Image side in pixels (a multiple of 8)."),
+    cfg: float = typer.Option(7.5, "--cfg", help="Classifier-free guidance scale."),
+    unet_calls: int = typer.Option(3, "--unet-calls", help="Timed U-Net calls (median); 0 skips."),
+    quick: bool = typer.Option(False, "--quick", help="Minutes, not a quarter hour: 2 steps per image, one timed U-Net call and decode."),
+    no_images: bool = typer.Option(False, "--no-images", help="Only U-Net steps and VAE decodes, no whole images."),
+    no_diffusers: bool = typer.Option(False, "--no-diffusers", help="Time marble only."),
+    no_bf16: bool = typer.Option(False, "--no-bf16", help="Skip marble's bf16 run and its PSNR against fp32."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Also lay marble's convolution weights out NHWC (an experiment; generate runs NCHW)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here (never overwritten)."),
+) -> None:
+    """Time Stable Diffusion 1.5's architecture (random weights from the config, no download):
+    seconds per U-Net step, per VAE decode and per image, peak RSS, against diffusers' pipeline on
+    the same weights in the same run, and marble's bf16 mode with its PSNR against fp32.
+
+    Needs about 8 GB of memory; the full run takes several minutes per image on a laptop CPU.
+    """
+    if size <= 0 or size % 8:
+        fail(f"--size must be a positive multiple of 8, got {size}")
+    if steps < 1 or unet_calls < 0:
+        fail("--steps must be >= 1 and --unet-calls >= 0")
+    if json_out is not None and json_out.exists():
+        fail(f"{json_out} exists; marble never overwrites a file")
+    from marble.eval.sd_bench import BenchSettings, run_bench
+
+    if not no_diffusers:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            fail("diffusers and transformers are needed to compare (pip install diffusers transformers), "
+                 "or pass --no-diffusers")
+    settings = BenchSettings(size=size, steps=2 if quick else steps, cfg=cfg, unet_calls=1 if quick else unet_calls,
+                             decodes=1 if quick else 2, images=not no_images, diffusers=not no_diffusers,
+                             bf16=not no_bf16, channels_last=channels_last, threads=threads)
+    report = run_bench(settings, log=info)
+    typer.echo(report.markdown())
+    if json_out is not None:
+        from marble.fileio import write_new
+        write_new(json_out, report.to_json().encode("utf-8"))

@@ -1,0 +1,144 @@
+"""`marble eval`: the GenEval-style benchmark on the shapes world, and the bias/diversity probe."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from marble.cli.app import app, fail, info, warn
+
+BASELINES = ("groundtruth", "noise")
+SHEET_TILES = 96        # most images on a contact sheet (first seed, spread over the prompts)
+PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
+
+
+def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None):
+    """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
+    Validates the sampling options before any image is made."""
+    from marble.checkpoints.errors import ModelLoadError
+    from marble.pipeline import load_pipeline
+    from marble.request import GenerationRequest, RequestError
+    try:
+        pipe = load_pipeline(model)
+        pipe.resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg))
+    except (ModelLoadError, RequestError) as e:
+        fail(str(e))
+
+    def generate(prompt: str, seed: int):
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
+    return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash}
+
+
+def _check_target(path: Path | None, flag: str) -> None:
+    if path is None:
+        return
+    if path.exists():
+        fail(f"{flag} {path} already exists; marble never overwrites a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        fail(f"{flag} {path}: {path.parent} is not a folder")
+
+
+def _write_new(path: Path, data: bytes, flag: str) -> None:
+    from marble.fileio import write_new
+    try:
+        write_new(path, data)
+    except FileExistsError:
+        fail(f"{flag} {path} already exists; marble never overwrites a file")
+    except OSError as e:
+        fail(f"cannot write {flag} {path}: {e.strerror or e}")
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option("builtin", "--model", help="A model (name or .safetensors path), or a baseline: "
+                              "'groundtruth' (the world draws each prompt, scores ~1) or 'noise' (random pixels, ~0)."),
+    split: str = typer.Option("seen", "--split", help="Prompts from seen compositions, or from held-out ones "
+                              "(never in the training split): seen | heldout."),
+    seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..K-1."),
+    json_out: Path = typer.Option(..., "--json", help="Write the full results here (new file)."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a contact sheet PNG of samples marked pass/fail."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (models only). Default: the model's."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (models only). Default: the model's."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (models only). Default: the model's."),
+    prompts: int = typer.Option(200, "--prompts", help="About this many prompts, split over the six categories."),
+    probe: bool = typer.Option(False, "--probe", help="Also run the bias and homogeneity probe on under-specified prompts "
+                               "(with max(K, 8) seeds each)."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads for the model; 0 = torch's default. "
+                                "On a busy machine 1 can be several times faster."),
+) -> None:
+    """Score a model on six GenEval categories (single object, two objects, counting, colors,
+    position, color attribution) with an exact detector; prints a markdown table and writes JSON
+    with per-image verdicts. See docs/eval.md."""
+    from marble.eval import baselines
+    from marble.eval.benchmark import markdown_table, run_benchmark
+    from marble.eval.prompts import SPLITS, build_prompts, scale_counts
+
+    if split not in SPLITS:
+        fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if seeds < 1:
+        fail(f"--seeds must be >= 1, got {seeds}")
+    if prompts < 1:
+        fail(f"--prompts must be >= 1, got {prompts}")
+    if threads < 0:
+        fail(f"--threads must be >= 0, got {threads}")
+    if sheet is not None and sheet.resolve() == json_out.resolve():
+        fail("--sheet and --json must be different files")
+    _check_target(json_out, "--json")
+    _check_target(sheet, "--sheet")
+
+    prompt_list = build_prompts(split, scale_counts(prompts))
+    extra = {}
+    if model in BASELINES:
+        if sampler is not None or steps is not None or cfg is not None:
+            warn(f"--sampler, --steps and --cfg do not apply to the {model} baseline; ignored")
+        if model == "groundtruth":
+            from marble.eval.probe import probe_prompts
+            generate = baselines.groundtruth(prompt_list + probe_prompts())
+        else:
+            generate = baselines.noise()
+    else:
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        generate, extra = model_source(model, sampler, steps, cfg)
+
+    seed_list = list(range(seeds))
+    tiles = []
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(prompt_list) * seeds, unit="image", desc=f"eval {split}", leave=False)
+
+    def on_image(prompt, seed, image, passed):
+        bar.update(1)
+        if sheet is not None and seed == seed_list[0]:
+            tiles.append((image, passed, f"[{prompt.category}] {prompt.text}"))
+
+    try:
+        result = run_benchmark(generate, prompt_list, seed_list, on_image=on_image)
+    finally:
+        bar.close()
+    report = {"benchmark": "marble-geneval", "version": 1, "model": model, **extra, "split": split,
+              "seeds": seed_list, "sampler": sampler, "steps": steps, "cfg": cfg, **result.to_dict()}
+    typer.echo(markdown_table(result))
+    info(f"{report['images']} images in {result.seconds:.1f} s")
+    if probe:
+        import time
+        from marble.eval.probe import probe_table, run_probe
+        start = time.perf_counter()
+        probe_seeds = list(range(max(seeds, PROBE_MIN_SEEDS)))
+        report["probe_seeds"] = probe_seeds
+        report["probe"] = run_probe(generate, probe_seeds)
+        report["probe_seconds"] = round(time.perf_counter() - start, 3)
+        typer.echo("")
+        typer.echo(probe_table(report["probe"]))
+
+    _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
+    if sheet is not None:
+        from marble.eval.sheet import contact_sheet
+        step = max(1, -(-len(tiles) // SHEET_TILES))
+        buf = io.BytesIO()
+        contact_sheet(tiles[::step]).save(buf, format="PNG")
+        _write_new(sheet, buf.getvalue(), "--sheet")

@@ -1,0 +1,99 @@
+"""`marble serve`: the HTTP server (OpenAI Images API, A1111 API subset, web UI). See docs/server.md."""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from marble.cli.app import app, fail, info, warn
+
+MB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", help="TCP port (0: any free port, printed at start)."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="A model to load: 'builtin' (default), 'tiny-random' or a .safetensors file. Repeat for several; the first is the default. One worker per model."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait behind the running one, per model; past that: 429 with Retry-After."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MARBLE_API_KEY", help="Require this key on every route but /health (Bearer, Basic password or X-API-Key). Also read from $MARBLE_API_KEY."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Folder where every generated PNG is saved with its record."),
+    max_pixels: int = typer.Option(1024 * 1024, "--max-pixels", help="Largest width·height per image a request may ask for."),
+    max_steps: int = typer.Option(150, "--max-steps", help="Most sampler steps a request may ask for."),
+    max_n: int = typer.Option(8, "--max-n", help="Most images per request."),
+    max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", help="Longest prompt (and negative prompt), in characters."),
+    max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
+) -> None:
+    """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
+
+    Interactive API docs at /docs; /health never needs the key.
+    """
+    from marble.checkpoints.errors import ModelLoadError
+    from marble.server.limits import ServerLimits
+
+    if not 0 <= port <= 65535:
+        fail(f"--port must be in 0..65535, got {port}")
+    if max_queue < 0:
+        fail(f"--max-queue must be >= 0, got {max_queue}")
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        fail(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
+    if api_key is not None and not api_key.strip():
+        fail("--api-key is empty")
+    for flag, value in (("--max-pixels", max_pixels), ("--max-steps", max_steps), ("--max-n", max_n),
+                        ("--max-prompt-chars", max_prompt_chars), ("--max-upload-mb", max_upload_mb)):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    limits = ServerLimits(max_pixels=max_pixels, max_steps=max_steps, max_n=max_n,
+                          max_prompt_chars=max_prompt_chars, max_body_bytes=max_upload_mb * MB)
+    if outputs.exists() and not outputs.is_dir():
+        fail(f"--outputs {outputs} exists and is not a folder")
+
+    specs = model or ["builtin"]
+    if len(set(specs)) != len(specs):
+        fail("the same --model is given twice")
+
+    from marble.server.thread import listen
+    try:
+        sock = listen(host, port)     # before loading models: a taken port fails fast
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+    from marble.pipeline import load_pipeline
+    pipes = []
+    for spec in specs:
+        try:
+            pipes.append(load_pipeline(spec))
+        except ModelLoadError as e:
+            sock.close()
+            fail(str(e))
+    names = [p.name for p in pipes]
+    if len(set(names)) != len(names):
+        sock.close()
+        fail(f"two models have the same name ({', '.join(names)}); rename a file")
+
+    import uvicorn
+    from marble.server.app import ServerConfig, create_app
+
+    application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits))
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if not is_loopback(host) and not api_key:
+        warn(f"serving on {host} with no --api-key: anyone who can reach this machine can use it")
+    info(f"marble: serving {', '.join(names)} on http://{shown}:{bound_port}  (web UI /, API docs /docs, "
+         f"outputs in {outputs})")
+    # on Ctrl-C, requests still waiting after 5 s are cancelled (their jobs stop at the next step)
+    server = uvicorn.Server(uvicorn.Config(application, log_level=log_level, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])

@@ -1,0 +1,74 @@
+"""`marble train vae CONFIG` and `marble train diffusion CONFIG`, also under torchrun."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from marble.cli.app import app, fail
+
+train_app = typer.Typer(help="Train a VAE or a diffusion U-Net from a TOML config (see configs/).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: Optional[int]) -> None:
+    from marble.checkpoints.errors import ModelLoadError
+    from marble.train.config import ConfigError, load_config
+    from marble.train.distributed import init_world, shutdown
+
+    overrides = {"kind": kind}
+    if run_dir is not None:
+        overrides["run_dir"] = str(run_dir)
+    if steps is not None:
+        overrides["steps"] = steps
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+    out = Path(cfg.run_dir)
+    if not resume and (out / "checkpoint.pt").exists():
+        fail(f"{out} already holds a run; pass --resume to continue it, or choose another run_dir")
+    import torch
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world = init_world()
+    try:
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.save(out / "config.json")
+        if kind == "vae":
+            from marble.train.vae import train_vae
+            result = train_vae(cfg, world, resume)
+        else:
+            from marble.train.diffusion import train_diffusion
+            result = train_diffusion(cfg, world, resume)
+    except (ConfigError, ModelLoadError) as e:
+        fail(str(e))
+    finally:
+        shutdown(world)
+    if world.is_main:
+        typer.echo(str(result))
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    config: Path = typer.Argument(..., help="TOML config (kind, run_dir, steps, batch, [model], [data], [optim])."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from run_dir/checkpoint.pt exactly."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the config's step count."),
+) -> None:
+    """Train the KL autoencoder; writes RUN_DIR/vae.safetensors."""
+    _run("vae", config, resume, run_dir, steps)
+
+
+@train_app.command("diffusion")
+def train_diffusion_cmd(
+    config: Path = typer.Argument(..., help="TOML config (kind, run_dir, steps, batch, [model], [data], [optim])."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from run_dir/checkpoint.pt exactly."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the config's step count."),
+) -> None:
+    """Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors."""
+    _run("diffusion", config, resume, run_dir, steps)

@@ -1,0 +1,1 @@
+"""Data: the shapes world (procedural, captioned) and image-folder data sets."""

@@ -1,0 +1,1 @@
+"""The diffusion math: schedules, the denoiser contract, samplers, guidance."""

@@ -1,0 +1,270 @@
+"""Noise schedules: betas → alphas_cumprod ↔ sigmas, and the sigma spacings a sampler walks.
+
+Two views of the same forward process, related by ā = 1 / (1 + σ²):
+  VP (DDPM):  z = sqrt(ā)·x0 + sqrt(1 − ā)·eps
+  VE (k-diffusion, what samplers see):  x = z / sqrt(ā) = x0 + σ·eps,  σ = sqrt((1 − ā) / ā)
+A model trained on T discrete timesteps knows only the noise levels `sigmas[t]`, t = 0..T-1.
+Everything is computed in float64; spacings are handed out as float32, ending in exactly 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+F64 = torch.float64
+
+
+# --- beta schedules (VP, per training timestep) --------------------------------------------------
+
+def betas_linear(n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020: betas linear in t."""
+    return torch.linspace(beta_start, beta_end, n, dtype=F64)
+
+
+def betas_scaled_linear(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's schedule: sqrt(beta) linear in t, then squared."""
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=F64) ** 2
+
+
+def betas_cosine(n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021 eq. 17: ā(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2);
+    beta_t = 1 − ā(t)/ā(t−1), clipped to max_beta so the last step stays finite."""
+    f = torch.cos((torch.arange(n + 1, dtype=F64) / n + s) / (1 + s) * (math.pi / 2)) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+BETA_SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": betas_linear,
+    "scaled_linear": betas_scaled_linear,
+    "cosine": betas_cosine,
+}
+
+
+# --- conversions ---------------------------------------------------------------------------------
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """ā_t = Π_{i≤t} (1 − beta_i)."""
+    return torch.cumprod(1 - betas.to(F64), dim=0)
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """beta_t = 1 − ā_t / ā_{t−1}, with ā_{−1} = 1."""
+    ac = alphas_cumprod.to(F64)
+    return 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ = sqrt((1 − ā) / ā)."""
+    ac = alphas_cumprod.to(F64)
+    return ((1 - ac) / ac).sqrt()
+
+
+def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """ā = 1 / (1 + σ²)."""
+    return 1 / (1 + sigmas.to(F64) ** 2)
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+def _float_out(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Back on the input's device, in its float dtype (at least float32)."""
+    dtype = torch.promote_types(like.dtype, torch.float32) if like.is_floating_point() else F64
+    return result.to(device=like.device, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """The noise levels a model was trained on: `sigmas[t]`, t = 0..T-1, strictly ascending."""
+
+    sigmas: torch.Tensor  # (T,) float64 on the CPU
+
+    def __post_init__(self):
+        sigmas = torch.as_tensor(self.sigmas).detach().cpu().to(F64)
+        if sigmas.ndim != 1 or len(sigmas) < 2:
+            raise ValueError("a DiscreteSchedule needs a 1-D tensor of at least 2 sigmas")
+        if not bool((sigmas > 0).all()) or not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError("schedule sigmas must be positive and strictly ascending")
+        object.__setattr__(self, "sigmas", sigmas)
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> "DiscreteSchedule":
+        return cls.from_alphas_cumprod(alphas_cumprod_from_betas(betas))
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "DiscreteSchedule":
+        return cls(sigmas_from_alphas_cumprod(alphas_cumprod))
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return alphas_cumprod_from_sigmas(self.sigmas)
+
+    @property
+    def log_sigmas(self) -> torch.Tensor:
+        return self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Fractional timestep of a noise level: linear in log σ between the neighbouring
+        discrete timesteps (k-diffusion's DiscreteSchedule), clamped to [0, T-1]."""
+        sigma = torch.as_tensor(sigma)
+        log_sigma = sigma.detach().cpu().to(F64).reshape(-1).log()  # MPS has no float64: CPU first
+        log_sigmas = self.log_sigmas
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return _float_out((low + w).reshape(sigma.shape), sigma)
+
+    def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Noise level of a fractional timestep: log σ linear between neighbouring timesteps."""
+        t = torch.as_tensor(t)
+        tc = t.detach().cpu().to(F64).clamp(0, self.num_timesteps - 1)
+        low = tc.floor().long().clamp(max=self.num_timesteps - 2)
+        w = tc - low
+        log_sigmas = self.log_sigmas
+        return _float_out(torch.lerp(log_sigmas[low], log_sigmas[low + 1], w).exp(), t)
+
+
+@dataclass(frozen=True)
+class ContinuousSchedule:
+    """A model trained on a continuous range of noise levels (EDM: σ in [0.002, 80])."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError("need 0 < sigma_min < sigma_max")
+
+
+def make_schedule(name: str, n: int = 1000, **kw) -> DiscreteSchedule:
+    """A DiscreteSchedule from a beta schedule by name: "linear", "scaled_linear", "cosine"."""
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; choose from {', '.join(BETA_SCHEDULES)}")
+    return DiscreteSchedule.from_betas(BETA_SCHEDULES[name](n, **kw))
+
+
+# --- sigma spacings: what a sampler walks, descending, steps + 1 entries ending in 0 ----------------
+
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas.to(F64), sigmas.new_zeros(1, dtype=F64)]).to(torch.float32)
+
+
+def _need_discrete(schedule, spacing: str) -> DiscreteSchedule:
+    if not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"the {spacing!r} spacing needs a model with discrete timesteps")
+    return schedule
+
+
+def spacing_normal(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """The model's own timesteps, t = linspace(T-1, 0, steps) (A1111/k-diffusion "normal";
+    the same t as diffusers' "linspace"; σ between timesteps is log-linear as in k-diffusion)."""
+    _check_steps(steps)
+    t = torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=F64)
+    return _append_zero(schedule.t_to_sigma(t))
+
+
+def timesteps_leading(num_timesteps: int, steps: int, offset: int = 1) -> np.ndarray:
+    """diffusers' "leading" timesteps: k · (T // steps) + offset, k = steps-1..0."""
+    _check_steps(steps)
+    ratio = num_timesteps // steps
+    t = np.arange(steps)[::-1] * ratio + offset
+    if ratio == 0 or t[0] > num_timesteps - 1 or t[-1] < 0:
+        raise ValueError(f"{steps} leading steps with offset {offset} do not fit in {num_timesteps} timesteps")
+    return t.astype(np.int64)
+
+
+def timesteps_trailing(num_timesteps: int, steps: int) -> np.ndarray:
+    """diffusers' "trailing" timesteps: round(T − k · T/steps) − 1, k = 0..steps-1."""
+    _check_steps(steps)
+    if steps > num_timesteps:
+        raise ValueError(f"{steps} trailing steps do not fit in {num_timesteps} timesteps")
+    # np.arange with a float step, as diffusers writes it: its accumulated rounding decides the
+    # half-way cases (e.g. 937.5 for 48 steps). For some step counts (61, 103, ...) arange yields
+    # one extra entry that would become t = −1; we keep exactly `steps`.
+    t = np.arange(num_timesteps, 0, -num_timesteps / steps)[:steps]
+    return t.round().astype(np.int64) - 1
+
+
+def spacing_leading(schedule: DiscreteSchedule, steps: int, offset: int = 1) -> torch.Tensor:
+    """σ at diffusers' "leading" timesteps (SD1.5's scheduler config: steps_offset = 1)."""
+    t = timesteps_leading(schedule.num_timesteps, steps, offset)
+    return _append_zero(schedule.sigmas[torch.from_numpy(t)])
+
+
+def spacing_trailing(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """σ at diffusers' "trailing" timesteps (starts at t = T-1 for any step count)."""
+    t = timesteps_trailing(schedule.num_timesteps, steps)
+    return _append_zero(schedule.sigmas[torch.from_numpy(t)])
+
+
+def spacing_karras(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5: σ_i = (σmax^(1/ρ) + i/(N−1) · (σmin^(1/ρ) − σmax^(1/ρ)))^ρ."""
+    _check_steps(steps)
+    ramp = torch.linspace(0, 1, steps, dtype=F64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def spacing_exponential(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
+    """Uniform in log σ from σmax down to σmin."""
+    _check_steps(steps)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=F64).exp())
+
+
+Schedule = DiscreteSchedule | ContinuousSchedule
+
+
+def _normal(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_normal(_need_discrete(schedule, "normal"), steps)
+
+
+def _leading(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_leading(_need_discrete(schedule, "leading"), steps)
+
+
+def _trailing(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_trailing(_need_discrete(schedule, "trailing"), steps)
+
+
+def _karras(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_karras(schedule.sigma_min, schedule.sigma_max, steps)
+
+
+def _exponential(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_exponential(schedule.sigma_min, schedule.sigma_max, steps)
+
+
+SPACINGS: dict[str, Callable[[Schedule, int], torch.Tensor]] = {
+    "normal": _normal,
+    "karras": _karras,
+    "exponential": _exponential,
+    "leading": _leading,
+    "trailing": _trailing,
+}
+
+
+def spacing(name: str, schedule: Schedule, steps: int) -> torch.Tensor:
+    """Descending float32 sigmas, steps + 1 of them, the last exactly 0, by spacing name."""
+    if name not in SPACINGS:
+        raise ValueError(f"unknown sigma spacing {name!r}; choose from {', '.join(SPACINGS)}")
+    return SPACINGS[name](schedule, steps)

@@ -1,0 +1,1 @@
+"""Evaluation: the exact detector, the GenEval-style benchmark, and the bias/diversity probe."""

@@ -1,0 +1,65 @@
+"""Speed of a model through the whole pipeline: warm time per image and cold CLI wall time.
+
+Medians of repeated runs, measured side by side in one process (this machine is noisy).
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+PROMPT = "two red circles above a blue square"
+
+
+@dataclass
+class SpeedReport:
+    model: str
+    settings: str
+    warm_image_s: list[float]
+    cold_cli_s: list[float]
+
+    def rows(self) -> list[tuple[str, str]]:
+        med = statistics.median
+        out = [("settings", self.settings),
+               ("one image, warm (median of %d)" % len(self.warm_image_s), f"{med(self.warm_image_s):.3f} s")]
+        if self.cold_cli_s:
+            out.append(("`marble generate`, cold, wall (median of %d)" % len(self.cold_cli_s),
+                        f"{med(self.cold_cli_s):.2f} s"))
+        return out
+
+    def markdown(self) -> str:
+        lines = [f"| {self.model} | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.rows()]
+        return "\n".join(lines)
+
+
+def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: int | None = None) -> SpeedReport:
+    import torch
+
+    from marble.pipeline import load_pipeline
+    from marble.request import GenerationRequest
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = load_pipeline(model)
+    request = GenerationRequest(prompt=PROMPT, seed=0)
+    resolved = pipe.resolve(request)
+    pipe.generate(request)  # warm-up: first calls allocate and pick kernels
+    warm = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        pipe.generate(GenerationRequest(prompt=PROMPT, seed=i))
+        warm.append(time.perf_counter() - t0)
+    cold = []
+    with tempfile.TemporaryDirectory() as out:
+        for i in range(cold_runs):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "marble", "generate", PROMPT, "--model", model, "--seed", str(i),
+                            "--out", out], check=True, capture_output=True)
+            cold.append(time.perf_counter() - t0)
+    settings = (f"{resolved.width}x{resolved.height}, {resolved.sampler}, {resolved.steps} steps, "
+                f"CFG {resolved.cfg:g}, {torch.get_num_threads()} threads")
+    return SpeedReport(model, settings, warm, cold)

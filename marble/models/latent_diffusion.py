@@ -1,0 +1,104 @@
+"""A latent-diffusion model: text encoder + U-Net + VAE codec + the noise schedule they were trained on.
+
+`LatentDiffusionConfig` is the typed, JSON-serialisable description stored inside model files;
+`LatentDiffusion` holds the three networks and wraps the U-Net into the denoiser contract.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.schedule import DiscreteSchedule, make_schedule
+from marble.models.text import build_text_encoder
+from marble.models.unet import UNET_PRESETS, UNet, UNetConfig
+from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+@dataclass(frozen=True)
+class LatentDiffusionConfig:
+    name: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text: dict                                  # text encoder config (see marble.models.text)
+    schedule: dict = field(default_factory=lambda: {"name": "scaled_linear", "n": 1000,
+                                                    "beta_start": 0.00085, "beta_end": 0.012})
+    prediction: str = "eps"                     # what the U-Net predicts: eps | v | x0
+    default_width: int = 512
+    default_height: int = 512
+    max_pixels: int = 2048 * 2048               # requests above this are refused
+    default_steps: int = 20
+    default_cfg: float = 7.0
+    default_sampler: str = "Euler a"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.downsampling_factor
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["unet"] = self.unet.to_dict()
+        d["vae"] = self.vae.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentDiffusionConfig":
+        d = dict(d)
+        d["unet"] = UNetConfig.from_dict(d["unet"])
+        d["vae"] = VAEConfig.from_dict(d["vae"])
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "LatentDiffusionConfig":
+        return LatentDiffusionConfig.from_dict({**self.to_dict(), **changes})
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, config: LatentDiffusionConfig, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config.text)
+        with torch.device("cpu"):  # real numbers even when the networks are built on the meta device
+            self.schedule: DiscreteSchedule = make_schedule(**config.schedule)
+        self.denoiser = discrete_denoiser(self.unet, self.schedule, config.prediction)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.vae.z_channels
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.latent_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def tiny_config(name: str = "tiny-random") -> LatentDiffusionConfig:
+    """A few-hundred-kilobyte model of the SD shape, for tests and the demo before the built-in model."""
+    return LatentDiffusionConfig(
+        name=name, unet=UNET_PRESETS["tiny"], vae=VAE_PRESETS["tiny"],
+        text={"preset": "clip-tiny"}, default_width=64, default_height=64,
+        max_pixels=128 * 128)  # latent factor 2: attention over (side/2)^2 tokens grows fast beyond this

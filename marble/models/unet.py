@@ -1,0 +1,171 @@
+"""The denoising U-Net with spatial transformers (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"; the CompVis `UNetModel`).
+
+Module paths match the original Stable Diffusion checkpoints (`input_blocks`, `middle_block`,
+`output_blocks`, `time_embed`, `out`), so SD weights load as a key copy under
+`model.diffusion_model.`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marble.models.layers import (Downsample, SpatialTransformer, Upsample, normalization,
+                                  timestep_embedding, zero_module)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4                       # latent channels (9 for SD inpainting: latent + mask + masked latent)
+    out_channels: int = 4                      # eps / v / x0 prediction channels
+    model_channels: int = 320                  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per level; each level but the last halves the resolution
+    num_res_blocks: int = 2                    # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that carry spatial transformers (ldm: attention_resolutions 4,2,1)
+    num_heads: int = 8                         # heads per transformer when head_dim is 0 (SD1)
+    head_dim: int = 0                          # fixed channels per head, overriding num_heads (SD2: 64)
+    context_dim: int = 768                     # width of the text context
+    transformer_depth: int = 1                 # transformer blocks per spatial transformer
+    linear_projection: bool = False            # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
+    groups: int = 32                           # GroupNorm groups
+    dropout: float = 0.0
+
+    def heads_and_dim(self, channels: int) -> tuple[int, int]:
+        if self.head_dim:
+            return channels // self.head_dim, self.head_dim
+        return self.num_heads, channels // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        d = dict(d)
+        for key in ("channel_mult", "attention_levels"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    "sd15": UNetConfig(),
+    "sd15-inpaint": UNetConfig(in_channels=9),
+    "sd21": UNetConfig(head_dim=64, context_dim=1024, linear_projection=True),
+    "sd2-inpaint": UNetConfig(in_channels=9, head_dim=64, context_dim=1024, linear_projection=True),
+    # tiny shapes for tests: two levels, one transformer level, small groups
+    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                       num_heads=2, context_dim=32, groups=8),
+}
+
+
+class ResBlock(nn.Module):
+    """Two 3×3 convolutions with GroupNorm/SiLU and the timestep embedding added between them."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(), nn.Dropout(dropout),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """A sequence of layers, each given what it needs: ResBlocks the embedding, transformers the context."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """network(x, t, context, concat=None) -> prediction; x (B, C, h, w), t (B,) timesteps
+    (fractional allowed), context (B, T, context_dim). `concat` holds extra input channels joined to x
+    after the denoiser's input scaling (ldm's c_concat: mask + masked-image latent for 9-channel
+    inpainting U-Nets)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.model_channels
+        emb_dim = ch * 4
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(channels: int) -> SpatialTransformer:
+            heads, dim = c.heads_and_dim(channels)
+            return SpatialTransformer(channels, heads, dim, c.context_dim, c.transformer_depth,
+                                      c.linear_projection, c.groups, c.dropout)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        skip_channels = [ch]
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * c.model_channels, c.groups, c.dropout)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential([
+            ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(ch),
+            ResBlock(ch, emb_dim, ch, c.groups, c.dropout)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels, c.groups, c.dropout)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(layers))
+
+        self.out = nn.Sequential(normalization(ch, c.groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)))
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        context = context.to(x.dtype)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # upsample to the next skip's size, so latent sides need not be multiples of 2^levels
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)

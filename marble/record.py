@@ -1,0 +1,95 @@
+"""The generation record: everything needed to regenerate an image exactly.
+
+It is written into each PNG twice: as A1111's `parameters` text (which other tools read) and as
+the full JSON record in a `marble` chunk (which `--from` reads back).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    sampler: str
+    cfg: float
+    width: int
+    height: int
+    model_name: str
+    model_hash: str
+    mode: str = "txt2img"                 # txt2img | img2img | inpaint
+    strength: float | None = None         # img2img / inpaint only
+    init_image: str | None = None         # path of the init image as given
+    init_image_sha256: str | None = None
+    mask: str | None = None
+    mask_sha256: str | None = None
+    marble_version: str = ""
+    record_version: int = RECORD_VERSION
+
+    def to_parameters(self) -> str:
+        """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        pairs = [("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", _num(self.cfg)),
+                 ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"),
+                 ("Model hash", self.model_hash), ("Model", self.model_name)]
+        if self.strength is not None:
+            pairs.append(("Denoising strength", _num(self.strength)))
+        pairs.append(("Version", f"marble {self.marble_version}".strip()))
+        lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationRecord":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the marble record is not a JSON object")
+        known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is not None
+                   and f.name in ("prompt", "seed", "steps", "sampler", "cfg", "width", "height")]
+        if missing:
+            raise ValueError(f"the marble record lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _quote(value: str) -> str:
+    # A1111 quotes values containing its separators
+    return json.dumps(value, ensure_ascii=False) if ("," in value or ":" in value or "\n" in value) else value
+
+
+_PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Parse A1111 infotext into {"Prompt", "Negative prompt", "Steps", ...} (values as strings)."""
+    lines = text.strip().split("\n")
+    params_line = lines[-1] if len(lines) > 1 and _PAIR.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if params_line else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    for key, value in _PAIR.findall(params_line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        out[key.strip()] = value
+    return out

@@ -1,0 +1,196 @@
+"""The AUTOMATIC1111 web UI API, the subset its clients (e.g. `webuiapi`) use.
+
+txt2img/img2img answer {images: [base64 PNG], parameters: <the request>, info: <JSON string with
+seeds and infotexts>}. Fields A1111 has and marble does not (hires fix, restore_faces, scripts,
+...) are ignored, as A1111 ignores what its scripts do not read. `denoising_strength` applies to
+img2img only (A1111's txt2img uses it for hires fix). Differences from A1111:
+  - the mask must have the init image's size (A1111 resizes it); mask_blur is not applied;
+  - an interrupted job answers 200 with no images and `"interrupted": true` in info, since marble
+    keeps no half-denoised images (A1111 returns them).
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from PIL import ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from marble import __version__
+from marble.diffusion.samplers import SAMPLERS
+from marble.record import parse_parameters
+from marble.request import GenerationRequest, RequestError
+from marble.server.app import ServerState, state_of
+from marble.server.images import base64_image, decode_base64, open_image, to_base64
+from marble.server.worker import INTERRUPTED, Cancelled, JobResult
+
+router = APIRouter(prefix="/sdapi/v1", tags=["A1111 API"])
+
+
+class Txt2ImgParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | None = Field("", description="null is taken as empty, as A1111 does.")
+    negative_prompt: str | None = ""
+    seed: int = Field(-1, description="-1: random. Image i of the request uses seed + i.")
+    steps: int | None = Field(None, description="Default: the model's.")
+    cfg_scale: float | None = Field(None, description="Default: the model's.")
+    width: int | None = Field(None, description="Default: the model's (img2img: the init image's).")
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = Field(None, description="Old name for sampler_name.")
+    batch_size: int = 1
+    n_iter: int = 1
+    denoising_strength: float | None = Field(None, description="img2img only: fraction of the schedule to re-run.")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="Only sd_model_checkpoint is read: the model to use.")
+    send_images: bool = True
+
+
+class Img2ImgParams(Txt2ImgParams):
+    init_images: list[str] = Field(description="One base64 image (plain or a data: URL).")
+    mask: str | None = Field(None, description="base64 image, same size as the init image; white = repaint.")
+    inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead.")
+    include_init_images: bool = False
+
+
+class PngInfoParams(BaseModel):
+    image: str = Field(description="base64 PNG (plain or a data: URL).")
+
+
+def _model_name(params: Txt2ImgParams) -> str | None:
+    settings = params.override_settings or {}
+    name = settings.get("sd_model_checkpoint")
+    return name if isinstance(name, str) else None
+
+
+def _count(params: Txt2ImgParams) -> int:
+    # checked here because a product of two negatives would pass the request's own check on n
+    if params.batch_size < 1 or params.n_iter < 1:
+        raise RequestError(f"batch_size and n_iter must be >= 1, got {params.batch_size} and {params.n_iter}")
+    if params.batch_size > 1000 or params.n_iter > 1000:
+        raise RequestError("batch_size and n_iter must each be at most 1000")
+    return params.batch_size * params.n_iter
+
+
+def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
+        sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
+        height=params.height, n=_count(params), **images)
+
+
+def _info(params: Txt2ImgParams, resolved: GenerationRequest, result: JobResult | None, model: str,
+          model_hash: str) -> dict:
+    seeds = [r.seed for r in result.records] if result else []
+    return {
+        "prompt": resolved.prompt, "all_prompts": [resolved.prompt] * len(seeds),
+        "negative_prompt": resolved.negative_prompt, "all_negative_prompts": [resolved.negative_prompt] * len(seeds),
+        "seed": resolved.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": resolved.width, "height": resolved.height,
+        "sampler_name": resolved.sampler, "cfg_scale": resolved.cfg, "steps": resolved.steps,
+        "batch_size": params.batch_size, "n_iter": params.n_iter, "denoising_strength": resolved.strength,
+        "sd_model_name": model, "sd_model_hash": model_hash,
+        "infotexts": [r.to_parameters() for r in result.records] if result else [],
+        "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "version": f"marble {__version__}",
+        "warnings": result.warnings if result else [], "interrupted": result is None,
+    }
+
+
+async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
+    worker = state.worker(_model_name(params))
+    resolved = state.prepare(worker, _request(params, **images))
+    try:
+        result = await state.run(worker, resolved, request)
+    except Cancelled as e:
+        if e.reason != INTERRUPTED:
+            raise
+        result = None
+    images_b64 = []
+    if result is not None and params.send_images:
+        images_b64 = [to_base64(await state.offload(p.read_bytes)) for p in result.paths]
+    info = _info(params, resolved, result, worker.name, worker.pipe.loaded.hash)
+    return {"images": images_b64, "parameters": echo, "info": json.dumps(info, ensure_ascii=False)}
+
+
+@router.post("/txt2img", summary="Text to image (A1111)")
+async def txt2img(params: Txt2ImgParams, request: Request) -> dict:
+    return await _generate(state_of(request), params, request, params.model_dump())
+
+
+@router.post("/img2img", summary="Image to image, and inpainting with a mask (A1111)")
+async def img2img(params: Img2ImgParams, request: Request) -> dict:
+    state = state_of(request)
+    if len(params.init_images) != 1:
+        raise RequestError(f"send exactly one init image (got {len(params.init_images)})")
+    init = await state.offload(base64_image, params.init_images[0], "init image", state.limits)
+    mask = None
+    if params.mask:
+        mask = (await state.offload(base64_image, params.mask, "mask", state.limits)).convert("L")
+        if params.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+    echo = params.model_dump(exclude={"init_images", "mask"})
+    echo.update(init_images=params.init_images if params.include_init_images else None, mask=None)
+    return await _generate(state, params, request, echo, init_image=init.convert("RGB"), mask=mask,
+                           strength=params.denoising_strength)
+
+
+@router.get("/progress", summary="Progress of the running job, with a preview (A1111)")
+async def progress(request: Request, skip_current_image: bool = False,
+                   model: str | None = Query(None, description="Which model's worker; default: the first.")) -> dict:
+    state = state_of(request)
+    worker = state.worker(model)
+    p = worker.progress(want_preview=not skip_current_image)
+    return {
+        "progress": p.fraction, "eta_relative": p.eta_seconds(time.monotonic()),
+        "state": {"skipped": False, "interrupted": p.interrupted, "stopping_generation": False,
+                  "job": p.job_id or "", "job_count": p.waiting + (p.job_id is not None), "job_timestamp": "",
+                  "job_no": 0, "sampling_step": p.step, "sampling_steps": p.total},
+        "current_image": None if skip_current_image or p.preview_png is None else to_base64(p.preview_png),
+        "textinfo": None,
+    }
+
+
+@router.post("/interrupt", summary="Stop the running job(s); queued jobs go on (A1111)")
+async def interrupt(request: Request) -> dict:
+    for worker in state_of(request).workers.values():
+        worker.interrupt()
+    return {}
+
+
+@router.get("/samplers", summary="Sampler names (A1111)")
+async def samplers() -> list[dict]:
+    return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
+
+
+@router.get("/sd-models", summary="Loaded models (A1111)")
+async def sd_models(request: Request) -> list[dict]:
+    out = []
+    for worker in state_of(request).workers.values():
+        name, model_hash = worker.name, worker.pipe.loaded.hash
+        out.append({"title": f"{name} [{model_hash}]", "model_name": name, "hash": model_hash,
+                    "sha256": None, "filename": name, "config": None})
+    return out
+
+
+@router.get("/scripts", summary="Scripts (A1111): marble has none", include_in_schema=False)
+async def scripts() -> dict:
+    return {"txt2img": [], "img2img": []}
+
+
+def _png_text(data: bytes, limits) -> dict[str, str]:
+    image = open_image(data, "image", limits)  # size-checked, then fully read: some text chunks follow the pixels
+    return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+@router.post("/png-info", summary="The generation parameters stored in a PNG (A1111)")
+async def png_info(params: PngInfoParams, request: Request) -> dict:
+    if not params.image.strip():
+        return {"info": "", "items": {}, "parameters": {}}
+    state = state_of(request)
+    text = await state.offload(_png_text, decode_base64(params.image, "image"), state.limits)
+    info = text.pop("parameters", "")
+    return {"info": info, "items": text, "parameters": parse_parameters(info) if info else {}}

@@ -1,0 +1,202 @@
+"""The FastAPI application: the OpenAI Images API, the A1111 API subset and the web UI on one app.
+
+The edges only parse and translate: validation is the request's own (Pipeline.resolve) plus this
+server's limits, generation is the pipeline's, run by one Worker thread per loaded model.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from marble import __version__
+from marble.pipeline import Pipeline
+from marble.request import GenerationRequest, RequestError
+from marble.server.auth import ApiKeyAuth
+from marble.server.errors import error_response, is_openai_path, responder
+from marble.server.limits import BodySizeLimit, ServerLimits, check_limits
+from marble.server.outputs import OutputStore
+from marble.server.worker import STOPPING, Cancelled, JobResult, QueueFull, Worker, wait_for
+
+log = logging.getLogger("marble.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    outputs: Path = Path("outputs")      # every generated PNG is saved here, numbered
+    max_queue: int = 8                   # jobs that may wait behind the running one, per model
+    api_key: str | None = None           # when set, every route but /health requires it
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    preview_interval: float = 0.5        # seconds between progress previews (each a VAE decode)
+    io_threads: int = 2                  # a fixed pool that decodes uploads and reads files (CPU work: ~cores)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ServerState:
+    """The loaded models, their workers and the outputs folder, shared by every route."""
+
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig):
+        if not pipes:
+            raise ValueError("the server needs at least one model")
+        names = [p.name for p in pipes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {', '.join(names)}")
+        self.config = config
+        self.limits = config.limits
+        self.store = OutputStore(config.outputs)
+        self.workers = {p.name: Worker(p, self.store, config.max_queue, config.preview_interval) for p in pipes}
+        self.default = names[0]
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="marble-io")
+        for worker in self.workers.values():
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def offload(self, fn, *args):
+        """Run blocking work (image decoding, file reads) off the event loop, in the I/O pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def worker(self, name: str | None) -> Worker:
+        """The worker for a model name (A1111 titles "name [hash]" too); None: the first model."""
+        if not name:
+            return self.workers[self.default]
+        if name in self.workers:
+            return self.workers[name]
+        for worker in self.workers.values():
+            if name == f"{worker.name} [{worker.pipe.loaded.hash}]":
+                return worker
+        raise ModelNotFound(f"the model {name!r} is not loaded here; this server has: {', '.join(self.workers)}")
+
+    def prepare(self, worker: Worker, request: GenerationRequest) -> GenerationRequest:
+        """Resolve (marble's own validation) then check this server's limits: 4xx before queueing."""
+        for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            check_unicode(text, label)
+        resolved = worker.pipe.resolve(request)
+        check_limits(resolved, self.limits)
+        return resolved
+
+    async def run(self, worker: Worker, resolved: GenerationRequest, http_request: Request) -> JobResult:
+        job = worker.submit(resolved)
+        return await wait_for(worker, job, http_request.is_disconnected)
+
+
+def check_unicode(text: str, label: str) -> None:
+    """JSON's \\u escapes can carry lone surrogates, which no PNG text chunk (UTF-8) can hold."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"the {label} is not valid Unicode text (a lone surrogate at position {e.start})") from None
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.marble
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One line from pydantic's errors (never echoing the input, which may be huge)."""
+    parts, param = [], None
+    for err in errors[:5]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append("the body is not valid JSON")
+            continue
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return error_response(request.url.path, 400, str(exc))
+
+    @app.exception_handler(ModelNotFound)
+    async def _model_not_found(request: Request, exc: ModelNotFound):
+        return error_response(request.url.path, 404, str(exc.args[0]), code="model_not_found", param="model")
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        return error_response(request.url.path, 429, str(exc), code="queue_full",
+                              headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, exc: Cancelled):
+        if exc.reason == STOPPING:
+            return error_response(request.url.path, 503, "the server is stopping", code="stopping")
+        return error_response(request.url.path, 409, f"the job was cancelled ({exc.reason})", code=exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(list(exc.errors()))
+        path = request.url.path
+        if is_openai_path(path):           # OpenAI answers every invalid request with 400
+            return error_response(path, 400, message, param=param)
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return error_response(path, 422, message, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def create_app(pipes: list[Pipeline], config: ServerConfig | None = None) -> FastAPI:
+    """The whole server for already-loaded pipelines (the first is the default model)."""
+    from marble.server import a1111_api, openai_api, ui
+
+    config = config or ServerConfig()
+    state = ServerState(pipes, config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state.start()
+        try:
+            yield
+        finally:
+            state.stop()
+
+    app = FastAPI(title="marble", version=__version__, lifespan=lifespan,
+                  description="Text-to-image latent diffusion: the OpenAI Images API, an A1111 API subset "
+                              "and a web UI. See docs/server.md.")
+    app.state.marble = state
+    _install_error_handlers(app)
+
+    @app.get("/health", tags=["server"])
+    async def health() -> dict:
+        """Liveness and queue depth; the one route that never needs the API key."""
+        return {"status": "ok", "version": __version__,
+                "models": {name: {"hash": w.pipe.loaded.hash, "waiting": w.waiting(), "max_queue": w.max_queue}
+                           for name, w in state.workers.items()}}
+
+    app.include_router(openai_api.router)
+    app.include_router(a1111_api.router)
+    app.include_router(ui.router)
+    # added last = outermost: the key is checked before any body is read
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes, respond=responder)
+    if config.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key, respond=responder)
+    return app

@@ -1,0 +1,1 @@
+"""The trainer: noise-prediction training of the U-Net, reconstruction training of the VAE."""

@@ -1,0 +1,162 @@
+"""`marble train diffusion`: noise-prediction training of the U-Net on cached VAE latents and
+cached frozen text-encoder states.
+
+model table:
+  name            the model's name in PNG records
+  unet            a U-Net preset name, or a table of UNetConfig fields (with optional `preset`)
+  vae             path to a VAE file from `marble train vae`, or a table {preset = NAME} for a
+                  seeded random VAE (tests)
+  text            the text encoder config, e.g. {pretrained = "all-MiniLM-L6-v2"} or {preset = "clip-tiny"}
+  prediction      eps | v
+  schedule        {name = "scaled_linear", beta_start = ..., beta_end = ...}
+  export_dtype    float16 | float32 for the shipped file
+  min_snr_gamma   > 0: Min-SNR-γ timestep weighting (Hang et al. 2023); 0 = the plain simple loss
+  default_steps / default_cfg / default_sampler / default_width / default_height / max_pixels
+Output: run_dir/model.safetensors (marble format, EMA weights), samples in run_dir/samples/.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from marble.checkpoints.marble_format import load_vae, save_model
+from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from marble.models.text import build_text_encoder
+from marble.models.unet import UNET_PRESETS, UNetConfig
+from marble.models.vae import AutoencoderKL
+from marble.train.config import ConfigError, TrainConfig
+from marble.train.data import batch_indices, digest, latent_cache, load_captioned, text_cache
+from marble.train.distributed import World, barrier, shard
+from marble.train.loop import TrainLoop
+from marble.train.objective import diffusion_loss
+from marble.train.vae import vae_config
+
+MODEL_KEYS = {"name", "unet", "vae", "text", "prediction", "schedule", "export_dtype", "min_snr_gamma", "default_steps",
+              "default_cfg", "default_sampler", "default_width", "default_height", "max_pixels"}
+
+
+def unet_config(spec, context_dim: int) -> UNetConfig:
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+    preset = spec.pop("preset", None)
+    if preset is not None and preset not in UNET_PRESETS:
+        raise ConfigError(f"unknown U-Net preset {preset!r}; choose from {', '.join(UNET_PRESETS)}")
+    base = UNET_PRESETS[preset].to_dict() if preset else {}
+    try:
+        return UNetConfig.from_dict({**base, "context_dim": context_dim, **spec})
+    except TypeError as e:
+        raise ConfigError(f"bad U-Net config: {e}") from None
+
+
+def build_vae(spec) -> AutoencoderKL:
+    if isinstance(spec, str):
+        return load_vae(Path(spec))
+    torch.manual_seed(int(spec.get("seed", 0)))
+    return AutoencoderKL(vae_config({k: v for k, v in spec.items() if k != "seed"}))
+
+
+def model_config(cfg: TrainConfig, vae: AutoencoderKL, text_dim: int) -> LatentDiffusionConfig:
+    m = cfg.model
+    unknown = set(m) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys in model: {', '.join(sorted(unknown))}")
+    for key in ("unet", "vae", "text"):
+        if key not in m:
+            raise ConfigError(f"model.{key} is required")
+    extra = {k: m[k] for k in ("prediction", "schedule", "default_steps", "default_cfg", "default_sampler",
+                               "default_width", "default_height", "max_pixels") if k in m}
+    return LatentDiffusionConfig(name=m.get("name", "marble"), unet=unet_config(m["unet"], text_dim),
+                                 vae=vae.config, text=dict(m["text"]),
+                                 **{"default_width": cfg.data.size, "default_height": cfg.data.size, **extra})
+
+
+def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
+    run_dir = Path(cfg.run_dir)
+    vae = build_vae(cfg.model.get("vae", {})).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    text = build_text_encoder(dict(cfg.model.get("text", {}))).eval().requires_grad_(False)
+    config = model_config(cfg, vae, text.dim)
+    model = LatentDiffusion(config, text_encoder=text)
+    model.vae.load_state_dict(vae.state_dict())
+    model.requires_grad_(False)
+    model.unet.requires_grad_(True)
+
+    # Caches: rank 0 computes and writes, the others read after the barrier.
+    data = load_captioned(cfg.data)
+    cache = run_dir / "cache"
+    data_key = digest(cfg.data.__dict__)
+    vae_key = digest(data_key, [float(v.double().sum()) for v in vae.state_dict().values()])
+    text_key = digest(data_key, config.text, [float(v.double().sum()) for v in text.state_dict().values()])
+    if world.is_main:
+        latent_cache(cache / "latents.safetensors", vae_key, model.vae, data)
+        text_cache(cache / "text.safetensors", text_key, text, data.captions)
+    barrier(world)
+    latents = latent_cache(cache / "latents.safetensors", vae_key, model.vae, data)
+    states, rows = text_cache(cache / "text.safetensors", text_key, text, data.captions)
+    rows = torch.tensor(rows)
+    del data
+
+    loop = TrainLoop(cfg, model.unet, world, run_dir)
+    if resume:
+        loop.resume()
+    T = model.schedule.num_timesteps
+
+    def step_loss(net, step, gen):
+        # Draw for the whole global batch, then take this rank's slice: every world size sees
+        # the same numbers, so DDP training equals single-process training on the global batch.
+        idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
+        t = torch.randint(0, T, (cfg.batch,), generator=gen)
+        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
+        context_rows = torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])
+        mine = slice(world.rank * (cfg.batch // world.size), (world.rank + 1) * (cfg.batch // world.size))
+        dev = world.device
+        loss = diffusion_loss(net, model.schedule, config.prediction, latents[idx[mine]].to(dev),
+                              states[context_rows[mine]].to(dev), t[mine].to(dev), eps[mine].to(dev),
+                              float(cfg.model.get("min_snr_gamma", 0.0)))
+        return loss, {}
+
+    def on_sample(step: int) -> None:
+        write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")
+
+    loop.fit(step_loss, on_sample)
+    out = run_dir / "model.safetensors"
+    if world.is_main:
+        loop.ema.copy_to(model.unet)
+        if not out.exists():
+            dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
+            save_model(model, out, dtype=dtype)
+        write_samples(loop, model, run_dir / "samples" / "final.png", ema_loaded=True)
+    barrier(world)
+    return out
+
+
+SAMPLE_PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",
+                  "three purple stars", "a large orange square", "a white circle above a red triangle"]
+
+
+@torch.inference_mode()
+def write_samples(loop: TrainLoop, model: LatentDiffusion, path: Path, ema_loaded: bool = False) -> None:
+    """A grid of samples from the EMA weights, one row per seed, one column per prompt."""
+    from PIL import Image
+
+    from marble.checkpoints.resolve import LoadedModel
+    from marble.fileio import write_replace
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest
+
+    saved = None
+    if not ema_loaded:
+        saved = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        loop.ema.copy_to(model.unet)
+    model.eval()
+    pipe = Pipeline(LoadedModel(model, model.config.name, "training"))
+    images = [pipe.generate(GenerationRequest(prompt=p, seed=s)).images[0] for s in (0, 1) for p in SAMPLE_PROMPTS]
+    if saved is not None:
+        model.unet.load_state_dict(saved)
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(SAMPLE_PROMPTS), h * 2))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % len(SAMPLE_PROMPTS)) * w, (i // len(SAMPLE_PROMPTS)) * h))
+    write_replace(path, lambda f: grid.save(f, format="PNG"))

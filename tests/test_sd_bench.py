@@ -1,0 +1,50 @@
+"""`marble bench` on a tiny SD-shaped model: every number is produced, diffusers runs on the very
+same tensors (its image and final latents agree with marble's), and bf16 stays close to fp32."""
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from marble.eval.sd_bench import BenchSettings, psnr, run_bench
+from sd_fixtures import tiny_sd
+
+pytest.importorskip("diffusers")
+
+
+def test_bench_times_marble_and_diffusers_on_the_same_weights():
+    settings = BenchSettings(size=64, steps=4, unet_calls=1, decodes=1)
+    lines = []
+    report = run_bench(settings, log=lines.append, config=tiny_sd("sd1"))
+    for timing in (report.marble, report.diffusers, report.marble_bf16):
+        assert timing.unet_step_s > 0 and timing.vae_decode_s > 0 and timing.image_s > 0 and timing.peak_rss_gb > 0
+    assert set(report.ratios()) == {"unet_step_s", "vae_decode_s", "image_s"}
+    assert report.latent_rel_diff_vs_diffusers < 1e-4          # same weights, same start, same math
+    assert report.max_pixel_diff_vs_diffusers <= 1
+    assert report.psnr_bf16_db >= 30
+    data = json.loads(report.to_json())
+    assert data["marble_over_diffusers"]["image_s"] == pytest.approx(report.marble.image_s / report.diffusers.image_s)
+    assert "| U-Net step (batch 2) |" in report.markdown() and any("marble fp32" in line for line in lines)
+
+
+def test_psnr():
+    import numpy as np
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    assert psnr(a, b) == math.inf
+    b[0, 0, 0] = 255                   # MSE = 255² / 48
+    assert psnr(a, b) == pytest.approx(10 * math.log10(48))
+
+
+def test_bench_cli_refuses_bad_settings_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from marble.cli import app
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    for args in (["--size", "100"], ["--steps", "0"], ["--json", str(taken)]):
+        r = CliRunner().invoke(app, ["bench", *args])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert taken.read_text() == "{}"

@@ -1,0 +1,217 @@
+"""The shapes world: determinism by seed, truthful geometry and captions, and held-out compositions
+that never reach the training split."""
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from marble.data.captions import NUMBER_WORDS, RELATION_WORDS, SHAPE_SYNONYMS, plural
+from marble.data.scene import INVERSE, Obj, Scene, canonical, relations
+from marble.data.shapes import (BACKGROUNDS, COLORS, GAP, GEOMETRY, HELDOUT_PAIRS, HELDOUT_RELATIONS, MARGIN,
+                                SEEN_PAIRS, SEEN_RELATIONS, SHAPES, SIZE_RANGES, ShapesDataset, forbidden_relation,
+                                render_dataset, sample, sample_scene)
+
+N_TRAIN = 3000   # samples checked for the held-out guarantee (~1 s)
+
+
+@pytest.fixture(scope="module")
+def train_scenes():
+    return [sample_scene("train", 0, i) for i in range(N_TRAIN)]
+
+
+@pytest.fixture(scope="module")
+def heldout_scenes():
+    return [sample_scene("heldout", 0, i) for i in range(1000)]
+
+
+def test_vocabulary_meets_the_issue():
+    assert len(SHAPES) >= 5 and len(COLORS) >= 7 and len(BACKGROUNDS) >= 3
+    assert {"circle", "square", "triangle"} <= set(SHAPES)
+    palette = np.array(list(COLORS.values()), float)
+    gaps = [np.linalg.norm(a - b) for a, b in itertools.combinations(palette, 2)]
+    to_bg = [np.linalg.norm(c - np.array(b)) for c in palette for b in BACKGROUNDS.values()]
+    assert min(gaps) >= 90 and min(to_bg) >= 110   # separable by nearest palette entry
+
+
+def test_same_seed_same_sample_other_seed_other_sample():
+    a = [sample("train", 7, i) for i in range(5)]
+    b = [sample("train", 7, i) for i in range(5)]
+    for (ia, ta, sa), (ib, tb, sb) in zip(a, b):
+        assert ia.tobytes() == ib.tobytes() and ta == tb and sa == sb
+    c = [sample("train", 8, i) for i in range(5)]
+    assert [t for _, t, _ in a] != [t for _, t, _ in c]
+    # index i is independent of what else was drawn: a batch from `start` equals single samples
+    images, captions = render_dataset(3, "train", 7, start=2)
+    for k in range(3):
+        assert images[k].tobytes() == a[2 + k][0].tobytes() and captions[k] == a[2 + k][1]
+
+
+def test_golden_captions():
+    """The world is pinned: numpy's PCG64 streams are stable across versions and platforms."""
+    assert [sample_scene("train", 0, i)[1] for i in range(4)] == [
+        "a small yellow square and a pink cross",
+        "two orange circles on a white background",
+        "a green diamond and a green square on a cream background",
+        "a red cross placed over a purple square",
+    ]
+
+
+def test_images_are_rgb_anti_aliased_and_drawn_where_the_truth_says(train_scenes):
+    for i in range(40):
+        image, _, scene = sample("train", 0, i)
+        assert image.mode == "RGB" and image.size == (64, 64)
+        arr = np.asarray(image)
+        # edges are blends: more distinct colours than background + objects
+        assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 1 + len({o.color for o in scene.objects})
+        for o in scene.objects:
+            x, y = int(o.center[0]), int(o.center[1])
+            assert tuple(arr[y, x]) == COLORS[o.color], (i, o)
+        covered = np.zeros((64, 64), bool)
+        for o in scene.objects:
+            x0, y0, x1, y1 = (int(np.floor(o.bbox[0])), int(np.floor(o.bbox[1])),
+                              int(np.ceil(o.bbox[2])), int(np.ceil(o.bbox[3])))
+            covered[y0:y1, x0:x1] = True
+        assert (arr[~covered] == BACKGROUNDS[scene.background]).all()
+    image, _, _ = sample("train", 0, 0, size=128)
+    assert image.size == (128, 128)
+
+
+def test_geometry_sizes_margins_and_no_overlap(train_scenes):
+    for scene, _ in train_scenes[:1000]:
+        for o in scene.objects:
+            w, h = o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]
+            lo, hi = SIZE_RANGES[o.size]
+            assert lo * 64 - 1e-9 <= max(w, h) <= hi * 64 + 1e-9
+            # stored to 1/1000 px
+            assert (w, h) == pytest.approx(tuple(max(w, h) * v for v in GEOMETRY[o.shape][1]), abs=2e-3)
+            assert o.center == pytest.approx(((o.bbox[0] + o.bbox[2]) / 2, (o.bbox[1] + o.bbox[3]) / 2), abs=1e-3)
+            assert min(o.bbox) >= MARGIN * 64 - 1e-9 and max(o.bbox) <= 64 - MARGIN * 64 + 1e-9
+        for a, b in itertools.combinations(scene.objects, 2):
+            g = GAP * 64 - 1e-9
+            assert (a.bbox[2] + g <= b.bbox[0] or b.bbox[2] + g <= a.bbox[0]
+                    or a.bbox[3] + g <= b.bbox[1] or b.bbox[3] + g <= a.bbox[1])
+
+
+def test_scene_json_round_trip(train_scenes):
+    for scene, _ in train_scenes[:50]:
+        again = Scene.from_json(scene.to_json())
+        assert again.to_json() == scene.to_json()
+        assert [o.color for o in again.objects] == [o.color for o in scene.objects]
+        assert again.relation == scene.relation
+
+
+def test_heldout_pairs_and_pictures_never_in_training(train_scenes):
+    for scene, text in train_scenes:
+        assert not any((o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects), text
+        # no two different shapes picture a held-out relation, captioned or not
+        assert not forbidden_relation(scene.objects, HELDOUT_RELATIONS), text
+        if scene.relation is not None:
+            a = scene.objects[scene.groups[0][0]].shape
+            b = scene.objects[scene.groups[1][0]].shape
+            assert canonical(scene.relation.relation, a, b) not in HELDOUT_RELATIONS
+
+
+def test_training_covers_every_seen_composition(train_scenes):
+    pairs = {(o.color, o.shape) for s, _ in train_scenes for o in s.objects}
+    assert pairs == set(SEEN_PAIRS)
+    pictures = {canonical(s.relation.relation, s.objects[s.groups[0][0]].shape, s.objects[s.groups[1][0]].shape)
+                for s, _ in train_scenes if s.relation}
+    assert pictures == set(SEEN_RELATIONS)
+
+
+def test_every_heldout_sample_shows_a_heldout_composition(heldout_scenes):
+    pairs, pictures = set(), set()
+    for scene, text in heldout_scenes:
+        held_pairs = {(o.color, o.shape) for o in scene.objects} & HELDOUT_PAIRS
+        picture = None
+        if scene.relation:
+            picture = canonical(scene.relation.relation, scene.objects[scene.groups[0][0]].shape,
+                                scene.objects[scene.groups[1][0]].shape)
+        assert held_pairs or picture in HELDOUT_RELATIONS, text
+        pairs |= held_pairs
+        pictures |= {picture} & HELDOUT_RELATIONS
+    assert pairs == HELDOUT_PAIRS and pictures == HELDOUT_RELATIONS
+
+
+def test_relation_scenes_hold_exactly_their_relation(train_scenes):
+    n = 0
+    for scene, _ in train_scenes:
+        if scene.relation is None:
+            continue
+        n += 1
+        for i in scene.groups[0]:
+            for j in scene.groups[1]:
+                assert relations(scene.objects[i].bbox, scene.objects[j].bbox) == {scene.relation.relation}
+    assert n > 500
+
+
+GENERIC = ("a shape", "an object", "a picture of a shape", "some objects", "some shapes", "a few shapes",
+           "a colourful picture", "a colorful picture", "shapes on a background")
+
+
+def _names(shape: str) -> tuple[str, ...]:
+    return SHAPE_SYNONYMS.get(shape, ()) + (shape,)
+
+
+def test_captions_are_true(train_scenes):
+    generic = 0
+    for scene, text in train_scenes:
+        if text in GENERIC:
+            generic += 1
+            continue
+        body = re.sub(r" on a [a-z ]+ background$", "", text)     # background names contain colours
+        named_colors = {c for c in COLORS if re.search(rf"\b{c}\b", body)} | ({"purple"} if "violet" in body else set())
+        assert named_colors <= {o.color for o in scene.objects}, text
+        for group in scene.groups:
+            o, n = scene.objects[group[0]], len(group)
+            nouns = _names(o.shape) if n == 1 else tuple(plural(x) for x in _names(o.shape))
+            assert any(re.search(rf"\b{x}\b", body) for x in nouns), text
+            if n > 1:
+                assert NUMBER_WORDS[n] in body.split() or str(n) in body.split(), text
+        if scene.relation is not None:
+            words = [w for r in (scene.relation.relation, INVERSE[scene.relation.relation]) for w in RELATION_WORDS[r]]
+            assert any(f" {w} " in body for w in words), text
+    assert 0 < generic < 0.1 * len(train_scenes)
+
+
+def test_relation_phrasing_from_either_side_matches_the_picture(train_scenes):
+    """'A right of B' captions draw A to the right: find the caption's relation phrase (longest
+    first) and check it against the geometry of the group named before it."""
+    phrases = sorted(((w, r) for r, ws in RELATION_WORDS.items() for w in ws), key=lambda x: -len(x[0]))
+    checked = 0
+    for scene, text in train_scenes:
+        if scene.relation is None or text in GENERIC:
+            continue
+        word, rel = next((w, r) for w, r in phrases if f" {w} " in text)
+        subject = text[:text.index(f" {word} ")]
+        first_shape = scene.objects[scene.groups[0][0]].shape
+        names = _names(first_shape) + tuple(plural(x) for x in _names(first_shape))
+        subject_is_first = any(re.search(rf"\b{x}\b", subject) for x in names)
+        assert rel == (scene.relation.relation if subject_is_first else INVERSE[scene.relation.relation]), text
+        checked += 1
+    assert checked > 500
+
+
+def test_shapes_dataset_matches_samples():
+    data = ShapesDataset(4, split="heldout", seed=3, size=64)
+    image, text, record = data[2]
+    ref_image, ref_text, ref_scene = sample("heldout", 3, 2)
+    assert image.tobytes() == ref_image.tobytes() and text == ref_text
+    assert Scene.from_dict(record["scene"]) == ref_scene and record["index"] == 2
+    with pytest.raises(IndexError):
+        data[4]
+    with pytest.raises(ValueError, match="unknown split"):
+        ShapesDataset(4, split="test")
+
+
+def test_relations_rule_golden_values():
+    box = lambda cx, cy, s=10: (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)  # noqa: E731
+    assert relations(box(10, 30), box(40, 30)) == {"left of"}
+    assert relations(box(40, 30), box(10, 30)) == {"right of"}
+    assert relations(box(30, 5), box(30, 40)) == {"above"}
+    assert relations(box(10, 10), box(40, 40)) == {"left of", "above"}       # 45 degrees: both
+    assert relations(box(30, 30), box(31, 30)) == set()                      # within the margin
+    # offset (12, 5), dims 20 per axis: revised (12 - 2, max(5 - 2, 0)) / 13 = (0.77, 0.23): left only
+    assert relations(box(18, 30), box(30, 35)) == {"left of"}
+    assert Obj.from_dict(Obj("red", "circle", "small", (1.0, 2.0), (0.0, 1.0, 2.0, 3.0)).to_dict()).center == (1.0, 2.0)
