@@ -154,3 +154,19 @@ def test_info_on_non_png_is_an_error(tmp_path):
     p.write_text("hello")
     r = run("info", p)
     assert r.exit_code == 2 and "marble: error" in r.stderr
+
+
+def test_bench_model_reports_medians_of_what_it_timed(tmp_path):
+    """`marble bench --model`: warm images and cold CLI runs, medians of the very lists it reports."""
+    out = tmp_path / "speed.json"
+    r = run("bench", "--model", "tiny-random", "--runs", 3, "--cold-runs", 1, "--json", out)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert len(data["warm_image_s"]) == 3 and len(data["cold_cli_s"]) == 1
+    assert data["warm_image_median_s"] == sorted(data["warm_image_s"])[1] > 0
+    assert data["cold_cli_median_s"] == data["cold_cli_s"][0] > data["warm_image_median_s"]
+    assert "| one image, warm (median of 3) |" in r.stdout and "20 steps" in data["settings"]
+    again = run("bench", "--model", "tiny-random", "--runs", 1, "--json", out)      # never overwritten
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = run("bench", "--model", "no-such-model", "--runs", 1)
+    assert bad.exit_code == 2 and "no model named" in bad.output

@@ -1,4 +1,5 @@
-"""`marble bench`: time the SD1.5 architecture in marble and in diffusers on the same random weights."""
+"""`marble bench`: time the SD1.5 architecture in marble and in diffusers on the same random weights,
+or (--model) one model through the whole pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,19 +23,40 @@ def bench(
     channels_last: bool = typer.Option(False, "--channels-last", help="Also lay marble's convolution weights out NHWC (an experiment; generate runs NCHW)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here (never overwritten)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Instead of the SD1.5 comparison, time this model "
+                                        "(e.g. builtin) through the whole pipeline at its defaults: warm seconds per "
+                                        "image and cold `marble generate` wall time."),
+    runs: int = typer.Option(7, "--runs", help="With --model: timed warm images (median)."),
+    cold_runs: int = typer.Option(3, "--cold-runs", help="With --model: timed cold CLI runs (median); 0 skips."),
 ) -> None:
     """Time Stable Diffusion 1.5's architecture (random weights from the config, no download):
     seconds per U-Net step, per VAE decode and per image, peak RSS, against diffusers' pipeline on
     the same weights in the same run, and marble's bf16 mode with its PSNR against fp32.
 
     Needs about 8 GB of memory; the full run takes several minutes per image on a laptop CPU.
+    With --model NAME it times that model instead (`marble bench --model builtin`).
     """
+    if json_out is not None and json_out.exists():
+        fail(f"{json_out} exists; marble never overwrites a file")
+    if model is not None:
+        if runs < 1 or cold_runs < 0:
+            fail("--runs must be >= 1 and --cold-runs >= 0")
+        from marble.checkpoints.errors import ModelLoadError
+        from marble.eval.speed import measure
+
+        try:
+            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads)
+        except ModelLoadError as e:
+            fail(str(e))
+        typer.echo(speed.markdown())
+        if json_out is not None:
+            from marble.fileio import write_new
+            write_new(json_out, speed.to_json().encode("utf-8"))
+        return
     if size <= 0 or size % 8:
         fail(f"--size must be a positive multiple of 8, got {size}")
     if steps < 1 or unet_calls < 0:
         fail("--steps must be >= 1 and --unet-calls >= 0")
-    if json_out is not None and json_out.exists():
-        fail(f"{json_out} exists; marble never overwrites a file")
     from marble.eval.sd_bench import BenchSettings, run_bench
 
     if not no_diffusers:

@@ -4,6 +4,7 @@ Medians of repeated runs, measured side by side in one process (this machine is 
 """
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,13 @@ class SpeedReport:
             out.append(("`marble generate`, cold, wall (median of %d)" % len(self.cold_cli_s),
                         f"{med(self.cold_cli_s):.2f} s"))
         return out
+
+    def to_json(self) -> str:
+        med = statistics.median
+        return json.dumps({"model": self.model, "settings": self.settings,
+                           "warm_image_s": self.warm_image_s, "warm_image_median_s": med(self.warm_image_s),
+                           "cold_cli_s": self.cold_cli_s,
+                           "cold_cli_median_s": med(self.cold_cli_s) if self.cold_cli_s else None}, indent=2)
 
     def markdown(self) -> str:
         lines = [f"| {self.model} | |", "|---|---|"]
