@@ -1,7 +1,6 @@
 """Tokenizers: CLIP BPE against transformers' CLIPTokenizer built offline from our shipped vocab file,
 golden ids from Stable Diffusion, and WordPiece against the MiniLM package's own tokenizer."""
 import gzip
-import json
 
 import pytest
 from hypothesis import given, settings
@@ -9,6 +8,7 @@ from hypothesis import strategies as st
 
 from marble.models.tokenizer import (CLIPTokenizer, WordPieceTokenizer, clip_pre_tokenize, clip_tokenizer, fit,
                                      split_specials)
+from sd_fixtures import oracle_tokenizer_folder
 
 PROMPTS = [
     "a photo of a cat",
@@ -30,27 +30,10 @@ PROMPTS = [
 ]
 
 
-def oracle_vocab_files(tmp_path):
-    """vocab.json and merges.txt from the shipped gz by OpenAI's recipe (simple_tokenizer.py),
-    written independently of marble's tokenizer code."""
-    from importlib.resources import files
-    with (files("marble") / "assets" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as raw:
-        lines = gzip.decompress(raw.read()).decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    extra = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    folder = oracle_vocab_files(tmp_path_factory.mktemp("clip_vocab"))
+    folder = oracle_tokenizer_folder(tmp_path_factory.mktemp("clip_vocab"))
     return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 

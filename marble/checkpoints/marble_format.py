@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from marble.checkpoints.errors import ModelLoadError
+from marble.checkpoints.tensor_file import read_header
 from marble.fileio import write_new
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.text import build_text_encoder, text_encoder_is_pretrained
@@ -49,25 +50,8 @@ def save_model(model: LatentDiffusion, path: Path, dtype: torch.dtype | None = N
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header's metadata, read without loading tensors."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelLoadError(f"{path} is not a safetensors file (too short)")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > 100_000_000 or n + 8 > path.stat().st_size:
-                raise ModelLoadError(f"{path} is not a valid safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(f"{path} is not a valid safetensors file (unreadable header)") from None
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path} is not a valid safetensors file (header is not an object)")
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}
+    """The safetensors header's metadata, read (and the header checked) without loading tensors."""
+    return read_header(Path(path)).metadata
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -63,6 +63,23 @@ def _need(noise: NoiseSource | None, sampler: str) -> NoiseSource:
     return noise
 
 
+Step = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+def _walk(denoiser: Denoiser, x: torch.Tensor, sigmas, callback: Callback | None, step: Step) -> torch.Tensor:
+    """The loop every sampler shares: x0 = D(x, σ) and the callback, then `step(x, x0, σ, σ_next)`
+    moves x down to σ_next > 0. A repeated level is a no-op, and the step to σ = 0 lands on x0
+    (every method here agrees there: no slope is defined at 0)."""
+    for i, total, sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, total, x0)
+        if sigma_next == sigma:
+            continue
+        x = x0 if sigma_next == 0 else step(x, x0, sigma, sigma_next)
+    return x
+
+
 # --- deterministic: probability-flow ODE dx/dσ = (x − D(x, σ)) / σ ---------------------------------
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -72,14 +89,8 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     x_next = x + d·(σ_next − σ), d = (x − x0)/σ; written as x0 + (x − x0)·σ_next/σ so that the
     step to σ = 0 lands exactly on x0. First order.
     """
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        x = x0 if sigma_next == 0 else x0 + (x - x0) * (sigma_next / sigma)
-    return x
+    return _walk(denoiser, x, sigmas, callback,
+                 lambda x, x0, sigma, sigma_next: x0 + (x - x0) * (sigma_next / sigma))
 
 
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -87,20 +98,12 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     """Heun's method (Karras et al. 2022, Alg. 2 without churn): an Euler predictor, then the
     trapezoid of the slopes at both ends. Second order; two denoiser calls per step, one on the
     last step to σ = 0, which is plain Euler (the slope there is undefined)."""
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        if sigma_next == 0:
-            x = x0
-            continue
+    def step(x, x0, sigma, sigma_next):
         d = (x - x0) / sigma
         x_euler = x + d * (sigma_next - sigma)
         d_next = (x_euler - _denoise(denoiser, x_euler, sigma_next)) / sigma_next
-        x = x + (d + d_next) * ((sigma_next - sigma) / 2)
-    return x
+        return x + (d + d_next) * ((sigma_next - sigma) / 2)
+    return _walk(denoiser, x, sigmas, callback, step)
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -111,25 +114,20 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     x_next = (σ_next/σ)·x + (1 − σ_next/σ)·x0 for a constant x0 over the step. 2M replaces x0 by
     the linear extrapolation x0 + (x0 − x0_prev)/(2r), r = h_prev/h, from the previous step's
     estimate. Second order. The first step and the step to σ = 0 are first order (k-diffusion).
+    A repeated level leaves the history that of the last real step.
     """
-    x0_prev, sigma_prev = None, None
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue  # the history stays that of the last real step
-        if sigma_next == 0:
-            x = x0
-            continue
+    history: list[tuple[torch.Tensor, float]] = []      # (x0, σ) of the last real step
+
+    def step(x, x0, sigma, sigma_next):
         h = math.log(sigma / sigma_next)
         x0_d = x0
-        if x0_prev is not None:
+        if history:
+            x0_prev, sigma_prev = history.pop()
             r = math.log(sigma_prev / sigma) / h
             x0_d = x0 + (x0 - x0_prev) / (2 * r)
-        x = x * (sigma_next / sigma) - x0_d * math.expm1(-h)
-        x0_prev, sigma_prev = x0, sigma
-    return x
+        history.append((x0, sigma))
+        return x * (sigma_next / sigma) - x0_d * math.expm1(-h)
+    return _walk(denoiser, x, sigmas, callback, step)
 
 
 # --- stochastic ----------------------------------------------------------------------------------
@@ -137,6 +135,12 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
 def _abar(sigma: float) -> float:
     """ā = 1/(1 + σ²): the VP signal level of a VE noise level."""
     return 1 / (1 + sigma * sigma)
+
+
+def _vp(sigma: float, sigma_next: float) -> tuple[float, float, float, float]:
+    """ā_t, ā_s, 1 − ā_t, 1 − ā_s for the step t → s; 1 − ā = σ²·ā avoids cancellation."""
+    abar_t, abar_s = _abar(sigma), _abar(sigma_next)
+    return abar_t, abar_s, sigma ** 2 * abar_t, sigma_next ** 2 * abar_s
 
 
 def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -149,26 +153,17 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     with z = sqrt(ā)·x and ā = 1/(1 + σ²). Any pair of levels, not only adjacent timesteps.
     """
     noise = _need(noise, "DDPM")
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        if sigma_next == 0:
-            x = x0
-            continue
-        abar_t, abar_s = _abar(sigma), _abar(sigma_next)
-        one_minus_abar_t = sigma ** 2 * abar_t            # 1 − ā = σ²/(1 + σ²), without cancellation
-        one_minus_abar_s = sigma_next ** 2 * abar_s
+
+    def step(x, x0, sigma, sigma_next):
+        abar_t, abar_s, one_minus_abar_t, one_minus_abar_s = _vp(sigma, sigma_next)
         alpha = abar_t / abar_s
         beta = (sigma ** 2 - sigma_next ** 2) * abar_t      # 1 − ā_t/ā_s
         z = x * math.sqrt(abar_t)
         mean = (x0 * (math.sqrt(abar_s) * beta / one_minus_abar_t)
                 + z * (math.sqrt(alpha) * one_minus_abar_s / one_minus_abar_t))
         std = math.sqrt(beta * one_minus_abar_s / one_minus_abar_t)
-        x = (mean + noise(x) * std) / math.sqrt(abar_s)
-    return x
+        return (mean + noise(x) * std) / math.sqrt(abar_s)
+    return _walk(denoiser, x, sigmas, callback, step)
 
 
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -182,26 +177,17 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        if sigma_next == 0:
-            x = x0
-            continue
-        abar_t, abar_s = _abar(sigma), _abar(sigma_next)
-        one_minus_abar_t = sigma ** 2 * abar_t
-        one_minus_abar_s = sigma_next ** 2 * abar_s
+
+    def step(x, x0, sigma, sigma_next):
+        abar_t, abar_s, one_minus_abar_t, one_minus_abar_s = _vp(sigma, sigma_next)
         s_eta = eta * math.sqrt(one_minus_abar_s / one_minus_abar_t
                                 * (sigma ** 2 - sigma_next ** 2) * abar_t)
         eps = (x - x0) / sigma
         z = x0 * math.sqrt(abar_s) + eps * math.sqrt(max(one_minus_abar_s - s_eta ** 2, 0.0))
         if s_eta > 0:
             z = z + _need(noise, "DDIM with eta > 0")(x) * s_eta
-        x = z / math.sqrt(abar_s)
-    return x
+        return z / math.sqrt(abar_s)
+    return _walk(denoiser, x, sigmas, callback, step)
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -216,20 +202,11 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
                            eta: float = 1.0) -> torch.Tensor:
     """Euler ancestral (k-diffusion): an Euler step down to σ_down, then fresh noise of std σ_up.
     With η = 1 this is the DDPM posterior step written in σ."""
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        if sigma_next == 0:
-            x = x0
-            continue
+    def step(x, x0, sigma, sigma_next):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x0 + (x - x0) * (sigma_down / sigma)
-        if sigma_up > 0:
-            x = x + _need(noise, "Euler a")(x) * sigma_up
-    return x
+        return x + _need(noise, "Euler a")(x) * sigma_up if sigma_up > 0 else x
+    return _walk(denoiser, x, sigmas, callback, step)
 
 
 def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -239,14 +216,8 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     (the probability-flow ODE's endpoint), which is what an LCM network learns; with a posterior
     mean denoiser it returns posterior means, not samples."""
     noise = _need(noise, "LCM")
-    for i, total, sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        if callback is not None:
-            callback(i, total, x0)
-        if sigma_next == sigma:
-            continue
-        x = x0 if sigma_next == 0 else x0 + noise(x0) * sigma_next
-    return x
+    return _walk(denoiser, x, sigmas, callback,
+                 lambda x, x0, sigma, sigma_next: x0 + noise(x0) * sigma_next)
 
 
 # --- registry by user-facing name ----------------------------------------------------------------
