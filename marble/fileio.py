@@ -11,9 +11,20 @@ from pathlib import Path
 from typing import Callable, IO
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()   # read once at import: os.umask is process-wide, so never toggle it from threads
+
+
 def _write_temp(path: Path, write: Callable[[IO[bytes]], None]) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -170,3 +170,13 @@ def test_bench_model_reports_medians_of_what_it_timed(tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     bad = run("bench", "--model", "no-such-model", "--runs", 1)
     assert bad.exit_code == 2 and "no model named" in bad.output
+
+
+def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    """Atomic writes go through mkstemp (0600); the finished file has 0666 less the umask."""
+    import os
+    from marble.fileio import write_new, write_replace
+    mask = os.umask(0o022)
+    os.umask(mask)
+    a, b = write_new(tmp_path / "a.bin", b"x"), write_replace(tmp_path / "b.bin", b"y")
+    assert {a.stat().st_mode & 0o777, b.stat().st_mode & 0o777} == {0o666 & ~mask}
