@@ -180,3 +180,18 @@ def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
     os.umask(mask)
     a, b = write_new(tmp_path / "a.bin", b"x"), write_replace(tmp_path / "b.bin", b"y")
     assert {a.stat().st_mode & 0o777, b.stat().st_mode & 0o777} == {0o666 & ~mask}
+
+
+def test_the_shipped_builtin_model_is_the_default_and_named_in_the_record(tmp_path):
+    """models/builtin.safetensors loads without a flag; its name and A1111 hash (sha256 of the
+    file, first 10 hex) are in the PNG record, at the model's own defaults."""
+    import hashlib
+    shipped = Path(__file__).resolve().parents[1] / "models" / "builtin.safetensors"
+    assert shipped.stat().st_size <= 40 * 2**20
+    r = run("generate", "two red circles above a blue square", "--seed", 7, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    record = run("info", pngs(tmp_path)[0], "--json")
+    data = json.loads(record.stdout)
+    want = hashlib.sha256(shipped.read_bytes()).hexdigest()[:10]
+    assert (data["model_name"], data["model_hash"]) == ("builtin", want)
+    assert (data["steps"], data["sampler"], data["cfg"], data["width"]) == (15, "DPM++ 2M Karras", 4.0, 64)
