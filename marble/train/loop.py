@@ -125,8 +125,9 @@ class TrainLoop:
                 self.ema.update(self.module)
                 self.step += 1
                 if world.is_main:
+                    loss = loss.item()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}")
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = {"step": self.step, "loss": float(loss), "grad_norm": float(grad_norm),
                                   "lr": self.sched.get_last_lr()[0], "time": round(time.perf_counter() - t0, 3),
