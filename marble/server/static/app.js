@@ -7,6 +7,7 @@ let models = [];
 let init = null;          // {dataURL, width, height} of the uploaded image
 let maskPainted = false;
 let polling = null;
+let running = false;      // a generation is in flight: progress polls may write the status line
 
 async function api(path, options = {}) {
   const res = await fetch(path, { credentials: "same-origin", ...options });
@@ -170,6 +171,7 @@ async function pollProgress() {
   if (polling) return;
   polling = api(`/sdapi/v1/progress?model=${encodeURIComponent($("model").value)}`)
     .then((p) => {
+      if (!running) return;   // a poll that answers after the result must not overwrite it
       $("progress").value = p.progress;
       const s = p.state;
       $("progress-text").textContent = s.sampling_steps
@@ -191,10 +193,12 @@ async function generate(ev) {
   $("interrupt").disabled = false;
   $("progress").value = 0;
   $("results").replaceChildren();
+  running = true;
   const timer = setInterval(pollProgress, 300);
   try {
     const route = init ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img";
     const r = await api(route, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload()) });
+    running = false;
     const info = JSON.parse(r.info);
     if (info.interrupted) showError("interrupted");
     r.images.forEach((b64, i) => {
@@ -209,6 +213,7 @@ async function generate(ev) {
   } catch (e) {
     showError(e.message);
   } finally {
+    running = false;
     clearInterval(timer);
     $("generate").disabled = false;
     $("interrupt").disabled = true;
