@@ -127,3 +127,37 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
 def test_random_model_is_reproducible():
     a, b = random_model(), random_model()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_skeleton_builds_shapes_only_and_leaves_other_initialisation_alone():
+    import threading
+
+    from marble.models.skeleton import skeleton
+
+    with skeleton():
+        emb = torch.nn.Embedding(1000, 64)
+        lin = torch.nn.Linear(8, 8)
+    assert emb.weight.is_meta and lin.weight.is_meta
+    # outside, and in another thread while a skeleton is open, modules initialise as usual
+    seen = {}
+    with skeleton():
+        t = threading.Thread(target=lambda: seen.update(w=torch.nn.Embedding(10, 4).weight))
+        t.start()
+        t.join()
+    assert not seen["w"].is_meta and seen["w"].std() > 0.5
+    torch.manual_seed(0)
+    a = torch.nn.Embedding(10, 4).weight
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.nn.init.normal_(torch.empty(10, 4)))
+
+
+def test_loading_the_builtin_model_does_not_import_torch_dynamo():
+    """The meta kernels of the init functions import torch._dynamo (~2 s of a cold start); loading
+    must not run them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from marble.pipeline import load_pipeline; load_pipeline('builtin'); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

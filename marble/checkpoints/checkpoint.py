@@ -23,6 +23,7 @@ from marble.checkpoints.marble_format import (FORMAT, FORMAT_VERSION, build_mode
 from marble.checkpoints.tensor_file import Header, read_header, read_tensors, safetensors_writer
 from marble.fileio import write_new
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from marble.models.skeleton import skeleton
 
 ToMarble = Callable[[str, torch.Tensor], "list[tuple[str, torch.Tensor]] | None"]
 
@@ -111,7 +112,7 @@ class PickleSource:
 
 def expected_state(config: LatentDiffusionConfig, prefix: str = "") -> dict[str, torch.Tensor]:
     """The state dict a config needs (meta tensors: shapes only), optionally one component's."""
-    with torch.device("meta"):
+    with skeleton():
         model = LatentDiffusion(config, text_encoder=_meta_text(config))
     external = text_is_external(config)
     return {k: v for k, v in model.state_dict().items()

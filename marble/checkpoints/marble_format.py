@@ -18,6 +18,7 @@ from marble.checkpoints.errors import ModelLoadError
 from marble.checkpoints.tensor_file import read_header
 from marble.fileio import write_new
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from marble.models.skeleton import skeleton
 from marble.models.text import build_text_encoder, text_encoder_is_pretrained
 
 FORMAT = "marble"
@@ -84,7 +85,7 @@ def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], s
     peak memory stays near the size of the weights."""
     external = text_is_external(config)
     text = build_text_encoder(config.text) if external else None
-    with torch.device("meta"):
+    with skeleton():
         model = LatentDiffusion(config, text_encoder=text)
     expected = {k: v for k, v in model.state_dict().items() if not (external and k.startswith("text_encoder."))}
     check_keys(source, expected, state)
@@ -149,7 +150,7 @@ def load_vae(path: Path):
         config = VAEConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: the VAE config in the metadata is invalid ({e})") from None
-    with torch.device("meta"):
+    with skeleton():
         vae = AutoencoderKL(config)
     state = load_state(path)
     check_keys(path, vae.state_dict(), state)

@@ -27,6 +27,7 @@ from marble.checkpoints.diffusers_folder import (rename, scheduler_config_to_dif
 from marble.checkpoints.resolve import LoadedModel
 from marble.diffusion.guidance import guided_denoiser
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from marble.models.skeleton import skeleton
 from marble.models.stable_diffusion import sd_config
 from marble.models.text import text_config_from_dict
 
@@ -100,7 +101,7 @@ def random_sd_model(preset: str | LatentDiffusionConfig = "sd15", seed: int = 0)
     meta construction, then every tensor drawn once (the scheme of resolve.random_model: normal with
     std 1/sqrt(fan_in) for matrices and kernels, norms near 1, small biases)."""
     config = sd_config(preset) if isinstance(preset, str) else preset
-    with torch.device("meta"):
+    with skeleton():
         model = LatentDiffusion(config)
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)

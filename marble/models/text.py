@@ -13,6 +13,7 @@ import torch
 
 from marble.models.bert import BERT_PRESETS, BertTextConfig, BertTextEncoder, load_pretrained_bert
 from marble.models.clip import CLIP_PRESETS, CLIPTextConfig, CLIPTextEncoder
+from marble.models.skeleton import skeleton
 
 TextConfig = CLIPTextConfig | BertTextConfig
 
@@ -66,7 +67,7 @@ def build_text_encoder(config: TextConfig | dict | str) -> CLIPTextEncoder | Ber
     if isinstance(config, BertTextConfig):
         if not config.pretrained:
             return BertTextEncoder(config)
-        with torch.device("meta"):   # no random init for weights about to be replaced
+        with skeleton():
             encoder = BertTextEncoder(config)
         return load_pretrained_bert(encoder)
     raise TypeError(f"not a text encoder config: {type(config).__name__}")
