@@ -16,6 +16,7 @@ from marble.diffusion.samplers import get_sampler
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_CFG = 100.0   # ComfyUI's limit too; far past where guidance saturates, and keeps cfg·x0 finite in float32
 
 
 class RequestError(ValueError):
@@ -29,7 +30,7 @@ class GenerationRequest:
     seed: int | None = None                     # None: a random seed, recorded; image i uses seed + i
     steps: int | None = None                    # sampler steps, 1..1000 (None: the model's default)
     sampler: str | None = None                  # a registered name, see `marble samplers`
-    cfg: float | None = None                    # classifier-free guidance scale, >= 0; 1 = conditional only
+    cfg: float | None = None                    # classifier-free guidance scale in [0, 100]; 1 = conditional only
     width: int | None = None                    # pixels; a multiple of the model's latent factor
     height: int | None = None
     n: int = 1                                  # images, seeds seed..seed+n-1
@@ -69,8 +70,8 @@ class GenerationRequest:
         except KeyError as e:
             raise RequestError(str(e.args[0]) if e.args else f"unknown sampler {self.sampler!r}") from None
         cfg = default_cfg if self.cfg is None else self.cfg
-        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-            raise RequestError(f"cfg must be a finite number >= 0, got {cfg}")
+        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
+            raise RequestError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_BATCH:
             raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {self.n}")
 

@@ -161,6 +161,7 @@ def test_long_prompt_warns(tiny_pipe):
     (dict(steps=1001), "steps"),
     (dict(cfg=-1.0), "cfg"),
     (dict(cfg=float("nan")), "cfg"),
+    (dict(cfg=3.402823466385289e+38), "cfg"),   # found by the server fuzz test: overflowed float32 in lerp
     (dict(width=33), "multiple"),
     (dict(width=4096, height=4096), "limit"),
     (dict(n=0), "n must"),

@@ -212,7 +212,7 @@ def test_a1111_model_choice_by_override_settings(client):
     ({"prompt": "x", "steps": 51, "width": 32, "height": 32}, 400, "steps 51 is over this server's limit of 50"),
     ({"prompt": "x" * 201}, 400, "the prompt is 201 characters; this server's limit is 200"),
     ({"prompt": "x", "seed": 2**40}, 400, "seed must be an integer in [0, 4294967295]"),
-    ({"prompt": "x", "cfg_scale": -1}, 400, "cfg must be a finite number >= 0"),
+    ({"prompt": "x", "cfg_scale": -1}, 400, "cfg must be a finite number in [0, 100]"),
 ])
 def test_a1111_txt2img_rejects_bad_values_with_a_clear_message(client, body, status, message):
     r = client.post("/sdapi/v1/txt2img", json=body)

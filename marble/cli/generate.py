@@ -44,7 +44,7 @@ def generate(
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt: what to steer away from (replaces the empty prompt in CFG)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed in [0, 2^32-1]; image i uses seed+i. Default: random (recorded in the PNG)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps, 1..1000. Default: the model's."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, >= 0 (1 = no guidance). Default: the model's."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, 0..100 (1 = no guidance). Default: the model's."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name, see `marble samplers`. Default: the model's."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of the model's latent factor. Default: the model's (or the init image's)."),
     n: int = typer.Option(1, "-n", "--n", help="Number of images (seeds seed..seed+n-1)."),
