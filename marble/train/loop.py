@@ -129,7 +129,7 @@ class TrainLoop:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        record = {"step": self.step, "loss": float(loss), "grad_norm": float(grad_norm),
+                        record = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm),
                                   "lr": self.sched.get_last_lr()[0], "time": round(time.perf_counter() - t0, 3),
                                   **metrics}
                         log.write(json.dumps(record) + "\n")
