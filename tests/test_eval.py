@@ -227,3 +227,15 @@ def test_eval_unknown_model_exits_2(cli_app, tmp_path):
     r = run(cli_app, "--model", tmp_path / "missing.safetensors", "--prompts", 6, "--json", tmp_path / "x.json")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_json_records_the_settings_it_ran_with(cli_app, tmp_path):
+    out = tmp_path / "tiny.json"
+    r = run(cli_app, "--model", "tiny-random", "--prompts", 6, "--steps", 2, "--json", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    # the model's defaults are filled in, the option given is kept
+    from marble.checkpoints.resolve import load_model
+    config = load_model("tiny-random").model.config
+    assert (report["sampler"], report["steps"], report["cfg"]) == (config.default_sampler, 2, config.default_cfg)
+    assert report["sampler"] is not None and report["cfg"] is not None

@@ -23,13 +23,15 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
     from marble.request import GenerationRequest, RequestError
     try:
         pipe = load_pipeline(model)
-        pipe.resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg))
+        resolved = pipe.resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg))
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
 
     def generate(prompt: str, seed: int):
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
-    return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash}
+    # the settings actually used (the model's defaults filled in), so the JSON says what was run
+    return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
+                      "steps": resolved.steps, "cfg": resolved.cfg}
 
 
 def _check_target(path: Path | None, flag: str) -> None:
@@ -120,8 +122,8 @@ def eval_command(
         result = run_benchmark(generate, prompt_list, seed_list, on_image=on_image)
     finally:
         bar.close()
-    report = {"benchmark": "marble-geneval", "version": 1, "model": model, **extra, "split": split,
-              "seeds": seed_list, "sampler": sampler, "steps": steps, "cfg": cfg, **result.to_dict()}
+    report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
+              "cfg": cfg, **extra, "split": split, "seeds": seed_list, **result.to_dict()}
     typer.echo(markdown_table(result))
     info(f"{report['images']} images in {result.seconds:.1f} s")
     if probe:
