@@ -147,3 +147,58 @@ def test_ddp_with_two_processes_equals_single_process(tmp_path):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"DDP vs single-process max abs difference: {worst:.3g}")
     assert worst < 1e-5, worst
+
+
+FINE_TUNE = """
+kind = "diffusion"
+run_dir = "{run_dir}"
+steps = 2
+batch = 4
+threads = 1
+
+[model]
+init = "{init}"
+name = "{name}"
+{unet}
+
+[data]
+folder = "{folder}"
+size = 16
+
+[optim]
+lr = 0.0
+warmup = 0
+"""
+
+
+def test_fine_tuning_starts_from_the_init_model(tmp_path):
+    from marble.checkpoints.marble_format import read_metadata
+    folder = make_folder(tmp_path / "data")
+    finish(marble("train", "diffusion", write_config(tmp_path, "base", folder, steps=2)))
+    base = tmp_path / "base" / "model.safetensors"
+    base_config = json.loads(read_metadata(base)["config"])
+    cfg = tmp_path / "tuned.toml"
+    cfg.write_text(FINE_TUNE.format(run_dir=tmp_path / "tuned", init=base, name="tuned", unet="", folder=folder))
+    finish(marble("train", "diffusion", cfg))
+    out = tmp_path / "tuned" / "model.safetensors"
+    # learning rate 0: the result is exactly the init (U-Net, its VAE and its text encoder), and it
+    # inherits the init's U-Net shape, prediction, schedule and defaults
+    a, b = load_file(base), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads(read_metadata(out)["config"])
+    assert config == {**base_config, "name": "tuned"}
+    # and with a learning rate it moves away from it
+    cfg = tmp_path / "moved.toml"
+    cfg.write_text(FINE_TUNE.format(run_dir=tmp_path / "moved", init=base, name="moved", unet="", folder=folder)
+                   .replace("lr = 0.0", "lr = 1e-3"))
+    finish(marble("train", "diffusion", cfg))
+    c = load_file(tmp_path / "moved" / "model.safetensors")
+    assert not torch.equal(a["unet.out.2.weight"], c["unet.out.2.weight"])
+    assert all(torch.equal(a[k], c[k]) for k in a if not k.startswith("unet."))   # VAE, text encoder frozen
+    # a U-Net of another shape cannot start from it
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(FINE_TUNE.format(run_dir=tmp_path / "bad", init=base, name="bad", folder=folder,
+                                    unet='unet = {preset = "tiny", model_channels = 16}'))
+    p = marble("train", "diffusion", cfg)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "differs from model.init" in err and "Traceback" not in err
