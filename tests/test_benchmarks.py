@@ -1,0 +1,38 @@
+"""The scripts under benchmarks/: their measures on exact cases, and that they run."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_centred_correlation_is_exact_on_known_cases():
+    layout = load_script("layout_source")
+    a = torch.randn(3, 4, 8, 8)
+    assert layout.centred_correlation(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert layout.centred_correlation(a, -2 * a + 5) == pytest.approx(-1.0, abs=1e-6)  # per-channel offsets removed
+    b = torch.zeros(1, 1, 2, 2)
+    b[0, 0, 0, 0], b[0, 0, 1, 1] = 1.0, -1.0
+    c = torch.zeros(1, 1, 2, 2)
+    c[0, 0, 0, 1], c[0, 0, 1, 0] = 1.0, -1.0
+    assert layout.centred_correlation(b, c) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_layout_source_runs_on_the_tiny_model(tiny_loaded):
+    layout = load_script("layout_source")
+    leak = layout.leak_table(tiny_loaded, scenes=3, timesteps=(999, 600))
+    assert [r["t"] for r in leak] == [999, 600] and leak[0]["sigma"] > leak[1]["sigma"]
+    assert all(-1 <= r[k] <= 1 for r in leak for k in ("training", "other_scene", "pure_noise"))
+    relations = layout.relation_table(tiny_loaded, seeds=1)
+    assert [r["relation"] for r in relations] == ["above", "below", "to the left of", "to the right of"]
+    assert all(0 <= r["first_above_or_left"] <= r["found"] <= r["images"] == len(layout.PAIRS) for r in relations)
+    assert "| relation word |" in layout.markdown(leak, relations)
