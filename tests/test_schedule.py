@@ -219,3 +219,39 @@ def test_timesteps_and_sigmas_match_diffusers(steps):
     euler.set_timesteps(steps)
     assert np.allclose(euler.timesteps.numpy(), np.linspace(999, 0, steps), atol=1e-3)
     assert torch.allclose(euler.sigmas.double(), spacing_normal(SD, steps).double(), rtol=1e-3, atol=0)
+
+
+# --- zero terminal SNR (Lin et al. 2024) ------------------------------------------------------------
+
+def test_zero_terminal_snr_keeps_the_first_level_and_ends_in_pure_noise():
+    from marble.diffusion.schedule import ZERO_SNR_FLOOR, rescale_zero_terminal_snr
+    betas = betas_scaled_linear()
+    root = alphas_cumprod_from_betas(betas).sqrt()
+    rescaled = alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas)).sqrt()
+    # Alg. 1 is the affine map of sqrt(ā) fixing the first value and sending the last to 0
+    first, last = root[0], root[-1]
+    torch.testing.assert_close(rescaled, (root - last) * first / (first - last), rtol=0, atol=1e-15)
+    assert abs(float(rescaled[-1])) < 1e-15 and float(rescaled[0]) == pytest.approx(float(first), abs=1e-15)
+    zsnr = make_schedule("scaled_linear", zero_terminal_snr=True)
+    assert float(zsnr.alphas_cumprod[-1]) == pytest.approx(ZERO_SNR_FLOOR, rel=1e-9)   # σ_max ≈ 4096, finite
+    assert zsnr.sigma_max == pytest.approx((1 / ZERO_SNR_FLOOR - 1) ** 0.5, rel=1e-9)
+    torch.testing.assert_close(zsnr.alphas_cumprod[:-1], rescaled[:-1] ** 2, rtol=1e-12, atol=0)
+    assert zsnr.sigma_min == pytest.approx(SD.sigma_min, rel=1e-9)
+    assert make_schedule("scaled_linear", zero_terminal_snr=False).sigma_max == SD.sigma_max
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_zero_terminal_snr_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as theirs
+    betas = betas_scaled_linear()
+    from marble.diffusion.schedule import rescale_zero_terminal_snr
+    torch.testing.assert_close(rescale_zero_terminal_snr(betas), theirs(betas.clone()), rtol=0, atol=1e-12)
+    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  rescale_betas_zero_snr=True)
+    ours = make_schedule("scaled_linear", zero_terminal_snr=True)
+    for steps in (10, 25):
+        euler = diffusers.EulerDiscreteScheduler(timestep_spacing="trailing", **config)
+        euler.set_timesteps(steps)
+        # diffusers accumulates ā in float32 and clamps ā_T to 2^-24 as we do
+        torch.testing.assert_close(euler.sigmas.double(), spacing_trailing(ours, steps).double(), rtol=1e-5, atol=0)

@@ -160,7 +160,7 @@ def text_config_from_diffusers(cfg: dict, pad_id: int, path: Path) -> CLIPTextCo
 
 
 def schedule_from_diffusers(cfg: dict, path: Path) -> tuple[dict, str]:
-    _require(path, cfg, {"trained_betas": (None,), "rescale_betas_zero_snr": (False,)})
+    _require(path, cfg, {"trained_betas": (None,)})
     kind = cfg.get("beta_schedule", "linear")
     if kind not in BETA_SCHEDULES:
         _refuse(path, "beta_schedule", kind, ", ".join(BETA_SCHEDULES))
@@ -170,6 +170,8 @@ def schedule_from_diffusers(cfg: dict, path: Path) -> tuple[dict, str]:
     schedule = {"name": BETA_SCHEDULES[kind], "n": int(cfg.get("num_train_timesteps", 1000))}
     if kind != "squaredcos_cap_v2":
         schedule.update(beta_start=float(cfg.get("beta_start", 0.0001)), beta_end=float(cfg.get("beta_end", 0.02)))
+    if cfg.get("rescale_betas_zero_snr", False):
+        schedule["zero_terminal_snr"] = True
     return schedule, PREDICTIONS[prediction]
 
 
@@ -341,7 +343,7 @@ def scheduler_config_to_diffusers(config: LatentDiffusionConfig) -> dict:
            "beta_schedule": kind, "num_train_timesteps": s.pop("n", 1000),
            "prediction_type": {v: k for k, v in PREDICTIONS.items()}[config.prediction],
            "timestep_spacing": "linspace", "steps_offset": 1, "interpolation_type": "linear",
-           "trained_betas": None, "rescale_betas_zero_snr": False}
+           "trained_betas": None, "rescale_betas_zero_snr": bool(s.pop("zero_terminal_snr", False))}
     if kind == "squaredcos_cap_v2":
         if s not in ({}, {"s": 0.008, "max_beta": 0.999}):
             raise ValueError(f"cosine schedule options {s} have no diffusers equivalent")

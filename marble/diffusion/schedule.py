@@ -151,11 +151,33 @@ class ContinuousSchedule:
             raise ValueError("need 0 < sigma_min < sigma_max")
 
 
-def make_schedule(name: str, n: int = 1000, **kw) -> DiscreteSchedule:
-    """A DiscreteSchedule from a beta schedule by name: "linear", "scaled_linear", "cosine"."""
+# ā_T of a zero-terminal-SNR schedule as the sampler sees it: σ must stay finite, so the last level
+# is clamped to ā = 2^-24 (σ ≈ 4096), diffusers' choice for its Euler-type schedulers.
+ZERO_SNR_FLOOR = 2.0 ** -24
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1:
+    shift and scale sqrt(ā) so that it keeps its first value and ends at exactly 0. Otherwise the
+    last training step still holds sqrt(ā_T) of the image (0.068 for SD's schedule), which a model
+    learns to read while sampling starts from pure noise."""
+    root = alphas_cumprod_from_betas(betas).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return betas_from_alphas_cumprod(root ** 2)
+
+
+def make_schedule(name: str, n: int = 1000, zero_terminal_snr: bool = False, **kw) -> DiscreteSchedule:
+    """A DiscreteSchedule from a beta schedule by name: "linear", "scaled_linear", "cosine";
+    `zero_terminal_snr` rescales it so the last timestep is pure noise (clamped, see ZERO_SNR_FLOOR)."""
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; choose from {', '.join(BETA_SCHEDULES)}")
-    return DiscreteSchedule.from_betas(BETA_SCHEDULES[name](n, **kw))
+    betas = BETA_SCHEDULES[name](n, **kw)
+    if not zero_terminal_snr:
+        return DiscreteSchedule.from_betas(betas)
+    alphas_cumprod = alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas))
+    alphas_cumprod[-1] = ZERO_SNR_FLOOR
+    return DiscreteSchedule.from_alphas_cumprod(alphas_cumprod)
 
 
 # --- sigma spacings: what a sampler walks, descending, steps + 1 entries ending in 0 ----------------

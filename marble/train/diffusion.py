@@ -12,7 +12,8 @@ model table:
                   or a table {preset = NAME} for a seeded random VAE (tests)
   text            the text encoder config, e.g. {pretrained = "all-MiniLM-L6-v2"} or {preset = "clip-tiny"}
   prediction      eps | v
-  schedule        {name = "scaled_linear", beta_start = ..., beta_end = ...}
+  schedule        {name = "scaled_linear", beta_start = ..., beta_end = ..., zero_terminal_snr = false};
+                  zero_terminal_snr rescales it so the last timestep is pure noise (Lin et al. 2024)
   export_dtype    float16 | float32 for the shipped file
   min_snr_gamma   > 0: Min-SNR-γ timestep weighting (Hang et al. 2023); 0 = the plain simple loss
   default_steps / default_cfg / default_sampler / default_width / default_height / max_pixels
