@@ -162,7 +162,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     last training step still holds sqrt(ā_T) of the image (0.068 for SD's schedule), which a model
     learns to read while sampling starts from pure noise."""
     root = alphas_cumprod_from_betas(betas).sqrt()
-    first, last = root[0].clone(), root[-1].clone()
+    first, last = root[0], root[-1]
     root = (root - last) * first / (first - last)
     return betas_from_alphas_cumprod(root ** 2)
 

@@ -8,8 +8,8 @@ model table:
                   and defaults wherever this table does not name them
   unet            a U-Net preset name, or a table of UNetConfig fields (with optional `preset`); with
                   `init` it must equal the init's
-  vae             path to a VAE file from `marble train vae` or to a marble model file (its VAE),
-                  or a table {preset = NAME} for a seeded random VAE (tests)
+  vae             path to a VAE file from `marble train vae`, or a table {preset = NAME} for a
+                  seeded random VAE (tests); with `init` it must equal the init's
   text            the text encoder config, e.g. {pretrained = "all-MiniLM-L6-v2"} or {preset = "clip-tiny"}
   prediction      eps | v
   schedule        {name = "scaled_linear", beta_start = ..., beta_end = ..., zero_terminal_snr = false};
@@ -21,13 +21,11 @@ Output: run_dir/model.safetensors (marble format, EMA weights), samples in run_d
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from marble.checkpoints.marble_format import FORMAT as MODEL_FORMAT
-from marble.checkpoints.marble_format import load_model_file, load_vae, read_metadata, save_model
+from marble.checkpoints.marble_format import load_model_file, load_vae, save_model
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNetConfig
@@ -39,8 +37,10 @@ from marble.train.loop import TrainLoop
 from marble.train.objective import diffusion_loss
 from marble.train.vae import vae_config
 
-MODEL_KEYS = {"name", "init", "unet", "vae", "text", "prediction", "schedule", "export_dtype", "min_snr_gamma", "default_steps",
-              "default_cfg", "default_sampler", "default_width", "default_height", "max_pixels"}
+# the model's settings that are not networks: from the table, else the init's, else the defaults
+SETTINGS = ("name", "prediction", "schedule", "default_steps", "default_cfg", "default_sampler", "default_width",
+            "default_height", "max_pixels")
+MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", *SETTINGS}
 
 
 def unet_config(spec, context_dim: int) -> UNetConfig:
@@ -57,36 +57,25 @@ def unet_config(spec, context_dim: int) -> UNetConfig:
 
 def build_vae(spec) -> AutoencoderKL:
     if isinstance(spec, str):
-        if Path(spec).is_file() and read_metadata(Path(spec)).get("format") == MODEL_FORMAT:
-            return load_model_file(Path(spec)).vae
         return load_vae(Path(spec))
     torch.manual_seed(int(spec.get("seed", 0)))
     return AutoencoderKL(vae_config({k: v for k, v in spec.items() if k != "seed"}))
 
 
-def check_keys(m: dict, init: LatentDiffusionConfig | None) -> None:
+def check_keys(m: dict, has_init: bool) -> None:
     unknown = set(m) - MODEL_KEYS
     if unknown:
         raise ConfigError(f"unknown keys in model: {', '.join(sorted(unknown))}")
     for key in ("unet", "vae", "text"):
-        if key not in m and init is None:
+        if key not in m and not has_init:
             raise ConfigError(f"model.{key} is required (or model.init, a model to start from)")
 
 
-def model_config(cfg: TrainConfig, vae: AutoencoderKL, text_dim: int,
-                 init: LatentDiffusionConfig | None = None) -> LatentDiffusionConfig:
-    m = cfg.model
-    check_keys(m, init)
-    inherited = {}
-    if init is not None:
-        inherited = {k: getattr(init, k) for k in ("name", "prediction", "schedule", "default_steps", "default_cfg",
-                                                   "default_sampler", "default_width", "default_height", "max_pixels")}
-    extra = {k: m[k] for k in ("name", "prediction", "schedule", "default_steps", "default_cfg", "default_sampler",
-                               "default_width", "default_height", "max_pixels") if k in m}
-    unet = unet_config(m["unet"], text_dim) if "unet" in m else init.unet
-    return LatentDiffusionConfig(**{"name": "marble", "default_width": cfg.data.size,
-                                    "default_height": cfg.data.size, **inherited, **extra},
-                                 unet=unet, vae=vae.config, text=dict(m["text"]) if "text" in m else dict(init.text))
+def model_config(m: dict, size: int, vae: AutoencoderKL, text_dim: int) -> LatentDiffusionConfig:
+    """The model config from the (completed) model table; `size` is the training resolution."""
+    extra = {k: m[k] for k in SETTINGS if k in m}
+    return LatentDiffusionConfig(unet=unet_config(m["unet"], text_dim), vae=vae.config, text=dict(m["text"]),
+                                 **{"name": "marble", "default_width": size, "default_height": size, **extra})
 
 
 def load_init(path) -> LatentDiffusion:
@@ -95,36 +84,36 @@ def load_init(path) -> LatentDiffusion:
     return load_model_file(Path(path))
 
 
-def start_from(unet: torch.nn.Module, init: LatentDiffusion) -> None:
-    """Copy the init model's U-Net weights into `unet`, which must have the same shape."""
-    if unet.config != init.unet.config:
-        raise ConfigError("model.unet differs from model.init's U-Net; leave model.unet out to train the init's")
-    unet.load_state_dict(init.unet.state_dict())
+def with_init(m: dict, init: LatentDiffusion) -> dict:
+    """The model table completed from the init wherever it names nothing: the init's U-Net shape,
+    text encoder and settings (its VAE and weights are taken as modules)."""
+    own = {k: getattr(init.config, k) for k in SETTINGS}
+    return {"unet": init.config.unet.to_dict(), "text": dict(init.config.text), **own, **m}
 
 
-def text_encoder(m: dict, init: LatentDiffusion | None) -> torch.nn.Module:
-    """The frozen text encoder: the init's own (its U-Net was trained on its states), else built."""
-    if init is None:
-        return build_text_encoder(dict(m["text"]))
-    if "text" in m and dict(m["text"]) != dict(init.config.text):
-        raise ConfigError("model.text differs from model.init's text encoder; leave it out to use the init's")
-    return init.text_encoder
+def check_matches_init(config: LatentDiffusionConfig, init: LatentDiffusion) -> None:
+    """Fine-tuning keeps the networks the init's weights were trained for."""
+    for part in ("unet", "vae", "text"):
+        if getattr(config, part) != getattr(init.config, part):
+            raise ConfigError(f"model.{part} differs from model.init's; leave it out to use the init's")
 
 
 def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     run_dir = Path(cfg.run_dir)
     init = load_init(cfg.model["init"]) if "init" in cfg.model else None
-    check_keys(cfg.model, init.config if init is not None else None)
-    vae = (build_vae(cfg.model["vae"]) if "vae" in cfg.model else init.vae).eval().requires_grad_(False)
-    if init is not None and vae.config != init.vae.config:
-        raise ConfigError("model.vae differs from model.init's VAE; leave it out to use the init's")
+    check_keys(cfg.model, init is not None)
+    m = cfg.model if init is None else with_init(cfg.model, init)
+    vae = (build_vae(m["vae"]) if "vae" in m else init.vae).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    text = text_encoder(cfg.model, init).eval().requires_grad_(False)
-    config = model_config(cfg, vae, text.dim, init.config if init is not None else None)
+    # the init's own text encoder: already loaded, and its U-Net was trained on its states
+    text = (init.text_encoder if init is not None else build_text_encoder(dict(m["text"])))
+    text = text.eval().requires_grad_(False)
+    config = model_config(m, cfg.data.size, vae, text.dim)
     model = LatentDiffusion(config, text_encoder=text)
     model.vae.load_state_dict(vae.state_dict())
     if init is not None:
-        start_from(model.unet, init)
+        check_matches_init(config, init)
+        model.unet.load_state_dict(init.unet.state_dict())
         del init
     model.requires_grad_(False)
     model.unet.requires_grad_(True)
