@@ -36,3 +36,34 @@ def test_layout_source_runs_on_the_tiny_model(tiny_loaded):
     assert [r["relation"] for r in relations] == ["above", "below", "to the left of", "to the right of"]
     assert all(0 <= r["first_above_or_left"] <= r["found"] <= r["images"] == len(layout.PAIRS) for r in relations)
     assert "| relation word |" in layout.markdown(leak, relations)
+
+
+def test_role_probe_reads_a_linear_code_and_not_noise():
+    roles = load_script("text_roles")
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (800,), generator=g)
+    code = torch.nn.functional.one_hot(y, 4).float() @ torch.randn(4, 16, generator=g)
+    x = code + 0.1 * torch.randn(800, 16, generator=g)
+    probe = roles.fit_probe(x[:400], y[:400], 4)
+    assert roles.accuracy(probe, x[400:], y[400:]) == 1.0
+    noise = torch.randn(800, 16, generator=g)
+    probe = roles.fit_probe(noise[:400], y[:400], 4)
+    assert roles.accuracy(probe, noise[400:], y[400:]) < 0.35      # chance is 0.25; 400 test labels
+
+
+def test_role_captions_point_at_each_objects_words_and_roles():
+    roles = load_script("text_roles")
+    from marble.data.scene import RELATIONS
+    from marble.models.text import load_minilm
+    tokenizer = load_minilm().tokenizer
+    rows = roles.captions(tokenizer)
+    assert len(rows) == 8 * 7 * 6 * 5 * 4 and len({r["text"] for r in rows}) == len(rows)
+    first = rows[0]
+    ids = tokenizer.encode(first["text"])
+    words = first["text"].split()          # "a C1 S1 left of a C2 S2": one piece per word, after [CLS]
+    a, b = first["objects"]
+    assert [words[a["color"] - 1], words[a["shape"] - 1], words[b["color"] - 1], words[b["shape"] - 1]] == \
+        [words[1], words[2], words[-2], words[-1]]
+    assert ids[a["shape"]] == tokenizer.encode(words[2])[1]
+    assert {(RELATIONS[r["objects"][0]["role"]], RELATIONS[r["objects"][1]["role"]]) for r in rows} == \
+        {("left of", "right of"), ("right of", "left of"), ("above", "below"), ("below", "above")}
