@@ -166,6 +166,7 @@ def test_bench_model_reports_medians_of_what_it_timed(tmp_path):
     assert data["warm_image_median_s"] == sorted(data["warm_image_s"])[1] > 0
     assert data["cold_cli_median_s"] == data["cold_cli_s"][0] > data["warm_image_median_s"]
     assert "| one image, warm (median of 3) |" in r.stdout and "20 steps" in data["settings"]
+    assert data["cpu"] and f"| CPU | {data['cpu']} |" in r.stdout
     again = run("bench", "--model", "tiny-random", "--runs", 1, "--json", out)      # never overwritten
     assert again.exit_code == 2 and "exists" in again.output
     bad = run("bench", "--model", "no-such-model", "--runs", 1)

@@ -5,14 +5,27 @@ Medians of repeated runs, measured side by side in one process (this machine is 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 PROMPT = "two red circles above a blue square"
+
+
+def cpu_name() -> str:
+    """The processor's model name: timings are only comparable on the same one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -21,10 +34,11 @@ class SpeedReport:
     settings: str
     warm_image_s: list[float]
     cold_cli_s: list[float]
+    cpu: str = field(default_factory=cpu_name)
 
     def rows(self) -> list[tuple[str, str]]:
         med = statistics.median
-        out = [("settings", self.settings),
+        out = [("settings", self.settings), ("CPU", self.cpu),
                ("one image, warm (median of %d)" % len(self.warm_image_s), f"{med(self.warm_image_s):.3f} s")]
         if self.cold_cli_s:
             out.append(("`marble generate`, cold, wall (median of %d)" % len(self.cold_cli_s),
@@ -33,7 +47,7 @@ class SpeedReport:
 
     def to_json(self) -> str:
         med = statistics.median
-        return json.dumps({"model": self.model, "settings": self.settings,
+        return json.dumps({"model": self.model, "settings": self.settings, "cpu": self.cpu,
                            "warm_image_s": self.warm_image_s, "warm_image_median_s": med(self.warm_image_s),
                            "cold_cli_s": self.cold_cli_s,
                            "cold_cli_median_s": med(self.cold_cli_s) if self.cold_cli_s else None}, indent=2)
