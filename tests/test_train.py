@@ -202,3 +202,18 @@ def test_fine_tuning_starts_from_the_init_model(tmp_path):
     p = marble("train", "diffusion", cfg)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "differs from model.init" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")),
+                         ids=lambda p: p.name)
+def test_committed_configs_load_and_name_only_known_keys(path):
+    from marble.train.config import load_config
+    from marble.train.diffusion import check_keys
+    from marble.train.vae import vae_config
+    cfg = load_config(path)
+    if cfg.kind == "vae":
+        vae_config(cfg.model)
+    else:
+        check_keys(cfg.model, "init" in cfg.model)
+        if "init" in cfg.model:
+            assert (Path(__file__).resolve().parents[1] / cfg.model["init"]).is_file()   # paths are from the repo root
