@@ -126,11 +126,28 @@ def use_channels_last(model: LatentDiffusion) -> LatentDiffusion:
 
 # --- diffusers on the same tensors ---------------------------------------------------------------
 
+def import_diffusers():
+    """diffusers' classes for the comparison. Importing its SD pipeline makes transformers advise
+    installing torchvision (the pipeline module names CLIP's image processor, which we never build:
+    feature_extractor=None); torchvision fails to import beside this torch and then breaks diffusers,
+    so that one import runs with transformers' warnings off."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    finally:
+        hf_logging.set_verbosity(level)
+    return AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+
 def diffusers_pipeline(model: LatentDiffusion):
     """diffusers' StableDiffusionPipeline whose modules hold marble's tensors (renamed, not copied),
     with Euler on linspace timesteps (marble's "normal" spacing)."""
     import transformers
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel = import_diffusers()
 
     c = model.config
     strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}   # noqa: E731
