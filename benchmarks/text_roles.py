@@ -15,11 +15,10 @@ relations of one pair of objects) go either to the training half or to the test 
 - `embedding`: the input embeddings (word + position), which cannot see the relation word. It is the
   control: the probe must stay at chance there, or it is reading something other than the role.
 
-    python benchmarks/text_roles.py [--text minilm-l6]
+    python benchmarks/text_roles.py
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import numpy as np
@@ -28,26 +27,22 @@ import torch
 from marble.data.captions import canonical_relation, phrase
 from marble.data.scene import INVERSE, RELATIONS
 from marble.data.shapes import COLORS, SHAPES
-from marble.models.text import TEXT_ENCODER_PRESETS, build_text_encoder
-
-
-def single_piece(tokenizer, word: str) -> int | None:
-    ids = tokenizer.encode(word)
-    return ids[1] if len(ids) == 3 else None
+from marble.models.text import load_minilm
 
 
 def captions(tokenizer) -> list[dict]:
     """Every "a C1 S1 REL a C2 S2" with distinct colours and shapes whose words are one word piece
     each, with the token positions of both objects' words and each object's role."""
-    colors = [c for c in COLORS if single_piece(tokenizer, c) is not None]
-    shapes = [s for s in SHAPES if single_piece(tokenizer, s) is not None]
+    pieces = {w: tokenizer.encode(w) for w in (*COLORS, *SHAPES)}
+    piece = {w: ids[1] for w, ids in pieces.items() if len(ids) == 3}     # [CLS] word [SEP]
+    colors, shapes = [c for c in COLORS if c in piece], [s for s in SHAPES if s in piece]
     rows = []
     for scene, ((c1, c2), (s1, s2)) in enumerate(itertools.product(itertools.permutations(colors, 2),
                                                                     itertools.permutations(shapes, 2))):
         for relation in RELATIONS:
             text = f"{phrase(c1, s1)} {canonical_relation(relation)} {phrase(c2, s2)}"
             ids = tokenizer.encode(text)
-            where = {w: ids.index(single_piece(tokenizer, w)) for w in (c1, s1, c2, s2)}
+            where = {w: ids.index(piece[w]) for w in (c1, s1, c2, s2)}
             rows.append({"text": text, "scene": scene,
                          "objects": [{"color": where[c1], "shape": where[s1], "role": RELATIONS.index(relation)},
                                      {"color": where[c2], "shape": where[s2],
@@ -55,9 +50,9 @@ def captions(tokenizer) -> list[dict]:
     return rows
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float = 1e-3) -> torch.nn.Linear:
-    """Multinomial logistic regression on standardised features, full-batch L-BFGS (deterministic)."""
-    torch.manual_seed(0)
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float = 1e-3):
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS from zero weights
+    (deterministic). Returns the classifier: features -> labels."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     probe = torch.nn.Linear(x.shape[1], classes, dtype=torch.float64)
     torch.nn.init.zeros_(probe.weight)
@@ -71,14 +66,15 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: floa
         loss.backward()
         return loss
     opt.step(closure)
-    probe.standardise = (mean, std)
-    return probe
+
+    @torch.no_grad()
+    def classify(features: torch.Tensor) -> torch.Tensor:
+        return probe(((features - mean) / std).double()).argmax(1)
+    return classify
 
 
-def accuracy(probe: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
-    mean, std = probe.standardise
-    with torch.no_grad():
-        return float((probe(((x - mean) / std).double()).argmax(1) == y).double().mean())
+def accuracy(classify, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((classify(x) == y).double().mean())
 
 
 @torch.inference_mode()
@@ -119,12 +115,8 @@ def markdown(table: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", default="minilm-l6", choices=sorted(TEXT_ENCODER_PRESETS))
-    args = ap.parse_args()
     torch.set_num_threads(1)
-    encoder = build_text_encoder(TEXT_ENCODER_PRESETS[args.text]).eval()
-    print(markdown(role_table(encoder)))
+    print(markdown(role_table(load_minilm())))
 
 
 if __name__ == "__main__":
