@@ -10,7 +10,7 @@ from marble.data.captions import NUMBER_WORDS, RELATION_WORDS, SHAPE_SYNONYMS, p
 from marble.data.scene import INVERSE, Obj, Scene, canonical, relations
 from marble.data.shapes import (BACKGROUNDS, COLORS, GAP, GEOMETRY, HELDOUT_PAIRS, HELDOUT_RELATIONS, MARGIN,
                                 SEEN_PAIRS, SEEN_RELATIONS, SHAPES, SIZE_RANGES, ShapesDataset, forbidden_relation,
-                                render_dataset, sample, sample_scene)
+                                KIND_WEIGHTS, KINDS, kind_probabilities, render_dataset, sample, sample_scene)
 
 N_TRAIN = 3000   # samples checked for the held-out guarantee (~1 s)
 
@@ -55,6 +55,24 @@ def test_golden_captions():
         "a green diamond and a green square on a cream background",
         "a red cross placed over a purple square",
     ]
+
+
+def test_a_kind_mix_draws_only_those_kinds_and_the_default_mix_is_the_world():
+    assert kind_probabilities(None) == KIND_WEIGHTS
+    # the world's own weights, named, give the same stream to the bit
+    named = kind_probabilities(dict(zip(KINDS, KIND_WEIGHTS)))
+    assert [sample_scene("train", 0, i, kinds=named)[1] for i in range(50)] == \
+        [sample_scene("train", 0, i)[1] for i in range(50)]
+    only = kind_probabilities({"relation": 3})
+    assert only == (0.0, 0.0, 0.0, 1.0)
+    scenes = [sample_scene("train", 0, i, kinds=only)[0] for i in range(60)]
+    assert {s.kind for s in scenes} == {"relation"}
+    half = kind_probabilities({"single": 1, "relation": 1})
+    kinds = [sample_scene("train", 0, i, kinds=half)[0].kind for i in range(200)]
+    assert set(kinds) == {"single", "relation"} and 70 < kinds.count("relation") < 130
+    for bad in ({"relations": 1}, {"single": -1, "relation": 2}, {"single": 0}):
+        with pytest.raises(ValueError):
+            kind_probabilities(bad)
 
 
 def test_images_are_rgb_anti_aliased_and_drawn_where_the_truth_says(train_scenes):

@@ -217,3 +217,16 @@ def test_committed_configs_load_and_name_only_known_keys(path):
         check_keys(cfg.model, "init" in cfg.model)
         if "init" in cfg.model:
             assert (Path(__file__).resolve().parents[1] / cfg.model["init"]).is_file()   # paths are from the repo root
+
+
+def test_data_kinds_mix_the_shapes_world_and_are_refused_elsewhere(tmp_path):
+    from marble.data.shapes import sample_scene
+    from marble.train.config import ConfigError, DataConfig
+    from marble.train.data import load_captioned
+    data = load_captioned(DataConfig(n=6, size=32, kinds={"relation": 1}))
+    assert data.captions == [sample_scene("train", 0, i, 32, (0, 0, 0, 1))[1] for i in range(6)]
+    assert tuple(data.images.shape) == (6, 3, 32, 32)
+    with pytest.raises(ConfigError, match="data.kinds: unknown scene kinds"):
+        load_captioned(DataConfig(n=2, kinds={"relations": 1}))
+    with pytest.raises(ConfigError, match="image folder has none"):
+        load_captioned(DataConfig(world=None, folder=str(tmp_path), kinds={"relation": 1}))

@@ -266,13 +266,29 @@ def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([int(seed), _SPLIT_CODE[split], int(index)]))
 
 
-def sample_scene(split: str, seed: int, index: int, size: int = 64) -> tuple[Scene, str]:
-    """Sample `index` of `split`: its scene and caption, a pure function of the arguments."""
+def kind_probabilities(weights: dict[str, float] | None) -> tuple[float, ...]:
+    """The scene-kind mix as probabilities in KINDS order: {"relation": 1} draws only relation
+    scenes; None is the world's own mix, KIND_WEIGHTS."""
+    if weights is None:
+        return KIND_WEIGHTS
+    unknown = set(weights) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown scene kinds {', '.join(sorted(unknown))}; expected {', '.join(KINDS)}")
+    w = [float(weights.get(k, 0.0)) for k in KINDS]
+    if min(w) < 0 or sum(w) <= 0:
+        raise ValueError("scene-kind weights must be >= 0 and not all 0")
+    return tuple(x / sum(w) for x in w)
+
+
+def sample_scene(split: str, seed: int, index: int, size: int = 64,
+                 kinds: tuple[float, ...] = KIND_WEIGHTS) -> tuple[Scene, str]:
+    """Sample `index` of `split`: its scene and caption, a pure function of the arguments.
+    `kinds`: the probability of each scene kind, in KINDS order (kind_probabilities)."""
     from marble.data.captions import caption
     rng = split_rng(split, seed, index)
     forbidden = HELDOUT_RELATIONS if split == "train" else frozenset()
     while True:
-        kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
+        kind = KINDS[int(rng.choice(len(KINDS), p=kinds))]
         groups, relation = _content(rng, kind, split)
         background = list(BACKGROUNDS)[int(rng.choice(len(BACKGROUNDS), p=BACKGROUND_WEIGHTS))]
         scene = compose(rng, groups, size, background, relation=relation, forbidden=forbidden, kind=kind)
@@ -280,18 +296,19 @@ def sample_scene(split: str, seed: int, index: int, size: int = 64) -> tuple[Sce
             return scene, caption(scene, rng)
 
 
-def sample(split: str, seed: int, index: int, size: int = 64) -> tuple[Image.Image, str, Scene]:
-    scene, text = sample_scene(split, seed, index, size)
+def sample(split: str, seed: int, index: int, size: int = 64,
+           kinds: tuple[float, ...] = KIND_WEIGHTS) -> tuple[Image.Image, str, Scene]:
+    scene, text = sample_scene(split, seed, index, size, kinds)
     return render(scene), text, scene
 
 
-def render_dataset(n: int, split: str = "train", seed: int = 0, size: int = 64,
-                   start: int = 0) -> tuple[np.ndarray, list[str]]:
+def render_dataset(n: int, split: str = "train", seed: int = 0, size: int = 64, start: int = 0,
+                   kinds: tuple[float, ...] = KIND_WEIGHTS) -> tuple[np.ndarray, list[str]]:
     """Samples start .. start+n-1 of a split: images (n, size, size, 3) uint8 and their captions."""
     images = np.empty((n, size, size, 3), np.uint8)
     captions = []
     for i in range(n):
-        image, text, _ = sample(split, seed, start + i, size)
+        image, text, _ = sample(split, seed, start + i, size, kinds)
         images[i] = np.asarray(image)
         captions.append(text)
     return images, captions

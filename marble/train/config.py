@@ -20,6 +20,7 @@ class DataConfig:
     seed: int = 0
     size: int = 64                    # training resolution, square, pixels
     caption_dropout: float = 0.1      # fraction of captions replaced by "" so CFG has an unconditional model
+    kinds: dict | None = None         # shapes world: scene-kind weights, e.g. {relation = 2, single = 1}; None = its own mix
 
 
 @dataclass

@@ -40,6 +40,8 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 
 def load_captioned(data: DataConfig) -> Captioned:
     if data.folder:
+        if data.kinds is not None:
+            raise ConfigError("data.kinds weighs the shapes world's scene kinds; an image folder has none")
         from marble.data.image_folder import ImageFolder
         try:
             folder = ImageFolder(data.folder)
@@ -55,8 +57,12 @@ def load_captioned(data: DataConfig) -> Captioned:
             captions.append(caption)
         return Captioned(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions)
     if data.world == "shapes":
-        from marble.data.shapes import render_dataset
-        images, captions = render_dataset(n=data.n, split=data.split, seed=data.seed, size=data.size)
+        from marble.data.shapes import kind_probabilities, render_dataset
+        try:
+            kinds = kind_probabilities(data.kinds)
+        except ValueError as e:
+            raise ConfigError(f"data.kinds: {e}") from None
+        images, captions = render_dataset(n=data.n, split=data.split, seed=data.seed, size=data.size, kinds=kinds)
         return Captioned(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions)
     raise ConfigError("data needs `folder = PATH` or `world = \"shapes\"`")
 
