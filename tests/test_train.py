@@ -127,6 +127,25 @@ def test_a_second_run_in_the_same_dir_needs_resume(tmp_path):
     assert p.returncode == 2 and "--resume" in err and "Traceback" not in err
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_config_key_existed(tmp_path):
+    from marble.train.checkpoint import save_checkpoint
+    folder = make_folder(tmp_path / "data")
+    finish(marble("train", "diffusion", write_config(tmp_path, "run", folder, steps=2)))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    old = json.loads(state["config"])
+    del old["data"]["kinds"]                       # written before data.kinds was added
+    save_checkpoint({**state, "config": json.dumps(old)}, ckpt)
+    finish(marble("train", "diffusion", write_config(tmp_path, "run", folder, steps=3), "--resume"))
+    assert load_checkpoint(ckpt)["step"] == 3
+    # a data table that really differs is still refused
+    changed = write_config(tmp_path, "run", folder, steps=4)
+    changed.write_text(changed.read_text().replace("caption_dropout = 0.25", "caption_dropout = 0.5"))
+    p = marble("train", "diffusion", changed, "--resume")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "different 'data'" in err and "Traceback" not in err
+
+
 def test_ddp_with_two_processes_equals_single_process(tmp_path):
     """Same global batch of 4: 2 ranks x 2 vs 1 x 4. Gradients differ only by float summation order
     (the all-reduce averages two half-batch means, ~1e-7 relative). Adam divides by sqrt(v), so a

@@ -277,7 +277,8 @@ def kind_probabilities(weights: dict[str, float] | None) -> tuple[float, ...]:
     w = [float(weights.get(k, 0.0)) for k in KINDS]
     if min(w) < 0 or sum(w) <= 0:
         raise ValueError("scene-kind weights must be >= 0 and not all 0")
-    return tuple(x / sum(w) for x in w)
+    total = sum(w)
+    return tuple(x / total for x in w)
 
 
 def sample_scene(split: str, seed: int, index: int, size: int = 64,

@@ -54,6 +54,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A config from its dict; keys added since it was written take their defaults."""
+        return _build(cls, data, "config")
+
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
@@ -83,7 +88,7 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for key, value in (overrides or {}).items():
         data[key] = value
-    cfg = _build(TrainConfig, data, "config")
+    cfg = TrainConfig.from_dict(data)
     if cfg.kind not in ("diffusion", "vae"):
         raise ConfigError(f"kind must be 'diffusion' or 'vae', not {cfg.kind!r}")
     if cfg.steps < 1 or cfg.batch < 1:

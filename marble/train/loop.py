@@ -75,9 +75,10 @@ class TrainLoop:
         if not self.checkpoint_path.is_file():
             raise ConfigError(f"nothing to resume: no checkpoint at {self.checkpoint_path}")
         state = load_checkpoint(self.checkpoint_path)
-        saved = json.loads(state["config"])
+        # resolved again, so that a checkpoint from before a config key existed compares at its default
+        saved, current = TrainConfig.from_dict(json.loads(state["config"])).to_dict(), self.cfg.to_dict()
         for key in ("kind", "batch", "seed", "model", "data"):
-            if saved.get(key) != self.cfg.to_dict().get(key):
+            if saved[key] != current[key]:
                 raise ConfigError(f"the checkpoint was made with a different '{key}'; resume with the same config")
         self.module.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
