@@ -6,12 +6,23 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.stable_diffusion import SD_SCHEDULE
 from marble.models.unet import UNetConfig
 from marble.models.vae import VAEConfig
+
+def diffusers_oracle():
+    """diffusers, or skip. Its pipelines are imported once through marble's import_diffusers, so the
+    transformers advice to install torchvision (which breaks this torch and diffusers) never shows,
+    not even in a failing test's captured output."""
+    diffusers = pytest.importorskip("diffusers")
+    from marble.eval.sd_bench import import_diffusers
+    import_diffusers()
+    return diffusers
+
 
 # three levels, attention on the first two, two res blocks per level: every index pattern of SD's U-Net
 SD1_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),

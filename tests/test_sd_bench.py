@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from marble.eval.sd_bench import BenchSettings, psnr, run_bench
-from sd_fixtures import tiny_sd
+from sd_fixtures import diffusers_oracle, tiny_sd
 
-pytest.importorskip("diffusers")
+diffusers_oracle()
 
 
 def test_bench_times_marble_and_diffusers_on_the_same_weights():

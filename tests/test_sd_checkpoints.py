@@ -25,7 +25,7 @@ from marble.checkpoints.sd_single_file import (IGNORED_KEYS, SD2_TEXT, convert_s
                                                single_file_state, to_marble_fn, write_single_file)
 from marble.checkpoints.tensor_file import read_header
 from marble.models.stable_diffusion import sd_config
-from sd_fixtures import tiny_sd
+from sd_fixtures import diffusers_oracle, tiny_sd
 
 FORMATS = ["marble", "diffusers", "single-file"]
 
@@ -50,7 +50,7 @@ def assert_same_tensors(a: dict, b: dict):
 def test_single_file_matches_diffusers_from_single_file(family, tmp_path):
     """marble writes an SD single file (SD2: OpenCLIP text layout, fused in_proj); diffusers'
     from_single_file (its own converter) loads the very tensors marble loads, bit for bit."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = diffusers_oracle()
     from marble.checkpoints.diffusers_keys import rename, unet_table, vae_table, vae_to_diffusers_tensor
     model = model_of(family, seed=3)
     path = write_single_file(from_model(model), tmp_path / "model.safetensors")
@@ -94,7 +94,7 @@ def test_round_trips_through_every_layout_are_bit_exact(family, dtype, tmp_path)
 
 def test_a_diffusers_folder_round_trips_through_marble_bit_exactly(tmp_path):
     """A folder diffusers wrote -> marble file -> diffusers folder: every weight file holds the same tensors."""
-    pytest.importorskip("diffusers")
+    diffusers_oracle()
     from test_sd_parity import diffusers_folder
 
     class Factory:
@@ -307,7 +307,7 @@ def test_scheduler_configs_round_trip_through_diffusers(tmp_path, zero_snr):
     # and diffusers reads the exported config into the same noise levels. diffusers works in float32
     # on numbers ≤ 1 (ā, and sqrt(ā) for the rescale), so sqrt(ā) agrees to a few float32 ulps of 1;
     # relative agreement is coarser where it cancels (σ near t = 0, ā near the zero-SNR end)
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = diffusers_oracle()
     theirs = diffusers.EulerDiscreteScheduler.from_config(exported)
     from marble.diffusion.schedule import make_schedule
     ours = make_schedule(**schedule)

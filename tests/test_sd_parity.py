@@ -26,10 +26,10 @@ from marble.diffusion.samplers import sample_ddim
 from marble.diffusion.schedule import spacing
 from marble.pipeline import Pipeline
 from marble.request import GenerationRequest
-from sd_fixtures import (SD1_UNET, SD2_UNET, TINY_VAE, clip_text_kwargs, diffusers_unet_kwargs,
+from sd_fixtures import (SD1_UNET, SD2_UNET, TINY_VAE, clip_text_kwargs, diffusers_oracle, diffusers_unet_kwargs,
                          diffusers_vae_kwargs, oracle_tokenizer_folder, randomize_, tiny_sd)
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = diffusers_oracle()
 transformers = pytest.importorskip("transformers")
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
