@@ -18,7 +18,7 @@ PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made."""
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError
     try:

@@ -62,7 +62,7 @@ def generate(
     Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.png import read_record, save_numbered
     from marble.request import GenerationRequest, RequestError
 

