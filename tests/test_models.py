@@ -96,6 +96,19 @@ def test_marble_file_round_trip_is_bit_exact(tmp_path, tiny_loaded):
     assert load_model(str(path)).hash == file_hash(path)
 
 
+def test_the_shipped_model_loads_exactly_as_the_safetensors_library_reads_it():
+    """marble reads safetensors with its own streaming reader (marble/tensor_file.py); the library
+    is the oracle: every tensor equal, bit for bit, after the same cast."""
+    from safetensors.torch import load_file
+
+    from marble.checkpoints.resolve import builtin_path
+    reference = load_file(str(builtin_path()))
+    for dtype in (torch.float32, torch.float16):
+        state = load_model("builtin", dtype).model.state_dict()
+        assert set(reference) <= set(state)
+        assert all(torch.equal(state[k], v.to(dtype)) for k, v in reference.items())
+
+
 def test_vae_file_round_trip_is_bit_exact_and_checks_its_format(tmp_path, tiny_loaded):
     vae = tiny_loaded.model.vae
     loaded = read_vae(write_vae(vae, tmp_path / "vae.safetensors"))
