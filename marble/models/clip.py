@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.models.tokenizer import CLIPTokenizer, clip_tokenizer, fit
+from marble.models.prompt_encoder import PromptEncoder
+from marble.models.tokenizer import CLIPTokenizer, clip_tokenizer
 
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -157,28 +158,13 @@ class CLIPTextTransformer(nn.Module):
         return self.final_layer_norm(x)
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(PromptEncoder):
     """Prompts -> (B, max_tokens, width) context; the `TextEncoder` of marble.models.text."""
 
     def __init__(self, config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None):
-        super().__init__()
-        self.config = config
-        self.max_tokens = config.max_tokens
-        self.dim = config.width
-        self.tokenizer = tokenizer or clip_tokenizer(config.pad_id)
+        # rows: bos, text tokens, eos, then pad_id
+        super().__init__(config, tokenizer or clip_tokenizer(config.pad_id), config.pad_id)
         self.text_model = CLIPTextTransformer(config)
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt))
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, max_tokens) ids: bos, the first max_tokens-2 text tokens, eos, then pad_id."""
-        return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, self.config.pad_id) for p in prompts],
-                            dtype=torch.long)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_model(tokens, self.config.clip_skip)
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        device = self.text_model.final_layer_norm.weight.device
-        return self(self.tokenize(prompts).to(device)).float()
