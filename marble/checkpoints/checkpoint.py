@@ -17,12 +17,12 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from marble.tensor_file import Header, read_header, read_tensors, safetensors_writer
 from marble.config import config_from_json
 from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.skeleton import skeleton
 from marble.models.text import build_text_encoder, text_encoder_is_pretrained
+from marble.tensor_file import Header, read_header, read_tensors, safetensors_writer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

@@ -16,8 +16,8 @@ from marble.checkpoints.checkpoint import PICKLE_SUFFIXES, Checkpoint, PickleSou
 from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
 from marble.checkpoints.marble_format import FORMAT, read_marble
 from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file
-from marble.tensor_file import read_header
 from marble.errors import ModelLoadError
+from marble.tensor_file import read_header
 
 KINDS = ("marble", "diffusers", "single-file")
 

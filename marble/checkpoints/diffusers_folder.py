@@ -22,7 +22,6 @@ from marble.checkpoints.checkpoint import (Checkpoint, SafetensorsSource, Tensor
                                            expected_state, file_hash, open_source, text_is_external)
 from marble.checkpoints.diffusers_keys import (inverse, rename, unet_table, vae_from_diffusers_tensor,
                                                vae_reverse_table, vae_table, vae_to_diffusers_tensor)
-from marble.tensor_file import read_header, safetensors_writer
 from marble.config import config_to_dict
 from marble.errors import ModelLoadError
 from marble.models.clip import CLIPTextConfig
@@ -31,6 +30,7 @@ from marble.models.text import text_config_from_dict
 from marble.models.tokenizer import CLIP_BOS, CLIP_EOS, bytes_to_unicode, clip_vocab, read_clip_merges
 from marble.models.unet import UNetConfig
 from marble.models.vae import VAEConfig
+from marble.tensor_file import read_header, safetensors_writer
 
 DIFFUSERS_VERSION = "0.30.0"     # written into configs; any diffusers from 0.21 on reads them
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}

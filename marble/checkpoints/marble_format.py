@@ -15,13 +15,13 @@ import torch
 
 from marble.checkpoints.checkpoint import (Checkpoint, SafetensorsSource, config_from_metadata, convert_state,
                                            expected_state, file_hash, refuse_existing)
-from marble.tensor_file import read_header, safetensors_writer
 from marble.config import config_to_json
 from marble.errors import ModelLoadError
 from marble.fileio import write_new
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.skeleton import skeleton
 from marble.models.vae import AutoencoderKL, VAEConfig
+from marble.tensor_file import read_header, safetensors_writer
 
 FORMAT = "marble"
 VAE_FORMAT = "marble-vae"

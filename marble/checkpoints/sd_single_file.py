@@ -24,7 +24,6 @@ import torch
 from marble.checkpoints.checkpoint import (Checkpoint, TensorSource, config_from_metadata, convert_state,
                                            expected_state, file_hash, open_source, refuse_existing,
                                            text_is_external)
-from marble.tensor_file import safetensors_writer
 from marble.config import config_to_json
 from marble.errors import ModelLoadError
 from marble.diffusion.schedule import make_schedule
@@ -33,6 +32,7 @@ from marble.models.clip import CLIPTextConfig
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.stable_diffusion import sd_config
 from marble.models.text import text_config_from_dict
+from marble.tensor_file import safetensors_writer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."

