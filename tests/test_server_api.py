@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from marble.request import GenerationRequest
+from marble.request import GenerationRequest, resolve
 from marble.server import ServerConfig, ServerLimits, create_app
 from server_support import noise_image, png_array, png_b64, png_text, renamed
 
@@ -32,7 +32,7 @@ def client(tiny_pipe, outputs):
 
 
 def direct(pipe, **kw):
-    return pipe.generate(GenerationRequest(**kw))
+    return pipe.generate(resolve(GenerationRequest(**kw), pipe.defaults))
 
 
 def arrays(images):
