@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from marble.request import GenerationRequest, resolve
-from marble.server import ServerConfig, ServerLimits, create_app
+from marble.server.app import create_app
+from marble.server.limits import ServerLimits
+from marble.server.state import ServerConfig
 from marble.server.thread import ServerThread
 from server_support import GatedPipeline, noise_image, png_array
 

@@ -11,7 +11,8 @@ import pytest
 
 from marble.pipeline import pixels_to_pil
 from marble.request import GenerationRequest, resolve
-from marble.server import ServerConfig, create_app
+from marble.server.app import create_app
+from marble.server.state import ServerConfig
 from marble.server.outputs import OutputStore
 from marble.server.thread import ServerThread
 from marble.server.worker import DISCONNECTED, INTERRUPTED, STOPPING, Cancelled, QueueFull, Worker, wait_for
