@@ -7,7 +7,6 @@ unmasked pixels. Guidance is a closure too (marble.diffusion.guidance).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 

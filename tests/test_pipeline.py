@@ -7,7 +7,6 @@ from PIL import Image
 from marble.diffusion.guidance import cfg_denoiser, conditional_denoiser, inpaint_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import SAMPLERS, get_sampler
-from marble.diffusion.schedule import spacing
 from marble.pipeline import pil_to_pixels, pixels_to_pil
 from marble.request import GenerationRequest, RequestError, resolve
 
