@@ -118,7 +118,7 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         fail(str(e))
 
 
-def run(pipe: Pipeline, request: ResolvedRequest, out: Path) -> None:
+def run_and_save(pipe: Pipeline, request: ResolvedRequest, out: Path) -> None:
     """Generate with a progress bar, then save each image and print its path."""
     from tqdm import tqdm
 
@@ -181,7 +181,7 @@ def generate(
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
-    run(pipe, resolved, out)
+    run_and_save(pipe, resolved, out)
 
 
 @app.command()
