@@ -179,7 +179,6 @@ def write_samples(loop: TrainLoop, model: LatentDiffusion, path: Path, ema_loade
     from marble.checkpoints.resolve import LoadedModel
     from marble.fileio import write_replace
     from marble.pipeline import Pipeline
-    from marble.request import GenerationRequest
 
     saved = None
     if not ema_loaded:
@@ -187,7 +186,7 @@ def write_samples(loop: TrainLoop, model: LatentDiffusion, path: Path, ema_loade
         loop.ema.copy_to(model.unet)
     model.eval()
     pipe = Pipeline(LoadedModel(model, model.config.name, "training"))
-    images = [pipe.generate(GenerationRequest(prompt=p, seed=s)).images[0] for s in (0, 1) for p in SAMPLE_PROMPTS]
+    images = [pipe.generate_image(p, seed=s) for s in (0, 1) for p in SAMPLE_PROMPTS]
     if saved is not None:
         model.unet.load_state_dict(saved)
     w, h = images[0].size
