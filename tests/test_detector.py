@@ -121,3 +121,30 @@ def test_array_input_equals_image_input():
     scene = _scene(_obj("purple", "star", 30.0, 30.0, 20.0, "large"))
     image = render(scene)
     assert detect(image) == detect(np.asarray(image))
+
+
+# Digests of the detector's output on base-world renders (clean at 64 and 128 px, and strongly
+# degraded), computed at main before the concept shape was added (commit 6451ce8): the new shape
+# must not change a detection of the base world.
+BASE_DETECTIONS = {
+    ("train", 200, 64, 0, "clean"): "315d4a11dd238aa281acf76e0f51baa4801c2ac88a54c8f34cc6ca30b7d00e30",
+    ("train", 20, 128, 3, "clean"): "8a1190b53869d9cdb4dfb101b1e199731b07dc3c113072332ae64c3473cbb200",
+    ("heldout", 200, 64, 0, "clean"): "d1f26bfd882dbb6fdb586e588e4c3605ab6d0630e4d2b4d0fb0743dc9603fdde",
+    ("heldout", 20, 128, 3, "clean"): "1e5cd959fa16a07f94c8627dcf6566f6bc2b74c0e977647eed99f21fb26aeed9",
+    ("train", 200, 64, 0, STRONG): "6e72d403ce6e023ad6ec8a2b971e896da9faa5d4dc75867a97ad96c0e4a9984d",
+    ("heldout", 200, 64, 0, STRONG): "cbfc651ed691b273ae5e65f405b55eda152934ea15bd29c0710a1701a361fde8",
+}
+
+
+@pytest.mark.parametrize("key", list(BASE_DETECTIONS), ids=lambda k: "-".join(map(str, k[:4])) + "-" + k[4][:6])
+def test_detections_on_the_base_world_are_unchanged(key):
+    import hashlib
+    import json
+    from marble.data.shapes import sample
+    split, n, size, seed, name = key
+    h = hashlib.sha256()
+    for i in range(n):
+        image, _, _ = sample(split, seed, i, size)
+        image = DEGRADATIONS[name](image, np.random.Generator(np.random.PCG64([seed, 99, i])))
+        h.update(json.dumps([d.to_dict() for d in detect(image)]).encode())
+    assert h.hexdigest() == BASE_DETECTIONS[key]

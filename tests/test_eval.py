@@ -239,3 +239,37 @@ def test_eval_json_records_the_settings_it_ran_with(cli_app, tmp_path):
     config = load_model("tiny-random").model.config
     assert (report["sampler"], report["steps"], report["cfg"]) == (config.default_sampler, 2, config.default_cfg)
     assert report["sampler"] is not None and report["cfg"] is not None
+
+
+# Digests of the base splits' prompts and of the groundtruth baseline's verdicts on them, computed
+# at main before the concept splits were added (commit 6451ce8).
+BASE_PROMPTS = {
+    ("seen", None): "04d634c97a081a99eafb6ae1d39e45bbeddca83ca5f34dc83c5e09913fdcfea7",
+    ("seen", 60): "fe2c32167e70bfeccb7f7050fb0238faf31e4a47700f9027384a8c365af4b670",
+    ("heldout", None): "e5425153a5d54b85cbaa4f9261be92c2e93d943159c8dcd9e6ff1f646d5caaf3",
+    ("heldout", 60): "31f8ee608fe261d37d99f96e070de5cfc1a4e35e1a9f444cb3f9f0096781bcfc",
+}
+BASE_VERDICTS = {
+    "seen": "4c1e199a1812f380cb743279fcf45805c0f143e6b8916a0fd0db983bbeef679d",
+    "heldout": "b76bc8594f2dd544c34067dd474e5ca260987e84145b581ff111fc7c3ea13c32",
+}
+
+
+@pytest.mark.parametrize("key", list(BASE_PROMPTS), ids=str)
+def test_base_prompts_are_unchanged(key):
+    import hashlib
+    from marble.eval.prompts import scale_counts
+    split, total = key
+    prompts = build_prompts(split, None if total is None else scale_counts(total))
+    text = json.dumps([[p.text, p.requirement.to_dict()] for p in prompts])
+    assert hashlib.sha256(text.encode()).hexdigest() == BASE_PROMPTS[key]
+
+
+@pytest.mark.parametrize("split", list(BASE_VERDICTS))
+def test_base_verdicts_are_unchanged(split):
+    import hashlib
+    from marble.eval.prompts import scale_counts
+    prompts = build_prompts(split, scale_counts(60))
+    report = run_benchmark(baselines.groundtruth(prompts), prompts, [0, 1]).to_dict()
+    report.pop("seconds")
+    assert hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest() == BASE_VERDICTS[split]

@@ -233,3 +233,26 @@ def test_relations_rule_golden_values():
     # offset (12, 5), dims 20 per axis: revised (12 - 2, max(5 - 2, 0)) / 13 = (0.77, 0.23): left only
     assert relations(box(18, 30), box(30, 35)) == {"left of"}
     assert Obj.from_dict(Obj("red", "circle", "small", (1.0, 2.0), (0.0, 1.0, 2.0, 3.0)).to_dict()).center == (1.0, 2.0)
+
+
+# Digests of the base world computed from the code at main before the concept splits were added
+# (commit 6451ce8): adding a concept must not move a pixel, a caption or a scene of it.
+BASE_WORLD = {
+    ("train", 300, 64, 0): "d2f951bb8fb1f46e7165ef72386e63a9cfba740f5cf691046198b194e9c94d85",
+    ("train", 20, 128, 3): "294ded8bac5bdf9373de30b1d5202bff09a0a415b263412f8dd9cd6733009829",
+    ("heldout", 300, 64, 0): "39744a739c704708ff84d24c57063b8cb5faa7881a4c19e1c6d513ba396bf01f",
+    ("heldout", 20, 128, 3): "02ef6f0c864c2e42356d923d9559f88adb72084bfce1f68a0b4e6f1404ba90dd",
+}
+
+
+@pytest.mark.parametrize("key", list(BASE_WORLD), ids=lambda k: "-".join(map(str, k)))
+def test_base_world_is_bit_identical_to_before_the_concept(key):
+    import hashlib
+    split, n, size, seed = key
+    h = hashlib.sha256()
+    for i in range(n):
+        image, text, scene = sample(split, seed, i, size)
+        h.update(image.tobytes())
+        h.update(text.encode())
+        h.update(scene.to_json().encode())
+    assert h.hexdigest() == BASE_WORLD[key]
