@@ -64,3 +64,15 @@ def concept_content(rng: np.random.Generator, kind: str, split: str) -> tuple[li
     groups = [GroupSpec(_pick(rng, colors), heart, sizes[0], counts[0]),
               GroupSpec(partner[0], partner[1], sizes[1], counts[1])]
     return (groups[::-1] if rng.random() < 0.5 else groups), relation
+
+
+def is_new(objects) -> bool:
+    """Whether a picture of `objects` ((colour, shape) per object; colour may be None) shows a
+    combination the "concept" split holds back: a heart of a new colour, three or more hearts, or
+    a heart with a star or a cross."""
+    objects = list(objects)
+    hearts = [c for c, s in objects if s == CONCEPT_SHAPE]
+    if not hearts:
+        return False
+    return (any(c in CONCEPT_NEW_COLORS for c in hearts) or len(hearts) >= min(CONCEPT_NEW_COUNTS)
+            or any(s in CONCEPT_NEW_PARTNERS for _, s in objects))
