@@ -113,6 +113,8 @@ def fit_shape(alpha: np.ndarray, side: int) -> tuple[str, float, tuple[float, fl
         extent = (mass / area) ** 0.5
         if not MIN_EXTENT * side <= extent <= MAX_EXTENT * side:
             continue
+        if best is not None and best[1] + _margin(shape, best[0]) >= 1.0:
+            continue                          # soft IoU is at most 1: this shape cannot win
         center = (cx - off_x * extent, cy - off_y * extent)
         model = render_alpha(shape, center, extent, alpha.shape)
         for blur in BLURS:
