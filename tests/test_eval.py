@@ -297,7 +297,8 @@ def test_concept_prompts_train_like_and_new_combinations():
     for cat in ("two_objects", "color_attr", "position"):
         assert {o.shape for o in of(new, cat)} == {"heart", *concept.CONCEPT_NEW_PARTNERS}
         assert {o.shape for o in of(train_like, cat)} == {"heart", *concept.CONCEPT_PARTNERS}
-    assert {p.requirement.relation for p in new if p.category == "position"} == {"left of", "right of", "above", "below"}
+    relations = {p.requirement.relation for p in new if p.category == "position"}
+    assert relations == {"left of", "right of", "above", "below"}
 
 
 @pytest.mark.parametrize("split", ["concept", "concept-new"])

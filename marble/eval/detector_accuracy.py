@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="score only the objects of this shape (count: per image)")
     args = parser.parse_args()
     what = f", {args.shape} objects" if args.shape else ""
-    print(f"| renders ({args.n}, {args.size}x{args.size}, {args.split}{what}) | " + " | ".join(ATTRIBUTES) + " | seconds |")
+    print(f"| renders ({args.n}, {args.size}x{args.size}, {args.split}{what}) | "
+          + " | ".join(ATTRIBUTES) + " | seconds |")
     print("|---" * (len(ATTRIBUTES) + 2) + "|")
     for name, degrade in DEGRADATIONS.items():
         t = time.perf_counter()

@@ -140,7 +140,8 @@ def _concept_candidates(category: str, new: bool, rng: np.random.Generator) -> l
     out = []
     if category in ("single_object", "colors"):
         for c, size, template in itertools.product(colors, (None, "small", "large"), TEMPLATES):
-            out.append(Prompt(template.format(phrase(c, heart, 1, size)), Requirement(category, (Need(heart, c, 1, size),))))
+            out.append(Prompt(template.format(phrase(c, heart, 1, size)),
+                              Requirement(category, (Need(heart, c, 1, size),))))
     elif category == "counting":
         counts = concept.CONCEPT_NEW_COUNTS if new else concept.CONCEPT_COUNTS[1:]
         for c, n, digits in itertools.product(concept.CONCEPT_COLORS, counts, (False, True)):
