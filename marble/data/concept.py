@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from marble.data.shapes import SEEN_PAIRS, GroupSpec
+from marble.data.scene import GroupSpec
 
 CONCEPT_SHAPE = "heart"
 CONCEPT_COLORS: tuple[str, ...] = ("red", "pink", "purple", "orange", "blue")
@@ -30,16 +30,18 @@ CONCEPT_PARTNERS: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 CONCEPT_NEW_PARTNERS: tuple[str, ...] = ("star", "cross")
 
 
-def partner_pairs(partners) -> tuple[tuple[str, str], ...]:
-    """The (colour, shape) pairs the heart's partners are drawn in: the base world's seen pairs."""
-    return tuple(p for p in SEEN_PAIRS if p[1] in partners)
+def partner_pairs(partners, seen_pairs) -> tuple[tuple[str, str], ...]:
+    """The (colour, shape) pairs the heart's partners are drawn in: the base world's seen pairs
+    (shapes.SEEN_PAIRS; passed in, as the base world imports this module)."""
+    return tuple(p for p in seen_pairs if p[1] in partners)
 
 
 def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def concept_content(rng: np.random.Generator, kind: str, split: str) -> tuple[list[GroupSpec], str | None]:
+def concept_content(rng: np.random.Generator, kind: str, split: str,
+                    seen_pairs) -> tuple[list[GroupSpec], str | None]:
     """Which groups (and relation) a concept scene of `kind` shows. "concept": a heart in a
     training colour, one or two of them, partners from CONCEPT_PARTNERS. "concept-new": single
     scenes a new colour, count scenes three or four hearts, two-object and relation scenes a
@@ -53,7 +55,7 @@ def concept_content(rng: np.random.Generator, kind: str, split: str) -> tuple[li
         n = _pick(rng, CONCEPT_NEW_COUNTS if new else CONCEPT_COUNTS[1:])
         return [GroupSpec(_pick(rng, CONCEPT_COLORS), heart, size() if n == 2 else "small", n)], None
     colors = CONCEPT_COLORS + CONCEPT_NEW_COLORS if new else CONCEPT_COLORS
-    partner = _pick(rng, partner_pairs(CONCEPT_NEW_PARTNERS if new else CONCEPT_PARTNERS))
+    partner = _pick(rng, partner_pairs(CONCEPT_NEW_PARTNERS if new else CONCEPT_PARTNERS, seen_pairs))
     if kind == "two":
         groups = [GroupSpec(_pick(rng, colors), heart, size()), GroupSpec(*partner, size())]
         return (groups[::-1] if rng.random() < 0.5 else groups), None

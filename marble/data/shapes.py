@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from marble.data.scene import Obj, Relation, Scene, canonical, relations
+from marble.data.concept import concept_content
+from marble.data.scene import GroupSpec, Obj, Relation, Scene, canonical, relations
 
 # Well-separated (nearest pair: orange/yellow, 96 RGB units apart; every colour >= 112 from every
 # background) so that colour is recoverable by nearest palette entry even after a colour shift.
@@ -172,15 +173,6 @@ def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
     return Image.fromarray(np.round(arr).astype(np.uint8))
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    """One noun phrase of a caption: `count` objects of one colour, shape and size."""
-    color: str
-    shape: str
-    size: str = "small"
-    count: int = 1
-
-
 def _box(shape: str, center, extent: float) -> tuple[float, float, float, float]:
     _, (w, h) = GEOMETRY[shape]
     return (center[0] - w * extent / 2, center[1] - h * extent / 2, center[0] + w * extent / 2, center[1] + h * extent / 2)
@@ -310,9 +302,8 @@ def sample_scene(split: str, seed: int, index: int, size: int = 64,
     from marble.data.captions import caption
     rng = split_rng(split, seed, index)
     forbidden = HELDOUT_RELATIONS if split == "train" else frozenset()
-    content = _content
-    if split in CONCEPT_SPLITS:
-        from marble.data.concept import concept_content as content
+    content = _content if split not in CONCEPT_SPLITS else (
+        lambda rng, kind, split: concept_content(rng, kind, split, SEEN_PAIRS))
     while True:
         kind = KINDS[int(rng.choice(len(KINDS), p=kinds))]
         groups, relation = content(rng, kind, split)

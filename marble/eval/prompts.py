@@ -135,7 +135,7 @@ def _concept_candidates(category: str, new: bool, rng: np.random.Generator) -> l
     in those it holds back (new=True), under the six categories' rules."""
     heart = concept.CONCEPT_SHAPE
     colors = concept.CONCEPT_NEW_COLORS if new else concept.CONCEPT_COLORS
-    partners = concept.partner_pairs(concept.CONCEPT_NEW_PARTNERS if new else concept.CONCEPT_PARTNERS)
+    partners = concept.partner_pairs(concept.CONCEPT_NEW_PARTNERS if new else concept.CONCEPT_PARTNERS, SEEN_PAIRS)
     any_color = concept.CONCEPT_COLORS + concept.CONCEPT_NEW_COLORS if new else concept.CONCEPT_COLORS
     out = []
     if category in ("single_object", "colors"):
