@@ -12,6 +12,8 @@ from marble.diffusion.denoiser import (
 )
 from marble.diffusion.schedule import alphas_cumprod_from_betas, betas_linear, make_schedule
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 GMM = standard_mixture()
 SD = make_schedule("scaled_linear")

@@ -17,6 +17,8 @@ from marble.diffusion.schedule import (
     alphas_cumprod_from_betas, betas_linear, make_schedule, spacing, spacing_karras, spacing_leading, timesteps_leading,
 )
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 GMM = standard_mixture()
 SD = make_schedule("scaled_linear")  # Stable Diffusion's trained levels, σ in [0.0292, 14.6146]

@@ -13,6 +13,8 @@ from marble.diffusion.schedule import (
     timesteps_trailing,
 )
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 SD = make_schedule("scaled_linear")
 
