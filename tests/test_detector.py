@@ -53,7 +53,7 @@ def test_clean_renders_2000():
     assert all(acc[a] >= CLEAN_BAR for a in ATTRIBUTES), (acc, bad)
 
 
-@pytest.mark.unit
+# The degraded sweeps (~10 s together) are left out of the unit tier; make test runs them.
 @pytest.mark.parametrize("name", [n for n in DEGRADATIONS if n not in ("clean", STRONG)])
 def test_degraded_renders(name):
     """Noise (std 8), blur (std 0.8 px), a +-20 colour shift and all three at once: measured 1.000
@@ -62,7 +62,6 @@ def test_degraded_renders(name):
     assert all(acc[a] >= CLEAN_BAR for a in ATTRIBUTES), (acc, bad)
 
 
-@pytest.mark.unit
 def test_strongly_degraded_renders():
     """+-30 shift, 1.0 px blur and std-12 noise at once: where the detector starts to err
     (measured ~0.99 per attribute on 2000 renders: small stars and crosses blur into blobs)."""
