@@ -12,8 +12,6 @@ from marble.data.shapes import (BACKGROUNDS, COLORS, GAP, GEOMETRY, HELDOUT_PAIR
                                 SEEN_PAIRS, SEEN_RELATIONS, SHAPES, SIZE_RANGES, ShapesDataset, forbidden_relation,
                                 KIND_WEIGHTS, KINDS, kind_probabilities, render_dataset, sample, sample_scene)
 
-pytestmark = pytest.mark.unit
-
 N_TRAIN = 3000   # samples checked for the held-out guarantee (~1 s)
 
 
