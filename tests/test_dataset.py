@@ -13,6 +13,9 @@ from marble.data.shapes import sample
 runner = CliRunner()
 
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.fixture(scope="module")
 def cli_app():
     from marble.cli.app import app

@@ -14,6 +14,7 @@ CLEAN_BAR = 0.995        # the issue's bar, per attribute
 STRONG = "all three, strong (+-30, 1.0 px, std 12)"
 
 
+@pytest.mark.unit
 def test_components_match_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
@@ -26,6 +27,7 @@ def test_components_match_scipy():
             assert n == k and np.array_equal(ours, ref), (t, connectivity)
 
 
+@pytest.mark.unit
 def test_components_hand_oracle():
     mask = np.array([[1, 0, 0, 1],
                      [0, 1, 0, 1],
@@ -38,6 +40,7 @@ def test_components_hand_oracle():
     assert label(np.zeros((3, 3), bool))[1] == 0
 
 
+@pytest.mark.unit
 def test_clean_renders_fast_suite():
     acc, bad = measure(500)
     assert all(acc[a] >= CLEAN_BAR for a in ATTRIBUTES), (acc, bad)
@@ -50,6 +53,7 @@ def test_clean_renders_2000():
     assert all(acc[a] >= CLEAN_BAR for a in ATTRIBUTES), (acc, bad)
 
 
+# The degraded sweeps (~10 s together) are left out of the unit tier; make test runs them.
 @pytest.mark.parametrize("name", [n for n in DEGRADATIONS if n not in ("clean", STRONG)])
 def test_degraded_renders(name):
     """Noise (std 8), blur (std 0.8 px), a +-20 colour shift and all three at once: measured 1.000
@@ -65,6 +69,7 @@ def test_strongly_degraded_renders():
     assert all(acc[a] >= 0.97 for a in ATTRIBUTES), (acc, bad)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("size", [96, 128, 256])
 def test_other_image_sizes(size):
     acc, bad = measure(40, DEGRADATIONS["all three"], size=size)
@@ -82,6 +87,7 @@ def _obj(color, shape, cx, cy, extent, size="small"):
                                                cx + w * extent / 2, cy + h * extent / 2))
 
 
+@pytest.mark.unit
 def test_every_shape_colour_and_background():
     for i, shape in enumerate(SHAPES):
         for j, color in enumerate(COLORS):
@@ -96,6 +102,7 @@ def test_every_shape_colour_and_background():
                 assert np.allclose(d.center, o.center, atol=0.5) and np.allclose(d.bbox, o.bbox, atol=0.75)
 
 
+@pytest.mark.unit
 def test_touching_objects_of_different_colours_are_split():
     # a red and a blue square sharing an edge: one foreground component, two objects
     scene = _scene(_obj("red", "square", 22.0, 32.0, 16.0), _obj("blue", "square", 38.0, 32.0, 16.0))
@@ -103,6 +110,7 @@ def test_touching_objects_of_different_colours_are_split():
     assert sorted((d.color, d.shape) for d in found) == [("blue", "square"), ("red", "square")]
 
 
+@pytest.mark.unit
 def test_what_is_no_shape_is_rejected():
     rng = np.random.default_rng(0)
     for _ in range(50):   # uniform random pixels: nothing
@@ -117,6 +125,7 @@ def test_what_is_no_shape_is_rejected():
     assert detect(Image.fromarray(arr)) == []
 
 
+@pytest.mark.unit
 def test_array_input_equals_image_input():
     scene = _scene(_obj("purple", "star", 30.0, 30.0, 20.0, "large"))
     image = render(scene)
