@@ -31,6 +31,8 @@ def unet_table(c: UNetConfig) -> dict[str, str]:
     """marble (ldm) module path -> diffusers UNet2DConditionModel module path."""
     t = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
          "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    if c.adm_in_channels:   # SDXL's vector conditioning: ldm's label_emb is diffusers' add_embedding
+        t.update({"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"})
     levels, r = len(c.channel_mult), c.num_res_blocks
     block = 1
     for level in range(levels):

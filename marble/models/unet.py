@@ -29,9 +29,19 @@ class UNetConfig:
     head_dim: int = 0                          # fixed channels per head, overriding num_heads (SD2: 64)
     context_dim: int = 768                     # width of the text context
     transformer_depth: int = 1                 # transformer blocks per spatial transformer
+    level_depths: tuple[int, ...] = ()         # per-level transformer blocks overriding transformer_depth (SDXL base: 0, 2, 10); the middle block takes the last level's
+    adm_in_channels: int = 0                   # width of the extra vector `y` added to the time embedding (ldm's label_emb; SDXL: pooled text + size Fourier features); 0 = none
     linear_projection: bool = False            # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
     groups: int = 32                           # GroupNorm groups
     dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.level_depths and len(self.level_depths) != len(self.channel_mult):
+            raise ValueError(f"level_depths {self.level_depths} needs one depth per level ({len(self.channel_mult)})")
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks in the spatial transformers of `level`; -1 is the middle block."""
+        return self.level_depths[level] if self.level_depths else self.transformer_depth
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:
         if self.head_dim:
@@ -44,6 +54,20 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "sd15-inpaint": UNetConfig(in_channels=9),
     "sd21": UNetConfig(head_dim=64, context_dim=1024, linear_projection=True),
     "sd2-inpaint": UNetConfig(in_channels=9, head_dim=64, context_dim=1024, linear_projection=True),
+    # SDXL (Podell et al. 2023; sgm's configs): no attention at the first level, 64-channel heads,
+    # context = CLIP-L + OpenCLIP bigG penultimate states; y = pooled bigG + 256-wide Fourier features
+    # of (original h, w, crop top, left, target h, w), or for the refiner (..., aesthetic score)
+    "sdxl-base": UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_levels=(1, 2), head_dim=64,
+                            context_dim=2048, level_depths=(0, 2, 10), linear_projection=True,
+                            adm_in_channels=2816),
+    "sdxl-refiner": UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(1, 2), head_dim=64,
+                               context_dim=1280, transformer_depth=4, linear_projection=True,
+                               adm_in_channels=2560),
+    # SDXL's shape at test size, as diffusers' own SDXL tests build it: (DownBlock2D, CrossAttnDownBlock2D),
+    # transformer depths (1, 2), context 32 + 32, y = 32 pooled + 6 × 8 Fourier features
+    "sdxl-tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), head_dim=16,
+                            context_dim=64, level_depths=(1, 2), linear_projection=True, adm_in_channels=80,
+                            groups=8),
     # tiny shapes for tests: two levels, one transformer level, small groups
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        num_heads=2, context_dim=32, groups=8),
@@ -86,10 +110,11 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """network(x, t, context, concat=None) -> prediction; x (B, C, h, w), t (B,) timesteps
+    """network(x, t, context, concat=None, y=None) -> prediction; x (B, C, h, w), t (B,) timesteps
     (fractional allowed), context (B, T, context_dim). `concat` holds extra input channels joined to x
     after the denoiser's input scaling (ldm's c_concat: mask + masked-image latent for 9-channel
-    inpainting U-Nets)."""
+    inpainting U-Nets); `y` (B, adm_in_channels) is ldm's vector conditioning, embedded by
+    `label_emb` and added to the time embedding (SDXL's pooled text and size conditioning)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -98,9 +123,14 @@ class UNet(nn.Module):
         emb_dim = ch * 4
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        def transformer(channels: int) -> SpatialTransformer:
+        if c.adm_in_channels:
+            # ldm's label_emb for adm_in_channels: Sequential(Sequential(Linear, SiLU, Linear))
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
+
+        def transformer(channels: int, level: int) -> SpatialTransformer:
             heads, dim = c.heads_and_dim(channels)
-            return SpatialTransformer(channels, heads, dim, c.context_dim, c.transformer_depth,
+            return SpatialTransformer(channels, heads, dim, c.context_dim, c.depth(level),
                                       c.linear_projection, c.groups, c.dropout)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
@@ -110,7 +140,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * c.model_channels, c.groups, c.dropout)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -118,7 +148,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(ch),
+            ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(ch, -1),
             ResBlock(ch, emb_dim, ch, c.groups, c.dropout)])
 
         self.output_blocks = nn.ModuleList()
@@ -127,7 +157,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels, c.groups, c.dropout)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
@@ -140,12 +170,17 @@ class UNet(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                concat: torch.Tensor | None = None) -> torch.Tensor:
+                concat: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if (y is None) != (not self.config.adm_in_channels):
+            raise ValueError(f"this U-Net takes a vector y of width {self.config.adm_in_channels}"
+                             if y is None else "this U-Net takes no vector conditioning y")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         context = context.to(x.dtype)
         skips = []
         h = x

@@ -1,0 +1,105 @@
+"""SDXL: U-Net, text encoders, conditioning, loading and pipelines against diffusers / transformers
+on identical random weights, offline (tiny configs shaped as diffusers' own SDXL tests build them)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from marble.checkpoints.diffusers_keys import inverse, rename, unet_table
+from marble.models.unet import UNET_PRESETS, UNet
+from sd_fixtures import diffusers_oracle, randomize_
+
+diffusers = diffusers_oracle()
+transformers = pytest.importorskip("transformers")
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+
+
+def diffusers_sdxl_unet_kwargs() -> dict:
+    """diffusers' tests/pipelines/stable_diffusion_xl get_dummy_components U-Net, widened to
+    (32, 64) so GroupNorm can have 8 groups; written independently of marble's preset."""
+    return dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                cross_attention_dim=64, norm_num_groups=8)
+
+
+def unet_from_diffusers(theirs, config) -> UNet:
+    """marble's U-Net holding the very tensors of a diffusers one, renamed by marble's table."""
+    ours = UNet(config)
+    back = inverse(unet_table(config))
+    state = {rename(k, back): v for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(state, strict=True)
+    return ours.eval()
+
+
+# --- the U-Net ------------------------------------------------------------------------------------
+
+def test_sdxl_unets_have_the_released_sizes_and_key_layout():
+    with torch.device("meta"):
+        base, refiner = UNet(UNET_PRESETS["sdxl-base"]), UNet(UNET_PRESETS["sdxl-refiner"])
+    assert sum(p.numel() for p in base.parameters()) == 2_567_463_684
+    keys = base.state_dict().keys()
+    # the original checkpoints' names: label_emb, no transformer at level 0, ten blocks at level 2
+    assert "label_emb.0.0.weight" in keys and base.label_emb[0][0].weight.shape == (1280, 2816)
+    assert not any(k.startswith("input_blocks.1.1.") for k in keys)
+    assert "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight" in keys
+    assert "input_blocks.7.1.transformer_blocks.9.ff.net.2.weight" in keys
+    assert "middle_block.1.transformer_blocks.9.norm3.bias" in keys
+    assert base.input_blocks[7][1].proj_in.weight.shape == (1280, 1280)   # linear projection
+    assert base.input_blocks[7][1].transformer_blocks[0].attn2.to_k.weight.shape == (1280, 2048)
+    assert refiner.label_emb[0][0].weight.shape == (1536, 2560)
+    assert "middle_block.1.transformer_blocks.3.norm1.weight" in refiner.state_dict()
+
+
+@pytest.mark.parametrize("preset, kwargs", [
+    ("sdxl-base", dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                       addition_embed_type="text_time", addition_time_embed_dim=256,
+                       transformer_layers_per_block=(1, 2, 10), projection_class_embeddings_input_dim=2816,
+                       cross_attention_dim=2048)),
+    ("sdxl-refiner", dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          block_out_channels=(384, 768, 1536, 1536), attention_head_dim=(6, 12, 24, 24),
+                          use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                          transformer_layers_per_block=4, projection_class_embeddings_input_dim=2560,
+                          cross_attention_dim=1280)),
+], ids=["base", "refiner"])
+def test_released_sdxl_unets_map_key_for_key_onto_diffusers(preset, kwargs):
+    """The full-size configs (diffusers' unet/config.json of the released base and refiner), on the
+    meta device: every marble key renames to a diffusers key of the same shape, and back."""
+    config = UNET_PRESETS[preset]
+    with torch.device("meta"):
+        ours = UNet(config).state_dict()
+        theirs = diffusers.UNet2DConditionModel(**kwargs).state_dict()
+    table = unet_table(config)
+    renamed = {rename(k, table): v.shape for k, v in ours.items()}
+    assert renamed == {k: v.shape for k, v in theirs.items()}
+
+
+@torch.no_grad()
+def test_tiny_sdxl_unet_matches_diffusers():
+    theirs = randomize_(diffusers.UNet2DConditionModel(**diffusers_sdxl_unet_kwargs()), seed=1)
+    config = UNET_PRESETS["sdxl-tiny"]
+    ours = unet_from_diffusers(theirs, config)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 12, generator=g)
+    t = torch.tensor([999.0, 310.5])
+    context = torch.randn(2, 77, 64, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    time_ids = torch.tensor([[64.0, 48, 0, 0, 64, 48], [1024, 768, 16, 8, 512, 384]])
+    want = theirs(x, t, encoder_hidden_states=context,
+                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    # y as diffusers builds it: pooled text, then each size number's sinusoidal embedding of width 8
+    from marble.models.layers import timestep_embedding
+    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 8).reshape(2, -1)], dim=1)
+    got = ours(x, t, context, y=y)
+    assert want.abs().max() > 0.5
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    with pytest.raises(ValueError, match="vector y"):
+        ours(x, t, context)
