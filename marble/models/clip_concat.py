@@ -1,0 +1,78 @@
+"""Several CLIP text towers read side by side: SDXL's text conditioning (Podell et al. 2023, §2.1).
+
+Each tower tokenizes the prompt itself (its own pad token) and gives its context; the contexts are
+joined along the width (SDXL base: CLIP ViT-L 768 + OpenCLIP ViT-bigG 1280 = 2048; the refiner:
+bigG alone, 1280). The pooled embedding comes from the last tower, the one with a text projection.
+Tower i is `encoders.i`, in the order of the original checkpoints' `conditioner.embedders.i`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from marble.models.clip import CLIP_PRESETS, CLIPTextConfig, CLIPTextEncoder
+
+
+@dataclass(frozen=True)
+class CLIPConcatConfig:
+    encoders: tuple[CLIPTextConfig, ...]   # towers in checkpoint order; the last one pools
+
+    kind = "clip-concat"                   # class attribute (not a field): the tag in config_to_dict
+
+    def __post_init__(self):
+        if not self.encoders:
+            raise ValueError("clip-concat needs at least one text encoder")
+        if len({c.max_tokens for c in self.encoders}) != 1:
+            raise ValueError("the text encoders of clip-concat must read the same number of tokens")
+        if not self.encoders[-1].projection_dim:
+            raise ValueError("the last text encoder of clip-concat must have a text projection (it pools)")
+
+    @property
+    def width(self) -> int:
+        return sum(c.width for c in self.encoders)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.encoders[0].max_tokens
+
+    def replace(self, **changes) -> "CLIPConcatConfig":
+        return replace(self, **changes)
+
+
+_TINY_L = CLIPTextConfig(width=32, layers=5, heads=4, mlp_dim=37, clip_skip=2, final_norm=False)
+CLIP_CONCAT_PRESETS: dict[str, CLIPConcatConfig] = {
+    "sdxl-base-text": CLIPConcatConfig((CLIP_PRESETS["clip-vit-l-14-sdxl"], CLIP_PRESETS["openclip-vit-bigg-14"])),
+    "sdxl-refiner-text": CLIPConcatConfig((CLIP_PRESETS["openclip-vit-bigg-14"],)),
+    # diffusers' own SDXL tests' text towers (5 layers, width 32, projection 32), with CLIP's real
+    # vocabulary and pad tokens (eos for the first, "!" for the second, as SDXL's tokenizers)
+    "sdxl-tiny-text": CLIPConcatConfig((_TINY_L, replace(_TINY_L, activation="gelu", pad_id=0, projection_dim=32))),
+}
+
+
+class CLIPConcatEncoder(nn.Module):
+    """Prompts -> (B, T, sum of widths) context; `encode_pooled` adds the (B, projection) pooled
+    embedding. The `TextEncoder` of marble.models.text."""
+
+    def __init__(self, config: CLIPConcatConfig):
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleList(CLIPTextEncoder(c) for c in config.encoders)
+        self.max_tokens = config.max_tokens
+        self.dim = config.width
+        self.pooled_dim = config.encoders[-1].projection_dim
+
+    def count_tokens(self, prompt: str) -> int:
+        return self.encoders[0].count_tokens(prompt)
+
+    def encode_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (B, T, dim) context and (B, pooled_dim) pooled embedding."""
+        device = next(self.parameters()).device
+        contexts = [encoder(encoder.tokenize(prompts).to(device)) for encoder in self.encoders[:-1]]
+        last = self.encoders[-1]
+        context, pooled = last.context_and_pooled(last.tokenize(prompts).to(device))
+        return torch.cat([*contexts, context], dim=-1).float(), pooled.float()
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_pooled(prompts)[0]
