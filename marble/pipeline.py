@@ -21,6 +21,7 @@ from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
+from marble.models.conditioning import SizeConditioning, condition_pair
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -112,6 +113,16 @@ class Pipeline:
         return self.model.text_encoder.encode(prompts).to(self.model.device, self.model.dtype)
 
     @torch.inference_mode()
+    def conditioning(self, req: ResolvedRequest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(cond, uncond) for the request's prompt and negative prompt, as the model's family wants
+        them (marble.models.conditioning): {"context"}, plus SDXL's vector "y" with diffusers'
+        default size conditioning (original = target = the image size, no crop)."""
+        m = self.model
+        pair = condition_pair(m.text_encoder, m.config.vector, req.prompt, req.negative_prompt,
+                              SizeConditioning.of_image(req.width, req.height))
+        return tuple({k: v.to(m.device, m.dtype) for k, v in c.items()} for c in pair)
+
+    @torch.inference_mode()
     def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
         """Images seed, seed+1, ... one after another. Each is computed exactly as a single run
         with its seed would be: batching images through the network changes the reduction order
@@ -122,7 +133,7 @@ class Pipeline:
         m = self.model
         device, dtype = m.device, m.dtype
         spec = get_sampler(req.sampler)
-        context = self.encode_text([req.prompt, req.negative_prompt])
+        cond, uncond = self.conditioning(req)
 
         init_pixels = known = mask = latent_mask = None
         if req.init_image is not None:
@@ -131,7 +142,6 @@ class Pipeline:
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
-        cond, uncond = {"context": context[:1]}, {"context": context[1:]}
         if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
             cond["concat"] = uncond["concat"] = inpaint_concat(m.vae, init_pixels, mask, req.width, req.height)
         denoiser = guided_denoiser(m.denoiser, cond, uncond, req.cfg)

@@ -104,3 +104,23 @@ def oracle_tokenizer_folder(folder: Path, pad: str = "<|endoftext|>") -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": pad}),
                                                   encoding="utf-8")
     return folder
+
+
+# SDXL at test size: diffusers' own SDXL tests' shapes (marble presets sdxl-tiny, sdxl-tiny-text)
+def tiny_sdxl(refiner: bool = False) -> LatentDiffusionConfig:
+    from dataclasses import replace
+
+    from marble.models.conditioning import VectorConditioning
+    from marble.models.unet import UNET_PRESETS
+    unet = UNET_PRESETS["sdxl-tiny"]
+    vector = VectorConditioning(fourier_dim=8)
+    text = {"preset": "sdxl-tiny-text"}
+    if refiner:   # bigG-shaped tower alone (context 32), y = 32 pooled + 5 × 8
+        unet = replace(unet, context_dim=32, adm_in_channels=72)
+        vector = VectorConditioning(micro="aesthetic", fourier_dim=8, zero_empty_negative=False)
+        text = {"preset": "sdxl-tiny-refiner-text"}
+    return LatentDiffusionConfig(
+        name="tiny-sdxl-refiner" if refiner else "tiny-sdxl", unet=unet,
+        vae=replace(TINY_VAE, scaling_factor=0.13025, decode_fp32=True), text=text, schedule=dict(SD_SCHEDULE),
+        prediction="eps", default_width=64, default_height=64, max_pixels=256 * 256, default_sampler="Euler",
+        vector=vector)

@@ -184,3 +184,120 @@ def test_refiner_text_is_bigg_alone_and_full_size_towers_have_transformers_shape
     with torch.device("meta"):
         bigg = build_text_encoder(base.encoders[1])
     assert sum(p.numel() for p in bigg.parameters()) == 694_659_840   # OpenCLIP bigG text tower + projection
+
+
+# --- conditioning and the pipeline -----------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from marble.checkpoints.checkpoint import from_model  # noqa: E402
+from marble.checkpoints.diffusers_keys import vae_table, vae_to_diffusers_tensor  # noqa: E402
+from marble.checkpoints.resolve import LoadedModel, random_model  # noqa: E402
+from marble.models.conditioning import SizeConditioning, condition_pair  # noqa: E402
+from marble.pipeline import Pipeline  # noqa: E402
+from marble.request import GenerationRequest, resolve  # noqa: E402
+from sd_fixtures import diffusers_vae_kwargs, oracle_tokenizer_folder, tiny_sdxl  # noqa: E402
+
+
+def load_hf(tower, state: dict):
+    """Load marble-named CLIP tensors (text_model.*, text_projection.*) into a transformers model."""
+    names = {}
+    for k in tower.state_dict():
+        if not k.endswith("position_ids"):
+            names[k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k] = k
+    tower.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)
+    assert set(names) == set(state)
+    return tower.eval()
+
+
+def diffusers_pipeline_of(model, tmp_path, refiner: bool = False):
+    """diffusers' StableDiffusionXL(Img2Img)Pipeline holding marble's tensors, renamed in the test."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    state = from_model(model).state
+    kwargs = diffusers_sdxl_unet_kwargs()
+    if refiner:
+        kwargs.update(cross_attention_dim=32, projection_class_embeddings_input_dim=72)
+    unet = UNet2DConditionModel(**kwargs)
+    table = unet_table(model.config.unet)
+    unet.load_state_dict({rename(k[5:], table): v for k, v in state.items() if k.startswith("unet.")})
+    vae = AutoencoderKL(**diffusers_vae_kwargs(), scaling_factor=0.13025, force_upcast=True)
+    table = vae_table(model.config.vae)
+    vae.load_state_dict({rename(k[4:], table): vae_to_diffusers_tensor(k[4:], v)
+                         for k, v in state.items() if k.startswith("vae.")})
+    towers = []
+    for i, c in enumerate(model.config.text and model.text_encoder.config.encoders):
+        cls = transformers.CLIPTextModelWithProjection if c.projection_dim else transformers.CLIPTextModel
+        prefix = f"text_encoder.encoders.{i}."
+        towers.append(load_hf(cls(hf_text_config(c, c.projection_dim)),
+                              {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}))
+    tok_l = transformers.CLIPTokenizer.from_pretrained(oracle_tokenizer_folder(tmp_path / "tok"), local_files_only=True)
+    tok_g = transformers.CLIPTokenizer.from_pretrained(oracle_tokenizer_folder(tmp_path / "tok2", "!"),
+                                                       local_files_only=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace")
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=towers[0], tokenizer=None,
+                                                tokenizer_2=tok_g, unet=unet, scheduler=scheduler,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                                add_watermarker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=towers[0], text_encoder_2=towers[1], tokenizer=tok_l,
+                                         tokenizer_2=tok_g, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_conditioning_matches_diffusers_encode_prompt_and_time_ids(tmp_path):
+    model = random_model(tiny_sdxl, seed=7)
+    pipe = diffusers_pipeline_of(model, tmp_path)
+    size = SizeConditioning(original=(96, 80), crop=(8, 16), target=(64, 48))
+    for negative in ("blurry", ""):
+        cond, uncond = condition_pair(model.text_encoder, model.config.vector, PROMPTS[0], negative, size)
+        c, u, pc, pu = pipe.encode_prompt(PROMPTS[0], do_classifier_free_guidance=True,
+                                          negative_prompt=negative or None)   # None: diffusers' empty negative
+        ids = pipe._get_add_time_ids((96, 80), (8, 16), (64, 48), torch.float32, text_encoder_projection_dim=32)
+        time = pipe.unet.add_time_proj(ids.flatten()).reshape(1, -1)
+        for ours, context, pooled in ((cond, c, pc), (uncond, u, pu)):
+            assert (ours["context"] - context).abs().max() < 1e-5
+            assert (ours["y"] - torch.cat([pooled, time], dim=1)).abs().max() < 1e-5
+        assert (negative == "") == bool((uncond["context"] == 0).all() and (uncond["y"][:, :32] == 0).all())
+
+
+def euler_start(pipe, seed: int, steps: int, shape: tuple) -> torch.Tensor:
+    """marble starts at sqrt(1 + σ_max²)·noise, diffusers' linspace Euler at σ_max·noise: hand it ours."""
+    pipe.scheduler.set_timesteps(steps)
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return noise * ((1 + sigma_max ** 2) ** 0.5 / pipe.scheduler.init_noise_sigma)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_txt2img_matches_stable_diffusion_xl_pipeline(tmp_path, negative):
+    model = random_model(tiny_sdxl, seed=5)
+    pipe = diffusers_pipeline_of(model, tmp_path)
+    seed, steps, width, height = 42, 8, 64, 48
+    request = GenerationRequest(prompt=PROMPTS[0], negative_prompt=negative, seed=seed, steps=steps,
+                                sampler="Euler", cfg=5.0, width=width, height=height)
+    ours = Pipeline(LoadedModel(model, "m", "h"))
+    ours = np.asarray(ours.generate(resolve(request, ours.defaults)).images[0]).astype(int)
+    start = euler_start(pipe, seed, steps, (1, 4, height // 4, width // 4))
+    theirs = pipe(PROMPTS[0], negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=5.0,
+                  height=height, width=width, latents=start).images[0]
+    theirs = np.asarray(theirs).astype(int)
+    assert ours.std() > 20
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_an_fp16_sdxl_model_keeps_its_vae_in_float32():
+    """SDXL's VAE overflows in fp16 (diffusers' force_upcast): loaded at fp16, the U-Net and text
+    encoders are fp16 and the VAE stays float32, decoding an fp16 latent as the fp32 model does."""
+    from marble.checkpoints.checkpoint import to_model
+    model = random_model(tiny_sdxl, seed=5)
+    half = to_model(from_model(model), torch.float16)
+    assert half.dtype == torch.float16 and half.text_encoder.encoders[1].text_projection.weight.dtype == torch.float16
+    assert {p.dtype for p in half.vae.parameters()} == {torch.float32}
+    latent = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0)).half()
+    assert torch.equal(half.vae.decode(latent), model.vae.decode(latent.float()))

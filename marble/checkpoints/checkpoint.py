@@ -224,6 +224,13 @@ def state_hash(model: LatentDiffusion) -> str:
 
 # --- models <-> checkpoints ------------------------------------------------------------------------
 
+def component_dtype(config: LatentDiffusionConfig, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is loaded in: the model's, but a `decode_fp32` VAE stays float32 under fp16."""
+    if key.startswith("vae.") and config.vae.decode_fp32 and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
 def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], source: Path,
                 dtype: torch.dtype = torch.float32) -> LatentDiffusion:
     """Build the networks without allocating weights (meta device), then adopt the loaded tensors:
@@ -234,7 +241,7 @@ def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], s
         model = LatentDiffusion(config, text_encoder=text)
     expected = {k: v for k, v in model.state_dict().items() if not (external and k.startswith("text_encoder."))}
     check_keys(source, expected, state)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    state = {k: (v.to(component_dtype(config, k, dtype)) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=not external, assign=True)
     return model.eval().requires_grad_(False)
 

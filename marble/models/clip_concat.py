@@ -42,12 +42,14 @@ class CLIPConcatConfig:
 
 
 _TINY_L = CLIPTextConfig(width=32, layers=5, heads=4, mlp_dim=37, clip_skip=2, final_norm=False)
+_TINY_G = replace(_TINY_L, activation="gelu", pad_id=0, projection_dim=32)
 CLIP_CONCAT_PRESETS: dict[str, CLIPConcatConfig] = {
     "sdxl-base-text": CLIPConcatConfig((CLIP_PRESETS["clip-vit-l-14-sdxl"], CLIP_PRESETS["openclip-vit-bigg-14"])),
     "sdxl-refiner-text": CLIPConcatConfig((CLIP_PRESETS["openclip-vit-bigg-14"],)),
     # diffusers' own SDXL tests' text towers (5 layers, width 32, projection 32), with CLIP's real
     # vocabulary and pad tokens (eos for the first, "!" for the second, as SDXL's tokenizers)
-    "sdxl-tiny-text": CLIPConcatConfig((_TINY_L, replace(_TINY_L, activation="gelu", pad_id=0, projection_dim=32))),
+    "sdxl-tiny-text": CLIPConcatConfig((_TINY_L, _TINY_G)),
+    "sdxl-tiny-refiner-text": CLIPConcatConfig((_TINY_G,)),
 }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from marble.config import config_from_dict, config_to_dict
 from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.schedule import DiscreteSchedule, make_schedule
+from marble.models.conditioning import VectorConditioning
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNet, UNetConfig
 from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
@@ -35,10 +36,13 @@ class LatentDiffusionConfig:
     default_steps: int = 20
     default_cfg: float = 7.0
     default_sampler: str = "Euler a"
+    vector: VectorConditioning | None = None    # SDXL's vector conditioning y (marble.models.conditioning); None for SD1/SD2
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
+        if (self.vector is None) != (not self.unet.adm_in_channels):
+            raise ValueError("a U-Net with adm_in_channels needs the vector conditioning that fills it, and only it")
 
     @property
     def latent_factor(self) -> int:

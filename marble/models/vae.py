@@ -28,6 +28,7 @@ class VAEConfig:
     mid_attention: bool = True                # single-head attention in the middle block
     scaling_factor: float = 0.18215           # latent = (z - shift) * scale, so the latent has ~unit variance
     shift_factor: float = 0.0
+    decode_fp32: bool = False                 # run in float32 when the model is fp16 (SDXL's VAE overflows in fp16; diffusers' force_upcast)
 
     @property
     def downsampling_factor(self) -> int:
@@ -36,6 +37,8 @@ class VAEConfig:
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     "sd": VAEConfig(),
+    # SDXL's VAE: SD's architecture retrained, latent scale 0.13025
+    "sdxl": VAEConfig(scaling_factor=0.13025, decode_fp32=True),
     "tiny": VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, groups=8),
 }
 
@@ -186,11 +189,11 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.posterior(pixels)
+        mean, _ = self.posterior(pixels.to(self.quant_conv.weight.dtype))   # the VAE may run wider than the model (decode_fp32)
         return (mean - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z = latent / self.config.scaling_factor + self.config.shift_factor
+        z = latent.to(self.post_quant_conv.weight.dtype) / self.config.scaling_factor + self.config.shift_factor
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, pixels: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
