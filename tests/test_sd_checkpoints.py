@@ -161,9 +161,10 @@ def test_released_architectures_are_recognised_and_fully_mapped(preset):
     assert config.unet.in_channels == (9 if "inpaint" in preset else 4)
 
 
-def test_sdxl_and_unknown_files_are_refused_by_name(tmp_path):
+def test_mixed_and_unknown_files_are_refused_by_name(tmp_path):
+    # SDXL files load now (tests/test_sdxl.py); one with SD's and SDXL's text encoders both is refused
     keys = {**full_size_single_file("sd15"), "conditioner.embedders.0.x": torch.empty(1, device="meta")}
-    with pytest.raises(ModelLoadError, match="SDXL"):
+    with pytest.raises(ModelLoadError, match="both cond_stage_model.* and conditioner"):
         detect_preset({k: tuple(v.shape) for k, v in keys.items()}, Path("x"))
     other = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.weight": torch.zeros(2)}, str(other))

@@ -301,3 +301,154 @@ def test_an_fp16_sdxl_model_keeps_its_vae_in_float32():
     assert {p.dtype for p in half.vae.parameters()} == {torch.float32}
     latent = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0)).half()
     assert torch.equal(half.vae.decode(latent), model.vae.decode(latent.float()))
+
+
+# --- loading: diffusers folders and single files ----------------------------------------------------
+
+from marble.checkpoints.checkpoint import to_model  # noqa: E402
+from marble.checkpoints.detect import open_checkpoint  # noqa: E402
+from marble.checkpoints.diffusers_folder import write_diffusers  # noqa: E402
+from marble.checkpoints.sd_single_file import write_single_file  # noqa: E402
+from marble.errors import ModelLoadError  # noqa: E402
+from marble.tensor_file import read_header  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["base", "refiner"])
+def born_in_diffusers(request, tmp_path_factory):
+    """A folder written by diffusers' save_pretrained from its own SDXL pipeline (random weights)."""
+    refiner = request.param
+    root = tmp_path_factory.mktemp("sdxl-refiner" if refiner else "sdxl")
+    model = random_model(lambda: tiny_sdxl(refiner), seed=11)
+    pipe = diffusers_pipeline_of(model, root, refiner)
+    pipe.save_pretrained(root / "pipe")
+    return refiner, root / "pipe", pipe, model
+
+
+@torch.no_grad()
+def test_diffusers_sdxl_folders_load_with_their_configs_and_tensors(born_in_diffusers):
+    refiner, folder, pipe, model = born_in_diffusers
+    ckpt = open_checkpoint(folder)
+    want = tiny_sdxl(refiner)
+    c = ckpt.config
+    assert (c.unet, c.vae, c.vector, c.prediction) == (want.unet, want.vae, want.vector, want.prediction)
+    from marble.models.text import text_config_from_dict
+    assert text_config_from_dict(c.text) == text_config_from_dict(want.text)
+    theirs = from_model(model).state
+    assert ckpt.state.keys() == theirs.keys()
+    assert all(torch.equal(ckpt.state[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdxl_round_trips_through_every_layout_bit_exactly(dtype, tmp_path):
+    """marble -> diffusers folder -> single file -> marble, both SDXL shapes, tensors untouched."""
+    for refiner in (False, True):
+        model = random_model(lambda: tiny_sdxl(refiner), seed=2)
+        ckpt = from_model(model, dtype=dtype)
+        folder = write_diffusers(ckpt, tmp_path / f"d{refiner}")
+        back = open_checkpoint(folder)
+        single = write_single_file(back, tmp_path / f"s{refiner}.safetensors")
+        again = open_checkpoint(single)
+        assert again.config == ckpt.config
+        assert again.state.keys() == ckpt.state.keys()
+        assert all(again.state[k].dtype == dtype and torch.equal(again.state[k], ckpt.state[k]) for k in ckpt.state)
+        keys = read_header(single).entries
+        if refiner:
+            assert "conditioner.embedders.0.model.text_projection" in keys
+            assert not any(k.startswith("conditioner.embedders.1.") for k in keys)
+        else:
+            assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+            assert "conditioner.embedders.1.model.transformer.resblocks.4.attn.in_proj_weight" in keys
+            assert "model.diffusion_model.label_emb.0.0.weight" in keys
+
+
+def test_unsupported_families_are_named(tmp_path):
+    from safetensors.torch import save_file
+    for keys, family in ((["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
+                         (["double_blocks.0.img_attn.qkv.weight"], "Flux")):
+        path = tmp_path / f"{family}.safetensors"
+        save_file({k: torch.zeros(2) for k in keys}, str(path))
+        with pytest.raises(ModelLoadError, match=f"looks like an {family} checkpoint; marble loads SD1.x, SD2.x and SDXL"):
+            open_checkpoint(path)
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelLoadError, match="Flux pipeline"):
+        open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
+def test_single_file_matches_diffusers_from_single_file(refiner, tmp_path):
+    """marble writes an sgm-layout SDXL file (bigG in OpenCLIP's layout: fused in_proj, transposed
+    text_projection); diffusers' from_single_file (its own converter) loads the very tensors marble
+    loads from it, bit for bit."""
+    from dataclasses import replace
+
+    from marble.checkpoints.diffusers_keys import vae_table
+    from marble.checkpoints.resolve import load_model
+    from marble.config import config_to_dict
+
+    def config():
+        """diffusers' converter tells CLIP-L's tower from bigG's by its width (position_embedding),
+        so here the CLIP-L-shaped tower is 40 wide rather than 32 (context 72)."""
+        c = tiny_sdxl(refiner)
+        if refiner:
+            return c
+        text = TEXT_ENCODER_PRESETS["sdxl-tiny-text"]
+        text = text.replace(encoders=(replace(text.encoders[0], width=40), text.encoders[1]))
+        return c.replace(text=config_to_dict(text), unet=replace(c.unet, context_dim=72))
+
+    model = random_model(config, seed=4)
+    path = write_single_file(from_model(model), tmp_path / "model.safetensors")
+    configs = write_diffusers(from_model(random_model(config, seed=9)), tmp_path / "configs")
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if refiner else diffusers.StableDiffusionXLPipeline
+    pipe = cls.from_single_file(str(path), config=str(configs), local_files_only=True)
+    ours = load_model(str(path)).model.state_dict()
+    parts = {"unet": pipe.unet.state_dict(), "vae": pipe.vae.state_dict()}
+    towers = [pipe.text_encoder_2] if refiner else [pipe.text_encoder, pipe.text_encoder_2]
+    ut, vt = unet_table(model.config.unet), vae_table(model.config.vae)
+    n = 0
+    for key, tensor in ours.items():
+        part, inner = key.split(".", 1)
+        if part == "unet":
+            theirs = parts["unet"][rename(inner, ut)]
+        elif part == "vae":
+            theirs, tensor = parts["vae"][rename(inner, vt)], vae_to_diffusers_tensor(inner, tensor)
+        else:
+            _, i, rest = inner.split(".", 2)
+            state = hf_state(towers[int(i)])
+            theirs = state[rest]
+        assert torch.equal(theirs, tensor), key
+        n += 1
+    assert n == len(parts["unet"]) + len(parts["vae"]) + sum(len(hf_state(t)) for t in towers)
+
+
+@pytest.mark.parametrize("preset", ["sdxl-base", "sdxl-refiner"])
+def test_released_sdxl_files_are_recognised_and_fully_mapped(preset):
+    """The key set of a released sgm file (meta tensors, no metadata), with the extras real files
+    carry (position_ids, logit_scale): recognised by its towers and every key mapped."""
+    from pathlib import Path
+
+    from marble.checkpoints.checkpoint import Checkpoint, convert_state, expected_state
+    from marble.checkpoints.sd_single_file import detect_preset, single_file_state, to_marble_fn
+    from marble.models.stable_diffusion import sd_config
+    config = sd_config(preset)
+    keys = single_file_state(Checkpoint(config, expected_state(config), Path("x"), "", "marble"))
+    g = "conditioner.embedders.0.model." if preset == "sdxl-refiner" else "conditioner.embedders.1.model."
+    assert keys[g + "text_projection"].shape == (1280, 1280)
+    assert keys[g + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    keys[g + "logit_scale"] = torch.empty((), device="meta")
+    if preset == "sdxl-base":
+        keys["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.empty(1, 77, device="meta")
+
+    class MetaSource:
+        path = Path("fake.safetensors")
+
+        def shapes(self):
+            return {k: (tuple(v.shape), v.dtype) for k, v in keys.items()}
+
+        def read(self, names, dtype):
+            return ((n, keys[n]) for n in names)
+
+    assert detect_preset({k: tuple(v.shape) for k, v in keys.items()}, Path("x")) == preset
+    state = convert_state(MetaSource(), to_marble_fn(config), expected_state(config), None)
+    assert state.keys() == expected_state(config).keys()

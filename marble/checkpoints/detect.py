@@ -3,8 +3,8 @@
   folder with model_index.json          -> diffusers pipeline folder
   .ckpt / .pt / .pth / .bin             -> pickle: only with allow_pickle, via torch.load(weights_only=True)
   safetensors with marble metadata      -> marble model file
-  safetensors with model.diffusion_model.* keys -> SD single file
-Anything else is refused with one line saying what was found.
+  safetensors with model.diffusion_model.* keys -> SD single file (SD1.x, SD2.x, SDXL)
+Anything else is refused with one line saying what was found; SD3 and Flux files by name.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from marble.checkpoints.checkpoint import PICKLE_SUFFIXES, Checkpoint, PickleSource, pickle_refused
 from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
 from marble.checkpoints.marble_format import FORMAT, read_marble
-from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file
+from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file, refuse_unsupported
 from marble.errors import ModelLoadError
 from marble.tensor_file import read_header
 
@@ -38,6 +38,7 @@ def detect_kind(path: Path, allow_pickle: bool = False) -> str:
     header = read_header(path)
     if header.metadata.get("format") == FORMAT:
         return "marble"
+    refuse_unsupported(header.entries, path)
     if is_sd_single_file(header.entries):
         return "single-file"
     raise ModelLoadError(f"{path} is a safetensors file but neither a marble model nor a Stable Diffusion "
@@ -57,6 +58,7 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, allow
         ckpt = read_marble(path, dtype)
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         source = PickleSource(path)
+        refuse_unsupported(source.tensors, path)
         if not any(k.startswith("model.diffusion_model.") for k in source.tensors):
             raise ModelLoadError(f"{path} holds no Stable Diffusion weights (no model.diffusion_model.* keys)")
         ckpt = read_single_file(path, dtype, allow_pickle=True, prediction=prediction, source=source)

@@ -7,6 +7,12 @@ configs, safetensors weights, CLIP tokenizer files made from marble's shipped BP
 Euler scheduler config. marble's own fields that diffusers has no place for (name, defaults,
 clip skip) ride along in model_index.json under "_marble" (underscore keys are ignored by diffusers).
 Weights are read with safetensors; `.bin` pickles only with allow_pickle (torch.load weights_only).
+
+SDXL folders (StableDiffusionXLPipeline, the refiner's StableDiffusionXLImg2ImgPipeline) add
+text_encoder_2/ + tokenizer_2/ (bigG, CLIPTextModelWithProjection; the refiner has it alone) and the
+U-Net's "text_time" addition embedding; their towers become marble's `text_encoder.encoders.i`,
+and model_index.json's force_zeros_for_empty_prompt / requires_aesthetics_score its vector
+conditioning. SD3, Flux and other pipelines are refused by name.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from marble.checkpoints.diffusers_keys import (inverse, rename, unet_table, vae_
 from marble.config import config_to_dict
 from marble.errors import ModelLoadError
 from marble.models.clip import CLIPTextConfig
+from marble.models.clip_concat import CLIPConcatConfig
+from marble.models.conditioning import VectorConditioning
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.text import text_config_from_dict
 from marble.models.tokenizer import CLIP_BOS, CLIP_EOS, bytes_to_unicode, clip_vocab, read_clip_merges
@@ -35,9 +43,14 @@ from marble.tensor_file import read_header, safetensors_writer
 DIFFUSERS_VERSION = "0.30.0"     # written into configs; any diffusers from 0.21 on reads them
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 PICKLE_FILES = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin",
-                "text_encoder": "pytorch_model.bin"}
+                "text_encoder": "pytorch_model.bin", "text_encoder_2": "pytorch_model.bin"}
+SDXL_TOWERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+# pipelines of families marble does not load: a class-name fragment -> the family's name
+UNSUPPORTED_PIPELINES = (("StableDiffusion3", "SD3"), ("Flux", "Flux"), ("StableCascade", "Stable Cascade"),
+                         ("PixArt", "PixArt"), ("Kandinsky", "Kandinsky"), ("StableDiffusionXLControlNet", "SDXL ControlNet"))
 MARBLE_FIELDS = ("name", "default_width", "default_height", "max_pixels", "default_steps", "default_cfg",
                  "default_sampler")
 
@@ -77,7 +90,7 @@ def unet_config_from_diffusers(cfg: dict, path: Path) -> UNetConfig:
         "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,), "act_fn": ("silu",),
         "mid_block_type": ("UNetMidBlock2DCrossAttn",), "norm_eps": (1e-5,), "downsample_padding": (1,),
         "mid_block_scale_factor": (1, 1.0), "only_cross_attention": (False,), "dual_cross_attention": (False,),
-        "class_embed_type": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
+        "class_embed_type": (None,), "addition_embed_type": (None, "text_time"), "encoder_hid_dim": (None,),
         "time_cond_proj_dim": (None,), "resnet_time_scale_shift": ("default",), "time_embedding_type": ("positional",),
         "conv_in_kernel": (3,), "conv_out_kernel": (3,), "num_class_embeds": (None,), "time_embedding_dim": (None,),
         "resnet_out_scale_factor": (1, 1.0), "attention_type": ("default",)})
@@ -95,10 +108,18 @@ def unet_config_from_diffusers(cfg: dict, path: Path) -> UNetConfig:
         _refuse(path, "block_out_channels", widths, "multiples of the first width")
     attention = tuple(i for i, kind in enumerate(down) if kind.startswith("CrossAttn"))
     depth = cfg.get("transformer_layers_per_block", 1)
+    level_depths: tuple[int, ...] = ()
     if isinstance(depth, (list, tuple)):
-        if len(set(depth)) != 1:
-            _refuse(path, "transformer_layers_per_block", depth, "one depth for every level")
-        depth = depth[0]
+        if len(depth) != len(widths) or any(isinstance(d, (list, tuple)) for d in depth):
+            _refuse(path, "transformer_layers_per_block", depth, "one depth per level")
+        # canonical form: one depth when the transformers all have it, else per level (0 where none)
+        used = {int(depth[i]) for i in (*attention, len(widths) - 1)}
+        if len(used) == 1:
+            depth = used.pop()
+        else:
+            level_depths = tuple(int(d) if i in attention else 0 for i, d in enumerate(depth))
+            level_depths = level_depths[:-1] + (int(depth[-1]),)   # the middle block reads the last level's
+            depth = 1
     # diffusers' `attention_head_dim` is a head *count* for SD (num_attention_heads falls back to it)
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     num_heads, head_dim = 8, 0
@@ -117,15 +138,19 @@ def unet_config_from_diffusers(cfg: dict, path: Path) -> UNetConfig:
     cross = cfg.get("cross_attention_dim", 1280)
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
+    adm = int(cfg.get("projection_class_embeddings_input_dim") or 0) if cfg.get("addition_embed_type") else 0
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=base,
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg.get("layers_per_block", 2),
         attention_levels=attention, num_heads=num_heads, head_dim=head_dim, context_dim=int(cross),
-        transformer_depth=int(depth), linear_projection=bool(cfg.get("use_linear_projection", False)),
+        transformer_depth=int(depth), level_depths=level_depths, adm_in_channels=adm,
+        linear_projection=bool(cfg.get("use_linear_projection", False)),
         groups=cfg.get("norm_num_groups", 32), dropout=float(cfg.get("dropout", 0.0)))
 
 
-def vae_config_from_diffusers(cfg: dict, path: Path) -> VAEConfig:
+def vae_config_from_diffusers(cfg: dict, path: Path, xl: bool = False) -> VAEConfig:
+    """`xl`: an SDXL pipeline, whose VAE runs in float32 under fp16 unless its config says it need
+    not (force_upcast false: the fp16-fix VAE)."""
     _require(path, cfg, {"act_fn": ("silu",), "use_quant_conv": (True,), "use_post_quant_conv": (True,),
                          "latents_mean": (None,), "latents_std": (None,)})
     for kind in cfg.get("down_block_types", ()):
@@ -142,7 +167,8 @@ def vae_config_from_diffusers(cfg: dict, path: Path) -> VAEConfig:
         ch_mult=tuple(w // widths[0] for w in widths), num_res_blocks=cfg.get("layers_per_block", 1),
         z_channels=cfg.get("latent_channels", 4), groups=cfg.get("norm_num_groups", 32),
         mid_attention=bool(cfg.get("mid_block_add_attention", True)),
-        scaling_factor=float(cfg.get("scaling_factor", 0.18215)), shift_factor=float(cfg.get("shift_factor") or 0.0))
+        scaling_factor=float(cfg.get("scaling_factor", 0.18215)), shift_factor=float(cfg.get("shift_factor") or 0.0),
+        decode_fp32=xl and bool(cfg.get("force_upcast", True)))
 
 
 def text_config_from_diffusers(cfg: dict, pad_id: int, path: Path) -> CLIPTextConfig:
@@ -227,26 +253,91 @@ def _text_to_marble(name: str, tensor: torch.Tensor):
     return [("text_encoder." + key, tensor)]
 
 
+def _xl_towers(folder: Path, index: dict) -> list[str]:
+    """The text encoders an SDXL pipeline holds, in checkpoint order (the refiner: text_encoder_2 alone)."""
+    return [c for c, _ in SDXL_TOWERS if isinstance(index.get(c), list) and index[c][0] is not None]
+
+
+def _xl_text_config(folder: Path, towers: list[str]) -> CLIPConcatConfig:
+    configs = []
+    for component, tokenizer in SDXL_TOWERS:
+        if component not in towers:
+            continue
+        path = folder / component / "config.json"
+        cfg = _json(path)
+        pad_id = tokenizer_pad_id(folder / tokenizer) if (folder / tokenizer).is_dir() else 49407
+        # SDXL reads hidden state -2 raw; text_encoder_2 is CLIPTextModelWithProjection and pools
+        c = text_config_from_diffusers(cfg, pad_id, path).replace(
+            clip_skip=2, final_norm=False,
+            projection_dim=int(cfg.get("projection_dim", 512)) if component == "text_encoder_2" else 0)
+        configs.append(c)
+    try:
+        return CLIPConcatConfig(tuple(configs))
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: {e}") from None
+
+
+def _xl_vector(folder: Path, index: dict, unet_cfg: dict, unet: UNetConfig, text: CLIPConcatConfig) -> VectorConditioning:
+    vector = VectorConditioning(micro="aesthetic" if index.get("requires_aesthetics_score") else "size",
+                                fourier_dim=int(unet_cfg.get("addition_time_embed_dim") or 256),
+                                zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
+    want = text.encoders[-1].projection_dim + vector.numbers() * vector.fourier_dim
+    if unet.adm_in_channels != want:
+        raise ModelLoadError(f"{folder}: the U-Net's projection_class_embeddings_input_dim is {unet.adm_in_channels}, "
+                             f"but pooled text + {vector.numbers()} size numbers make {want}")
+    return vector
+
+
+def refuse_unsupported_pipeline(folder: Path, index: dict) -> None:
+    name = str(index.get("_class_name", ""))
+    for fragment, family in UNSUPPORTED_PIPELINES:
+        if fragment in name:
+            raise ModelLoadError(f"{folder}: this looks like an {family} pipeline ({name}); "
+                                 "marble loads SD1.x, SD2.x and SDXL")
+
+
+def _tower_to_marble(i: int):
+    """An SDXL pipeline's text_encoder(_2)/ keys -> marble's text_encoder.encoders.i.*."""
+    def to_marble(name: str, tensor: torch.Tensor):
+        if name.endswith("position_ids"):
+            return []
+        if name.startswith("text_projection."):
+            return [(f"text_encoder.encoders.{i}.{name}", tensor)]
+        key = name if name.startswith("text_model.") else "text_model." + name
+        return [(f"text_encoder.encoders.{i}.{key}", tensor)]
+    return to_marble
+
+
 def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Checkpoint:
     folder = Path(folder)
     index = _json(folder / "model_index.json")
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise ModelLoadError(f"{folder} is an SDXL pipeline; marble reads Stable Diffusion 1.x and 2.x")
-    for component in ("unet", "vae", "text_encoder", "scheduler"):
+    refuse_unsupported_pipeline(folder, index)
+    xl = "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
+    towers = _xl_towers(folder, index) if xl else ["text_encoder"]
+    for component in ("unet", "vae", *towers, "scheduler"):
         if not (folder / component).is_dir():
             raise ModelLoadError(f"{folder} has no {component}/ folder")
-    unet = unet_config_from_diffusers(_json(folder / "unet" / "config.json"), folder / "unet" / "config.json")
-    vae = vae_config_from_diffusers(_json(folder / "vae" / "config.json"), folder / "vae" / "config.json")
-    pad_id = tokenizer_pad_id(folder / "tokenizer") if (folder / "tokenizer").is_dir() else 49407
-    text = text_config_from_diffusers(_json(folder / "text_encoder" / "config.json"), pad_id,
-                                      folder / "text_encoder" / "config.json")
+    unet_cfg = _json(folder / "unet" / "config.json")
+    unet = unet_config_from_diffusers(unet_cfg, folder / "unet" / "config.json")
+    if bool(unet_cfg.get("addition_embed_type")) != xl or bool(unet.adm_in_channels) != xl:   # SDXL pipelines only, and they need it
+        _refuse(folder / "unet" / "config.json", "addition_embed_type =", unet_cfg.get("addition_embed_type"),
+                "'text_time' with projection_class_embeddings_input_dim in SDXL pipelines, None otherwise")
+    vae = vae_config_from_diffusers(_json(folder / "vae" / "config.json"), folder / "vae" / "config.json", xl)
+    if xl:
+        text = _xl_text_config(folder, towers)
+        vector = _xl_vector(folder, index, unet_cfg, unet, text)
+    else:
+        pad_id = tokenizer_pad_id(folder / "tokenizer") if (folder / "tokenizer").is_dir() else 49407
+        text = text_config_from_diffusers(_json(folder / "text_encoder" / "config.json"), pad_id,
+                                          folder / "text_encoder" / "config.json")
+        vector = None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     schedule, prediction = schedule_from_diffusers(_json(scheduler_file), scheduler_file)
     extra = index.get("_marble") if isinstance(index.get("_marble"), dict) else {}
     text_dict = config_to_dict(text)
     try:   # marble's own text settings (clip skip; the preset spelling) when they fit this encoder
         ours = text_config_from_dict(extra["text"])
-        if ours.replace(clip_skip=1) == text:
+        if ours == text or (isinstance(ours, CLIPTextConfig) and ours.replace(clip_skip=1) == text):
             text_dict = extra["text"]
     except (KeyError, TypeError, ValueError, AttributeError):
         pass
@@ -256,7 +347,7 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
               **{k: extra[k] for k in MARBLE_FIELDS if k in extra}}
     try:
         config = LatentDiffusionConfig(unet=unet, vae=vae, text=text_dict, schedule=schedule,
-                                       prediction=prediction, **fields)
+                                       prediction=prediction, vector=vector, **fields)
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{folder}: invalid settings ({e})") from None
 
@@ -273,14 +364,17 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
         key = rename(name, vae_back)
         return None if key is None else [("vae." + key, vae_from_diffusers_tensor(key, t))]
 
+    texts = [(c, _text_to_marble) for c in towers] if not xl else \
+        [(c, _tower_to_marble(i)) for i, c in enumerate(towers)]
     for component, to_marble, forward in (("unet", unet_to_marble, unet_fwd), ("vae", vae_to_marble, vae_fwd),
-                                          ("text_encoder", _text_to_marble, None)):
+                                          *((c, fn, None) for c, fn in texts)):
         source, paths = _component_source(folder, component, allow_pickle)
         files += paths
-        prefix = component + "."
+        prefix = component + "." if not (xl and component.startswith("text_encoder")) else \
+            f"text_encoder.encoders.{towers.index(component)}."
         part = {k: v for k, v in expected.items() if k.startswith(prefix)}
 
-        def describe(key, prefix=prefix, forward=forward):
+        def describe(key, prefix=prefix, forward=forward, component=component):
             inner = key[len(prefix):]
             return f"{component}/{rename(inner, forward) if forward else inner}"
 
@@ -290,7 +384,7 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
 
 # --- configs: marble -> diffusers ------------------------------------------------------------------
 
-def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
+def unet_config_to_diffusers(c: UNetConfig, sample_size: int, vector: VectorConditioning | None = None) -> dict:
     levels = range(len(c.channel_mult))
     widths = [c.model_channels * m for m in c.channel_mult]
     heads = [c.heads_and_dim(w)[0] for w in widths]
@@ -302,13 +396,17 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": widths,
         "layers_per_block": c.num_res_blocks, "cross_attention_dim": c.context_dim,
         "attention_head_dim": heads if c.head_dim else c.num_heads,   # diffusers' name for the head count
-        "transformer_layers_per_block": c.transformer_depth, "use_linear_projection": c.linear_projection,
+        # levels without transformers get 1, as the released SDXL config has it (diffusers ignores them)
+        "transformer_layers_per_block": [d or 1 for d in c.level_depths] if c.level_depths else c.transformer_depth,
+        "use_linear_projection": c.linear_projection,
         "norm_num_groups": c.groups, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
         "center_input_sample": False, "downsample_padding": 1, "dropout": c.dropout, "upcast_attention": False,
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": vector.fourier_dim,
+            "projection_class_embeddings_input_dim": c.adm_in_channels} if vector is not None else {}),
     }
 
 
-def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
+def vae_config_to_diffusers(c: VAEConfig, sample_size: int, xl: bool = False) -> dict:
     n = len(c.ch_mult)
     return {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "sample_size": sample_size,
@@ -316,16 +414,18 @@ def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
         "block_out_channels": [c.ch * m for m in c.ch_mult], "layers_per_block": c.num_res_blocks,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "norm_num_groups": c.groups, "act_fn": "silu", "scaling_factor": c.scaling_factor,
-        "shift_factor": c.shift_factor or None, "mid_block_add_attention": c.mid_attention, "force_upcast": True,
+        "shift_factor": c.shift_factor or None, "mid_block_add_attention": c.mid_attention,
+        "force_upcast": c.decode_fp32 if xl else True,   # read only by SDXL pipelines
     }
 
 
 def text_config_to_diffusers(c: CLIPTextConfig) -> dict:
     return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+        "architectures": ["CLIPTextModelWithProjection" if c.projection_dim else "CLIPTextModel"],
+        "model_type": "clip_text_model", "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_tokens, "hidden_size": c.width, "num_hidden_layers": c.layers,
         "num_attention_heads": c.heads, "intermediate_size": c.mlp_dim, "hidden_act": c.activation,
-        "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.width, "bos_token_id": 49406,
+        "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.projection_dim or c.width, "bos_token_id": 49406,
         "eos_token_id": 49407, "pad_token_id": c.pad_id, "attention_dropout": 0.0, "dropout": 0.0,
         "initializer_factor": 1.0, "initializer_range": 0.02, "torch_dtype": "float32",
     }
@@ -374,11 +474,17 @@ def write_diffusers(ckpt: Checkpoint, folder: Path) -> Path:
     if text_is_external(config):
         raise ValueError("this model's text encoder is not CLIP; it has no diffusers layout")
     text = text_config_from_dict(config.text)
-    if not isinstance(text, CLIPTextConfig):
+    if isinstance(text, CLIPConcatConfig):   # SDXL: the last tower is text_encoder_2 (the refiner has only it)
+        names = SDXL_TOWERS[len(SDXL_TOWERS) - len(text.encoders):]
+        towers = [(c, tok, tower, f"text_encoder.encoders.{i}.") for i, ((c, tok), tower)
+                  in enumerate(zip(names, text.encoders))]
+    elif isinstance(text, CLIPTextConfig):
+        towers = [("text_encoder", "tokenizer", text, "text_encoder.")]
+    else:
         raise ValueError("this model's text encoder is not CLIP; it has no diffusers layout")
     factor = config.latent_factor
     unet_fwd, vae_fwd = unet_table(config.unet), vae_table(config.vae)
-    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, **{c: {} for c, *_ in towers}}
     for key, t in ckpt.state.items():
         component, inner = key.split(".", 1)
         if component == "unet":
@@ -386,21 +492,32 @@ def write_diffusers(ckpt: Checkpoint, folder: Path) -> Path:
         elif component == "vae":
             parts["vae"][rename(inner, vae_fwd)] = vae_to_diffusers_tensor(key[4:], t)
         else:
-            parts["text_encoder"][inner] = t
+            name, prefix = next((c, p) for c, _, _, p in towers if key.startswith(p))
+            parts[name][key[len(prefix):]] = t
     index = {
         "_class_name": "StableDiffusionInpaintPipeline" if config.unet.in_channels == 9 else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False,
         "_marble": {**{k: getattr(config, k) for k in MARBLE_FIELDS}, "text": config.text},
     }
+    if config.vector is not None:
+        refiner = config.vector.micro == "aesthetic"
+        index.update({"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+                      "image_encoder": [None, None], "force_zeros_for_empty_prompt": config.vector.zero_empty_negative,
+                      **{k: [None, None] for pair in SDXL_TOWERS for k in pair}})
+        del index["safety_checker"], index["requires_safety_checker"]
+        if refiner:
+            index["requires_aesthetics_score"] = True
+    for component, tokenizer, tower, _ in towers:
+        index[component] = ["transformers", "CLIPTextModelWithProjection" if tower.projection_dim else "CLIPTextModel"]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
     jsons = {
         "model_index.json": index,
-        "unet/config.json": unet_config_to_diffusers(config.unet, config.default_height // factor),
-        "vae/config.json": vae_config_to_diffusers(config.vae, config.default_height),
-        "text_encoder/config.json": text_config_to_diffusers(text),
+        "unet/config.json": unet_config_to_diffusers(config.unet, config.default_height // factor, config.vector),
+        "vae/config.json": vae_config_to_diffusers(config.vae, config.default_height, config.vector is not None),
+        **{f"{c}/config.json": text_config_to_diffusers(tower) for c, _, tower, _ in towers},
         "scheduler/scheduler_config.json": scheduler_config_to_diffusers(config),
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -409,9 +526,10 @@ def write_diffusers(ckpt: Checkpoint, folder: Path) -> Path:
         for rel, data in jsons.items():
             (tmp / rel).parent.mkdir(exist_ok=True)
             (tmp / rel).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "tokenizer").mkdir()
-        for name, text_data in tokenizer_files(text.pad_id, text.max_tokens).items():
-            (tmp / "tokenizer" / name).write_text(text_data, encoding="utf-8")
+        for _, tokenizer, tower, _ in towers:
+            (tmp / tokenizer).mkdir()
+            for name, text_data in tokenizer_files(tower.pad_id, tower.max_tokens).items():
+                (tmp / tokenizer / name).write_text(text_data, encoding="utf-8")
         for component, tensors in parts.items():
             write = safetensors_writer(tensors, {"format": "pt"})
             with open(tmp / component / f"{WEIGHT_FILES[component]}.safetensors", "wb") as f:

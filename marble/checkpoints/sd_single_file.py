@@ -3,6 +3,10 @@
 Keys: `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.*`
 (text): SD1 stores transformers' CLIPTextModel under `cond_stage_model.transformer.`, SD2 OpenCLIP's
 text tower under `cond_stage_model.model.` (fused q/k/v `in_proj`, `resblocks`, `ln_final`).
+SDXL (sgm) keeps its towers under `conditioner.embedders.i.`: the base CLIP ViT-L as
+`.transformer.` (CLIPTextModel names) and OpenCLIP bigG as `.model.` (all 32 resblocks, and
+`text_projection` stored as x @ P, i.e. transposed against a Linear weight); the refiner bigG
+alone as `conditioner.embedders.0.model.`. Tower i becomes marble's `text_encoder.encoders.i.`.
 marble's U-Net and VAE use the CompVis names, so those are a prefix swap; the OpenCLIP tower is
 renamed to CLIPTextModel names, splitting `in_proj` into q/k/v, and its last resblock (unused by
 SD2's penultimate-layer conditioning), `text_projection` and `logit_scale` are dropped.
@@ -29,6 +33,7 @@ from marble.errors import ModelLoadError
 from marble.diffusion.schedule import make_schedule
 from marble.fileio import write_new
 from marble.models.clip import CLIPTextConfig
+from marble.models.clip_concat import CLIPConcatConfig
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.stable_diffusion import sd_config
 from marble.models.text import text_config_from_dict
@@ -36,6 +41,10 @@ from marble.tensor_file import safetensors_writer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_TEXT = "conditioner.embedders."
+_SDXL_TOWER = re.compile(r"conditioner\.embedders\.(\d+)\.(transformer|model)\.(.+)")
+# key fragments of diffusion models marble does not load, for an error that names the family
+UNSUPPORTED_FAMILIES = (("joint_blocks.", "SD3"), ("double_blocks.", "Flux"), ("single_blocks.", "Flux"))
 # ldm's DDPM buffers and training leftovers: known, not needed (the schedule is checked, not read)
 IGNORED_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -58,12 +67,28 @@ def is_sd_single_file(keys) -> bool:
     return any(k.startswith(UNET) for k in keys)
 
 
+def unsupported_family(keys) -> str | None:
+    """"SD3", "Flux", ... when the keys are those of a family marble does not load."""
+    for fragment, family in UNSUPPORTED_FAMILIES:
+        if any(fragment in k for k in keys):
+            return family
+    return None
+
+
+def refuse_unsupported(keys, path: Path) -> None:
+    family = unsupported_family(keys)
+    if family:
+        raise ModelLoadError(f"{path}: this looks like an {family} checkpoint; marble loads SD1.x, SD2.x and SDXL")
+
+
 # --- recognising the architecture ------------------------------------------------------------------
 
 def detect_preset(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
-    """Which released architecture the keys describe: sd15, sd15-inpaint, sd21-v, sd2-inpaint."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise ModelLoadError(f"{path} is an SDXL checkpoint; marble reads Stable Diffusion 1.x and 2.x")
+    """Which released architecture the keys describe: sd15, sd15-inpaint, sd21-v, sd2-inpaint,
+    sdxl-base, sdxl-refiner."""
+    refuse_unsupported(shapes, path)
+    if any(k.startswith(SDXL_TEXT) for k in shapes):
+        return detect_sdxl(shapes, path)
     sd1 = any(k.startswith(SD1_TEXT) for k in shapes)
     sd2 = any(k.startswith(SD2_TEXT) for k in shapes)
     if sd1 == sd2:
@@ -78,6 +103,24 @@ def detect_preset(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
     if sd1:
         return "sd15-inpaint" if inpaint else "sd15"
     return "sd2-inpaint" if inpaint else "sd21-v"
+
+
+def detect_sdxl(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
+    """SDXL base (CLIP-L + bigG towers) or refiner (bigG alone), by the towers the file holds."""
+    if any(k.startswith("cond_stage_model.") for k in shapes):
+        raise ModelLoadError(f"{path} has text encoders under both cond_stage_model.* and conditioner.*")
+    towers = {(int(m.group(1)), m.group(2)) for m in map(_SDXL_TOWER.fullmatch, shapes) if m}
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise ModelLoadError(f"{path}: an SDXL U-Net with {conv_in[1]} input channels (inpainting?) is not supported; "
+                             "marble loads SDXL base and refiner")
+    if towers == {(0, "transformer"), (1, "model")}:
+        return "sdxl-base"
+    if towers == {(0, "model")}:
+        return "sdxl-refiner"
+    found = ", ".join(f"{SDXL_TEXT}{i}.{kind}" for i, kind in sorted(towers)) or "none"
+    raise ModelLoadError(f"{path}: SDXL text towers {found}; marble reads SDXL base (CLIP-L as embedders.0.transformer, "
+                         "bigG as embedders.1.model) and refiner (bigG as embedders.0.model)")
 
 
 def sidecar_prediction(path: Path) -> str | None:
@@ -109,9 +152,10 @@ def check_schedule(source: TensorSource, config: LatentDiffusionConfig, path: Pa
 
 # --- keys ------------------------------------------------------------------------------------------
 
-def _openclip_to_marble(inner: str, t: torch.Tensor, layers: int):
-    """One OpenCLIP text-tower tensor -> [(marble key, tensor)]; None if unknown."""
-    base = "text_encoder.text_model."
+def _openclip_to_marble(inner: str, t: torch.Tensor, layers: int, tower: str = "text_encoder."):
+    """One OpenCLIP text-tower tensor -> [(marble key, tensor)]; None if unknown. `tower` is the
+    marble module holding the CLIPTextEncoder."""
+    base = tower + "text_model."
     if inner in _OPENCLIP_TOP:
         return [(base + _OPENCLIP_TOP[inner], t)]
     match = _RESBLOCK.fullmatch(inner)
@@ -127,6 +171,22 @@ def _openclip_to_marble(inner: str, t: torch.Tensor, layers: int):
                 for p, part in zip("qkv", t.chunk(3, dim=0))]
     head, _, leaf = rest.rpartition(".")
     return [(f"{layer}{_OPENCLIP_LAYER[head]}.{leaf}", t)] if head in _OPENCLIP_LAYER else None
+
+
+def _sdxl_tower_to_marble(name: str, t: torch.Tensor):
+    """conditioner.embedders.i.{transformer,model}.* -> text_encoder.encoders.i.*; None if unknown."""
+    match = _SDXL_TOWER.fullmatch(name)
+    if not match:
+        return None
+    i, kind, inner = match.groups()
+    tower = f"text_encoder.encoders.{i}."
+    if kind == "transformer":
+        return [(tower + (inner if inner.startswith("text_model.") else "text_model." + inner), t)]
+    if inner in ("logit_scale", "attn_mask"):
+        return []
+    if inner == "text_projection":   # OpenCLIP computes x @ P; a Linear weight is P transposed
+        return [(tower + "text_projection.weight", t.T.contiguous())]
+    return _openclip_to_marble(inner, t, 10**6, tower)
 
 
 def to_marble_fn(config: LatentDiffusionConfig):
@@ -146,34 +206,58 @@ def to_marble_fn(config: LatentDiffusionConfig):
             return [("text_encoder." + (inner if inner.startswith("text_model.") else "text_model." + inner), t)]
         if name.startswith(SD2_TEXT):
             return _openclip_to_marble(name[len(SD2_TEXT):], t, layers)
+        if name.startswith(SDXL_TEXT):
+            return _sdxl_tower_to_marble(name, t)
         return None
 
     return to_marble
 
 
-def openclip_name(inner: str) -> str:
-    """A CLIPTextModel key (under text_model.) -> its OpenCLIP name; q/k/v all map to in_proj."""
+def openclip_name(inner: str, prefix: str = SD2_TEXT) -> str:
+    """A CLIPTextModel key (under text_model.) -> its OpenCLIP name under `prefix`; q/k/v all map
+    to in_proj."""
+    if inner == "text_projection.weight":
+        return prefix + "text_projection"
     inner = inner.removeprefix("text_model.")
     if inner in _CLIP_TO_OPENCLIP_TOP:
-        return SD2_TEXT + _CLIP_TO_OPENCLIP_TOP[inner]
+        return prefix + _CLIP_TO_OPENCLIP_TOP[inner]
     match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", inner)
     if not match:
         raise ValueError(f"no OpenCLIP name for text_model.{inner}")
     i, head, leaf = match.groups()
-    block = f"{SD2_TEXT}transformer.resblocks.{i}."
+    block = f"{prefix}transformer.resblocks.{i}."
     if head in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         return f"{block}attn.in_proj_{leaf}"
     return f"{block}{_CLIP_TO_OPENCLIP_LAYER[head]}.{leaf}"
 
 
-def describe_fn(sd2: bool):
-    """marble key -> the single file's name (for messages)."""
+def _is_openclip(tower: CLIPTextConfig) -> bool:
+    """Towers stored in OpenCLIP's layout: gelu ones (OpenCLIP ViT-H, bigG); quick_gelu is OpenAI's."""
+    return tower.activation == "gelu"
+
+
+def _sdxl_tower_name(inner: str, towers: tuple[CLIPTextConfig, ...]) -> str:
+    """marble `encoders.i.X` -> the sgm file's name; q/k/v all map to in_proj."""
+    _, i, rest = inner.split(".", 2)
+    prefix = f"{SDXL_TEXT}{i}."
+    if _is_openclip(towers[int(i)]):
+        return openclip_name(rest, prefix + "model.")
+    return prefix + "transformer." + rest
+
+
+def describe_fn(sd2: bool, towers: tuple[CLIPTextConfig, ...] = ()):
+    """marble key -> the single file's name (for messages); `towers` for SDXL files."""
     def describe(key: str) -> str:
         component, inner = key.split(".", 1)
         if component == "unet":
             return UNET + inner
         if component == "vae":
             return VAE + inner
+        if towers:
+            try:
+                return _sdxl_tower_name(inner, towers)
+            except (ValueError, KeyError, IndexError):
+                return key
         if not sd2:
             return SD1_TEXT + inner
         try:
@@ -205,7 +289,9 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle:
         config = config.replace(prediction=prediction)
     check_schedule(source, config, path)
     sd2 = any(k.startswith(SD2_TEXT) for k in shapes)
-    state = convert_state(source, to_marble_fn(config), expected_state(config), dtype, describe_fn(sd2))
+    text = text_config_from_dict(config.text)
+    towers = text.encoders if isinstance(text, CLIPConcatConfig) else ()
+    state = convert_state(source, to_marble_fn(config), expected_state(config), dtype, describe_fn(sd2, towers))
     return Checkpoint(config, state, path, file_hash(path), "single-file")
 
 
@@ -218,6 +304,7 @@ def single_file_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         raise ValueError("this model's text encoder is not CLIP; it has no Stable Diffusion layout")
     text = text_config_from_dict(config.text)
     openclip = isinstance(text, CLIPTextConfig) and text.activation == "gelu"
+    towers = text.encoders if isinstance(text, CLIPConcatConfig) else ()
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in ckpt.state.items():
@@ -226,6 +313,13 @@ def single_file_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
             out[UNET + inner] = t
         elif component == "vae":
             out[VAE + inner] = t
+        elif towers and inner.endswith(".text_projection.weight") and _is_openclip(towers[int(inner.split(".")[1])]):
+            out[_sdxl_tower_name(inner, towers)] = t.T.contiguous()   # OpenCLIP stores P for x @ P
+        elif towers and ".self_attn." in inner and inner.split(".self_attn.")[1][0] in "qkv" \
+                and _is_openclip(towers[int(inner.split(".")[1])]):
+            fused.setdefault(_sdxl_tower_name(inner, towers), {})[inner.split(".self_attn.")[1][0]] = t
+        elif towers:
+            out[_sdxl_tower_name(inner, towers)] = t
         elif not openclip:
             out[SD1_TEXT + inner] = t
         elif ".self_attn.q_proj." in inner or ".self_attn.k_proj." in inner or ".self_attn.v_proj." in inner:

@@ -66,7 +66,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     # SDXL's shape at test size, as diffusers' own SDXL tests build it: (DownBlock2D, CrossAttnDownBlock2D),
     # transformer depths (1, 2), context 32 + 32, y = 32 pooled + 6 × 8 Fourier features
     "sdxl-tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), head_dim=16,
-                            context_dim=64, level_depths=(1, 2), linear_projection=True, adm_in_channels=80,
+                            context_dim=64, transformer_depth=2, linear_projection=True, adm_in_channels=80,
                             groups=8),
     # tiny shapes for tests: two levels, one transformer level, small groups
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
