@@ -452,3 +452,46 @@ def test_released_sdxl_files_are_recognised_and_fully_mapped(preset):
     assert detect_preset({k: tuple(v.shape) for k, v in keys.items()}, Path("x")) == preset
     state = convert_state(MetaSource(), to_marble_fn(config), expected_state(config), None)
     assert state.keys() == expected_state(config).keys()
+
+
+# --- images through marble's loader -------------------------------------------------------------------
+
+@pytest.mark.parametrize("born_in_diffusers", [False], indirect=True, ids=["base"])
+def test_txt2img_through_the_loader_matches_diffusers_from_a_folder_and_a_single_file(born_in_diffusers, tmp_path):
+    """The folder diffusers saved, and a single file marble writes from it, both generate through
+    `load_model` the image StableDiffusionXLPipeline makes (within 1/255)."""
+    from marble.checkpoints.resolve import load_model
+    refiner, folder, pipe, _ = born_in_diffusers
+    single = write_single_file(open_checkpoint(folder), tmp_path / "sdxl.safetensors")
+    seed, steps, width, height = 7, 6, 48, 64
+    start = euler_start(pipe, seed, steps, (1, 4, height // 4, width // 4))
+    theirs = np.asarray(pipe(PROMPTS[0], num_inference_steps=steps, guidance_scale=6.0, height=height, width=width,
+                             latents=start).images[0]).astype(int)
+    request = GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps, sampler="Euler", cfg=6.0,
+                                width=width, height=height)
+    for path in (folder, single):
+        ours = Pipeline(load_model(str(path)))
+        image = np.asarray(ours.generate(resolve(request, ours.defaults)).images[0]).astype(int)
+        assert image.std() > 20
+        assert np.abs(image - theirs).max() <= 1, path
+
+
+@pytest.mark.parametrize("born_in_diffusers", [True], indirect=True, ids=["refiner"])
+@torch.no_grad()
+def test_refiner_conditioning_matches_diffusers_img2img_with_aesthetic_scores(born_in_diffusers):
+    """The refiner: bigG alone, y = pooled + (original, crop, aesthetic score 6 / negative 2.5),
+    an empty negative encoded (force_zeros_for_empty_prompt off); loaded from diffusers' folder."""
+    from marble.checkpoints.resolve import load_model
+    refiner, folder, pipe, _ = born_in_diffusers
+    model = load_model(str(folder)).model
+    assert model.config.vector.micro == "aesthetic" and not model.config.vector.zero_empty_negative
+    size = SizeConditioning.of_image(48, 64)
+    cond, uncond = condition_pair(model.text_encoder, model.config.vector, PROMPTS[0], "", size)
+    c, u, pc, pu = pipe.encode_prompt(PROMPTS[0], do_classifier_free_guidance=True, negative_prompt=None)
+    ids, neg_ids = pipe._get_add_time_ids((64, 48), (0, 0), (64, 48), 6.0, 2.5, (64, 48), (0, 0), (64, 48),
+                                          torch.float32, text_encoder_projection_dim=32)
+    for ours, context, pooled, time_ids in ((cond, c, pc, ids), (uncond, u, pu, neg_ids)):
+        time = pipe.unet.add_time_proj(time_ids.flatten()).reshape(1, -1)
+        assert (ours["context"] - context).abs().max() < 1e-5
+        assert (ours["y"] - torch.cat([pooled, time], dim=1)).abs().max() < 1e-5
+    assert uncond["context"].abs().max() > 0    # the empty negative is encoded, not zeroed
