@@ -17,7 +17,9 @@ from PIL import Image
 
 from marble import __version__
 from marble.checkpoints.resolve import LoadedModel, load_model
+from marble.errors import ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
+from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
@@ -82,9 +84,15 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedModel):
+    """`refiner`: a second model that takes over the last (1 − refiner_switch) of the schedule
+    (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
+
+    def __init__(self, loaded: LoadedModel, refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
         self.loaded = loaded
         self.model = loaded.model
+        self.refiner, self.refiner_switch = refiner, refiner_switch
+        if refiner is not None:
+            check_refiner(self.model, refiner.model, refiner_switch)
 
     @property
     def name(self) -> str:
@@ -123,6 +131,18 @@ class Pipeline:
         return tuple({k: v.to(m.device, m.dtype) for k, v in c.items()} for c in pair)
 
     @torch.inference_mode()
+    def hand_off(self, denoiser, req: ResolvedRequest, sigmas: torch.Tensor):
+        """The base's guided denoiser, then the refiner's below the switch σ."""
+        r = self.refiner.model
+        pair = condition_pair(r.text_encoder, r.config.vector, req.prompt, req.negative_prompt,
+                              SizeConditioning.of_image(req.width, req.height))
+        cond, uncond = ({k: v.to(r.device, r.dtype) for k, v in c.items()} for c in pair)
+        refined = guided_denoiser(r.denoiser, cond, uncond, req.cfg)
+        schedule = self.model.schedule
+        sigma = switch_sigma(sigmas, schedule.sigma_to_t, self.refiner_switch, len(schedule.sigmas))
+        return handoff_denoiser(denoiser, refined, sigma)
+
+    @torch.inference_mode()
     def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
         """Images seed, seed+1, ... one after another. Each is computed exactly as a single run
         with its seed would be: batching images through the network changes the reduction order
@@ -150,6 +170,9 @@ class Pipeline:
         if known is not None:
             # strength of the schedule is re-run: keep the last int(steps · strength) steps (as diffusers)
             sigmas = sigmas[req.steps - int(req.steps * req.strength):]
+        if self.refiner is not None:
+            denoiser = self.hand_off(denoiser, req, sigmas)
+        decoder = (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE decodes
         per_image = len(sigmas) - 1
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
 
@@ -168,7 +191,7 @@ class Pipeline:
                 if callback is not None:
                     step_cb = (lambda j, _total, x0, i=i: callback(i * per_image + j, req.n * per_image, x0))
                 x = spec.fn(image_denoiser, x, sigmas, noise=noise, callback=step_cb)
-            images.extend(pixels_to_pil(m.vae.decode(x.to(dtype))))
+            images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]
             mask_l = Image.fromarray((mask[0, 0].float().cpu().numpy() * 255).round().astype(np.uint8))
@@ -190,6 +213,20 @@ class Pipeline:
         return self.generate(request).images[0]
 
 
+def check_refiner(base, refiner, switch: float) -> None:
+    """A refiner continues the base's latent on the base's schedule: same latent space and schedule."""
+    if not 0.0 < switch < 1.0:
+        raise ModelLoadError(f"the refiner switch must be in (0, 1), not {switch}")
+    if (refiner.latent_channels, refiner.latent_factor) != (base.latent_channels, base.latent_factor) \
+            or refiner.config.schedule != base.config.schedule:
+        raise ModelLoadError(f"the refiner {refiner.config.name} does not share the latent space and noise schedule "
+                             f"of {base.config.name}")
+    if refiner.config.unet.in_channels != refiner.latent_channels:
+        raise ModelLoadError("an inpainting U-Net cannot be a refiner")
+
+
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-                  allow_pickle: bool = False) -> Pipeline:
-    return Pipeline(load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle))
+                  allow_pickle: bool = False, refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
+    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
+    second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
+    return Pipeline(base, second, refiner_switch)

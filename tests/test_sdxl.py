@@ -525,3 +525,166 @@ def test_marble_generate_reads_an_sdxl_single_file_and_inpaints_with_it(tmp_path
     keep = mask == 0
     assert np.array_equal(image[keep], np.asarray(init)[keep])
     assert np.abs(image[~keep] - np.asarray(init)[~keep]).mean() > 10
+
+
+# --- full size ---------------------------------------------------------------------------------------
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    import hashlib
+    t = t.detach().contiguous()
+    return t.dtype, tuple(t.shape), hashlib.sha1(t.view(torch.uint8).numpy()).hexdigest()
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_full_size_sdxl_base_single_file_matches_diffusers_from_single_file(tmp_path):
+    """A full-size SDXL base (U-Net, CLIP-L, bigG, VAE) with seeded random fp16 weights, written in
+    the sgm layout without metadata (so marble recognises it from its keys), loads in marble and in
+    diffusers' single-file converters (fed the released configs, written here independently) to the
+    very same tensors. Memory stays under 16 GB: fp16, and marble's model is reduced to tensor
+    fingerprints before diffusers loads one component at a time."""
+    import gc
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from marble.checkpoints.checkpoint import Checkpoint, expected_state
+    from marble.checkpoints.resolve import load_model
+    from marble.checkpoints.sd_single_file import single_file_state
+    from marble.models.stable_diffusion import sd_config
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    config = sd_config("sdxl-base")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, meta in expected_state(config).items():
+        if meta.ndim > 1:
+            t = torch.randn(meta.shape, generator=g) / max(1, meta[0].numel()) ** 0.5
+        else:
+            t = (1.0 if "norm" in key and key.endswith("weight") else 0.0) + 0.1 * torch.randn(meta.shape, generator=g)
+        state[key] = t.half()
+    path = tmp_path / "sd_xl_base_random.safetensors"
+    save_file(single_file_state(Checkpoint(config, state, path, "", "marble")), str(path))
+    del state
+    gc.collect()
+
+    loaded = load_model(str(path), torch.float16)
+    assert loaded.model.config.unet == config.unet and loaded.model.config.vector == config.vector
+    ours = {k: _fingerprint(v) for k, v in loaded.model.state_dict().items()}
+    assert {p.dtype for p in loaded.model.vae.parameters()} == {torch.float32}   # decode_fp32
+    del loaded
+    gc.collect()
+
+    folder = tmp_path / "configs"
+    unet_config = dict(_class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4,
+                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                       block_out_channels=[320, 640, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20],
+                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                       transformer_layers_per_block=[1, 2, 10], projection_class_embeddings_input_dim=2816,
+                       cross_attention_dim=2048, norm_num_groups=32)
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config))
+    transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                hidden_act="quick_gelu", projection_dim=768).save_pretrained(folder / "text_encoder")
+    transformers.CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                hidden_act="gelu", projection_dim=1280, pad_token_id=0).save_pretrained(
+        folder / "text_encoder_2")
+
+    def part(prefixes):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+
+    seen = set()
+    unet = diffusers.UNet2DConditionModel.from_single_file(part("model.diffusion_model."), config=str(folder),
+                                                           subfolder="unet", torch_dtype=torch.float16,
+                                                           local_files_only=True)
+    theirs = unet.state_dict()
+    for key, inner in ((k, k[5:]) for k in ours if k.startswith("unet.")):
+        assert _fingerprint(theirs[rename(inner, unet_table(config.unet))]) == ours[key], key
+        seen.add(key)
+    assert len(theirs) == len([k for k in ours if k.startswith("unet.")])
+    del unet, theirs
+    gc.collect()
+
+    for i, (cls, sub) in enumerate(((transformers.CLIPTextModel, "text_encoder"),
+                                    (transformers.CLIPTextModelWithProjection, "text_encoder_2"))):
+        tower = create_diffusers_clip_model_from_ldm(cls, part("conditioner."), subfolder=sub, config=str(folder),
+                                                     torch_dtype=torch.float16, local_files_only=True)
+        theirs = hf_state(tower)
+        prefix = f"text_encoder.encoders.{i}."
+        mine = [k for k in ours if k.startswith(prefix)]
+        assert len(theirs) == len(mine)
+        for key in mine:
+            assert _fingerprint(theirs[key[len(prefix):]]) == ours[key], key
+            seen.add(key)
+        del tower, theirs
+        gc.collect()
+    assert seen == {k for k in ours if not k.startswith("vae.")}
+
+
+# --- base → refiner -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps, switch", [(8, 0.8), (7, 0.5)])
+def test_base_to_refiner_hand_off_matches_diffusers_denoising_end_and_start(tmp_path, steps, switch):
+    """marble's Pipeline with a refiner against diffusers' documented ensemble: the base pipeline
+    with denoising_end, its latents into the refiner's img2img pipeline with denoising_start; the
+    refiner's VAE decodes. Within 1/255."""
+    from marble.diffusion.handoff import switch_sigma
+    base, refiner = random_model(tiny_sdxl, seed=5), random_model(lambda: tiny_sdxl(True), seed=6)
+    base_pipe = diffusers_pipeline_of(base, tmp_path / "b")
+    refiner_pipe = diffusers_pipeline_of(refiner, tmp_path / "r", refiner=True)
+    seed, width, height = 42, 48, 64
+    start = euler_start(base_pipe, seed, steps, (1, 4, height // 4, width // 4))
+    latents = base_pipe(PROMPTS[0], num_inference_steps=steps, guidance_scale=5.0, height=height, width=width,
+                        latents=start, denoising_end=switch, output_type="latent").images
+    theirs = refiner_pipe(PROMPTS[0], image=latents, num_inference_steps=steps, denoising_start=switch,
+                          guidance_scale=5.0).images[0]
+    theirs = np.asarray(theirs).astype(int)
+    ours = Pipeline(LoadedModel(base, "base", "h"), LoadedModel(refiner, "refiner", "h2"), refiner_switch=switch)
+    request = GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps, sampler="Euler", cfg=5.0,
+                                width=width, height=height)
+    image = np.asarray(ours.generate(resolve(request, ours.defaults)).images[0]).astype(int)
+    alone = np.asarray(Pipeline(LoadedModel(base, "base", "h")).generate(resolve(request, ours.defaults)).images[0])
+    assert image.std() > 20 and np.abs(image - alone.astype(int)).max() > 10   # the refiner did change the image
+    assert np.abs(image - theirs).max() <= 1
+    # the split: diffusers' base ran the steps with t >= round(1000·(1 − switch))
+    from marble.diffusion.schedule import spacing
+    sigmas = spacing("normal", base.schedule, steps)
+    sigma = switch_sigma(sigmas, base.schedule.sigma_to_t, switch)
+    base_pipe.scheduler.set_timesteps(steps)
+    assert int((sigmas[:-1] > sigma).sum()) == int((base_pipe.scheduler.timesteps >= round(1000 * (1 - switch))).sum())
+
+
+def test_a_refiner_must_share_the_base_schedule_and_switch_inside_it():
+    from marble.pipeline import check_refiner
+    base = random_model(tiny_sdxl, seed=5)
+    with pytest.raises(ModelLoadError, match="refiner switch must be in"):
+        check_refiner(base, random_model(lambda: tiny_sdxl(True), seed=6), 1.0)
+    schedule = {"name": "scaled_linear", "n": 1000, "beta_start": 0.00085, "beta_end": 0.02}
+    other = random_model(lambda: tiny_sdxl(True).replace(schedule=schedule), seed=6)
+    with pytest.raises(ModelLoadError, match="does not share the latent space and noise schedule"):
+        check_refiner(base, other, 0.8)
+
+
+def test_marble_generate_with_a_refiner_gives_the_librarys_image_and_refuses_a_bad_switch(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from marble.cli import app
+    from marble.pipeline import load_pipeline
+    base = write_single_file(from_model(random_model(tiny_sdxl, seed=3)), tmp_path / "base.safetensors")
+    refiner = write_single_file(from_model(random_model(lambda: tiny_sdxl(True), seed=4)), tmp_path / "ref.safetensors")
+    args = ["generate", "a red cat", "--model", str(base), "--refiner", str(refiner), "--seed", "5", "--steps", "5",
+            "--sampler", "Euler", "--size", "32x32"]
+    result = CliRunner().invoke(app, [*args, "--refiner-switch", "0.6", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    pipe = load_pipeline(str(base), refiner=str(refiner), refiner_switch=0.6)
+    request = GenerationRequest(prompt="a red cat", seed=5, steps=5, sampler="Euler", width=32, height=32)
+    want = pipe.generate(resolve(request, pipe.defaults)).images[0]
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(want))
+    result = CliRunner().invoke(app, [*args, "--refiner-switch", "1.5", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "refiner switch must be in (0, 1)" in result.output
+    assert not (tmp_path / "bad").exists()

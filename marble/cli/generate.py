@@ -104,7 +104,8 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
-                  allow_pickle: bool) -> tuple[Pipeline, ResolvedRequest]:
+                  allow_pickle: bool, refiner: str | None = None,
+                  refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model and resolve the request against it: every error before any work."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
@@ -112,7 +113,8 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     if prediction not in (None, "eps", "v", "x0"):
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
-        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle)
+        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, refiner=refiner,
+                             refiner_switch=refiner_switch)
         return pipe, resolve(request, pipe.defaults)
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
@@ -159,6 +161,8 @@ def generate(
     from_png: Optional[Path] = typer.Option(None, "--from", help="Regenerate from a marble PNG's record; other flags override its values."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="Override what the model predicts: eps | v | x0 (e.g. v for SD 2.x-768 files without a config)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.pt models (tensors only, torch.load weights_only=True)."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
+    refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -176,7 +180,7 @@ def generate(
             fail(str(e))
         flags = merge_record(flags, record)
     request = read_request(flags, n)
-    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle)
+    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, refiner, refiner_switch)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if resolved.prompt == "":
