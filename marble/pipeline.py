@@ -203,6 +203,9 @@ class Pipeline:
             model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             marble_version=__version__)
+        if self.refiner is not None:
+            base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
+                           refiner_switch=self.refiner_switch)
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
         return GenerationResult(images, records, req, self.prompt_warnings(req))
 

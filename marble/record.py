@@ -30,6 +30,9 @@ class GenerationRecord:
     init_image_sha256: str | None = None
     mask: str | None = None
     mask_sha256: str | None = None
+    refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
+    refiner_hash: str | None = None
+    refiner_switch: float | None = None   # fraction of the schedule the base ran
     marble_version: str = ""
     record_version: int = RECORD_VERSION
 
@@ -43,6 +46,9 @@ class GenerationRecord:
                  ("Model hash", self.model_hash), ("Model", self.model_name)]
         if self.strength is not None:
             pairs.append(("Denoising strength", _num(self.strength)))
+        if self.refiner is not None:   # A1111's names for its refiner
+            pairs += [("Refiner", f"{self.refiner} [{self.refiner_hash}]"),
+                      ("Refiner switch at", _num(self.refiner_switch))]
         pairs.append(("Version", f"marble {self.marble_version}".strip()))
         lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
         return "\n".join(lines)

@@ -685,6 +685,12 @@ def test_marble_generate_with_a_refiner_gives_the_librarys_image_and_refuses_a_b
     want = pipe.generate(resolve(request, pipe.defaults)).images[0]
     (png,) = (tmp_path / "out").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(want))
+    from marble.png import read_record, read_text_chunks
+    record = read_record(png)
+    assert (record.refiner, record.refiner_switch) == ("ref", 0.6) and record.model_name == "base"
+    import hashlib
+    assert record.refiner_hash == hashlib.sha256(refiner.read_bytes()).hexdigest()[:10]
+    assert f"Refiner: ref [{record.refiner_hash}], Refiner switch at: 0.6" in read_text_chunks(png)["parameters"]
     result = CliRunner().invoke(app, [*args, "--refiner-switch", "1.5", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "refiner switch must be in (0, 1)" in result.output
     assert not (tmp_path / "bad").exists()
