@@ -694,3 +694,16 @@ def test_marble_generate_with_a_refiner_gives_the_librarys_image_and_refuses_a_b
     result = CliRunner().invoke(app, [*args, "--refiner-switch", "1.5", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "refiner switch must be in (0, 1)" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@torch.no_grad()
+def test_sdxl_text_takes_token_rows_like_the_single_tower_encoders():
+    """encoder(rows) from the first tower's rows gives encode()'s context: each tower re-pads the rows
+    with its own pad token (CLIP-L: end token, bigG: "!"), as windowed prompts need."""
+    config = TEXT_ENCODER_PRESETS["sdxl-tiny-text"]
+    ours = concat_from_hf(hf_towers(config), config)
+    rows = ours.tokenize(PROMPTS)
+    assert torch.equal(ours(rows), ours.encode(PROMPTS))
+    assert torch.equal(ours._repad(rows, 0), ours.encoders[1].tokenize(PROMPTS))
+    ids = ours.text_ids(PROMPTS[0])
+    assert ours.chunk_row(ids) == rows[0].tolist() and ours.comma_id == ours.text_ids(",")[0]

@@ -68,6 +68,37 @@ class CLIPConcatEncoder(nn.Module):
     def count_tokens(self, prompt: str) -> int:
         return self.encoders[0].count_tokens(prompt)
 
+    # rows of token ids, as the single-tower encoders take them: the first tower's rows (its pad
+    # token) stand for all; each tower re-pads them with its own pad token
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoders[0].tokenize(prompts)
+
+    def text_ids(self, text: str) -> list[int]:
+        """The text's token ids without the start and end tokens, untruncated."""
+        return self.encoders[0].tokenizer.encode(text)[1:-1]
+
+    def chunk_row(self, ids: list[int]) -> list[int]:
+        """One window of text ids as the first tower's full row (start, ids, end, pad)."""
+        tok = self.encoders[0].tokenizer
+        row = [tok.bos_id, *ids[:self.max_tokens - 2], tok.eos_id]
+        return row + [self.encoders[0].pad_id] * (self.max_tokens - len(row))
+
+    @property
+    def comma_id(self) -> int | None:
+        ids = self.text_ids(",")
+        return ids[0] if len(ids) == 1 else None
+
+    def _repad(self, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """`tokens` with every position after each row's first end token set to `pad_id`."""
+        eos = self.encoders[0].tokenizer.eos_id
+        first_end = (tokens == eos).int().argmax(dim=1, keepdim=True)
+        after = torch.arange(tokens.shape[1], device=tokens.device)[None] > first_end
+        return torch.where(after, torch.full_like(tokens, pad_id), tokens)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) rows of the first tower -> (B, T, dim) context, each tower reading its own padding."""
+        return torch.cat([e(self._repad(tokens, e.pad_id)) for e in self.encoders], dim=-1)
+
     def encode_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (B, T, dim) context and (B, pooled_dim) pooled embedding."""
         device = next(self.parameters()).device

@@ -62,6 +62,19 @@ def micro_numbers(vector: VectorConditioning, size: SizeConditioning, negative: 
     return [float(v) for v in (*size.original, *size.crop, *tail)]
 
 
+def zeroes_negative(vector: VectorConditioning | None, negative_prompt: str) -> bool:
+    """Whether the unconditional branch conditions on zeros (context and pooled) rather than on the
+    encoded negative prompt: an empty one, for models trained so (force_zeros_for_empty_prompt)."""
+    return vector is not None and vector.zero_empty_negative and negative_prompt == ""
+
+
+def vector_y(vector: VectorConditioning, pooled: torch.Tensor, size: SizeConditioning,
+             negative: bool) -> torch.Tensor:
+    """(B, adm_in_channels) y: the pooled text, then the Fourier features of the size numbers."""
+    numbers = torch.tensor([micro_numbers(vector, size, negative)] * len(pooled), device=pooled.device)
+    return torch.cat([pooled, fourier_features(numbers, vector.fourier_dim)], dim=1)
+
+
 def condition_pair(text_encoder, vector: VectorConditioning | None, prompt: str, negative_prompt: str,
                    size: SizeConditioning) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(cond, uncond) for the prompt and the negative prompt, batch 1 each, float32: {"context"},
@@ -70,11 +83,7 @@ def condition_pair(text_encoder, vector: VectorConditioning | None, prompt: str,
         context = text_encoder.encode([prompt, negative_prompt])
         return {"context": context[:1]}, {"context": context[1:]}
     context, pooled = text_encoder.encode_pooled([prompt, negative_prompt])
-    if vector.zero_empty_negative and negative_prompt == "":
+    if zeroes_negative(vector, negative_prompt):
         context[1:], pooled[1:] = 0.0, 0.0
-    pairs = []
-    for i, negative in ((0, False), (1, True)):
-        numbers = torch.tensor([micro_numbers(vector, size, negative)], device=pooled.device)
-        y = torch.cat([pooled[i:i + 1], fourier_features(numbers, vector.fourier_dim)], dim=1)
-        pairs.append({"context": context[i:i + 1], "y": y})
-    return pairs[0], pairs[1]
+    return ({"context": context[:1], "y": vector_y(vector, pooled[:1], size, False)},
+            {"context": context[1:], "y": vector_y(vector, pooled[1:], size, True)})
