@@ -542,7 +542,8 @@ def test_full_size_sdxl_base_single_file_matches_diffusers_from_single_file(tmp_
     the sgm layout without metadata (so marble recognises it from its keys), loads in marble and in
     diffusers' single-file converters (fed the released configs, written here independently) to the
     very same tensors. Memory stays under 16 GB: fp16, and marble's model is reduced to tensor
-    fingerprints before diffusers loads one component at a time."""
+    fingerprints before diffusers loads one component at a time (measured: 13.3 GB peak RSS, while
+    the file is written; 92 s on 2 cores)."""
     import gc
     import json
 
