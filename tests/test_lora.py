@@ -363,6 +363,29 @@ def test_zero_multiplier_is_the_base_model(base, kohya_file):
     assert torch.equal(te, plain[0]) and not torch.equal(unet, plain[1])
 
 
+def test_half_precision_files_and_models(base, kohya_file, tmp_path):
+    """An fp16 file is kept as stored (half the memory) and means exactly its values; a bf16 model
+    takes the overlay in its own dtype, close to the float32 result."""
+    family, folder = base
+    from safetensors.torch import load_file
+    half = {k: v.half() for k, v in load_file(str(kohya_file[0])).items()}
+    path16 = write_safetensors(tmp_path / "half.safetensors", half)
+    path32 = write_safetensors(tmp_path / "widened.safetensors", {k: v.float() for k, v in half.items()})
+    model = marble_model(folder)
+    table = module_table(model)
+    lora16, lora32 = read_lora(path16, table), read_lora(path32, table)
+    assert all(layer.down.dtype == torch.float16 for layer in lora16.layers.values())
+    with overlay(model, [LoraUse(lora16)], table):
+        out16 = marble_outputs(model)
+    with overlay(model, [LoraUse(lora32)], table):
+        out32 = marble_outputs(model)
+    assert all(torch.equal(x, y) for x, y in zip(out16, out32))
+    model = model.to(torch.bfloat16)
+    with overlay(model, [LoraUse(lora16)]):
+        te, unet = marble_outputs(model)
+    assert close(te.float(), out32[0], 0.05) and close(unet.float(), out32[1], 0.05)
+
+
 # --- marble writes kohya files; training layers ---------------------------------------------------
 
 def test_trainable_layers_save_as_a_kohya_file_diffusers_loads(base, tmp_path):

@@ -83,7 +83,7 @@ def overlay(model: nn.Module, uses: Sequence[LoraUse], table: ModuleTable | None
             module = table.targets[name].module
             w = module.weight
             down = torch.cat([layer.down for layer, _ in items]).to(w.device, w.dtype)
-            up = torch.cat([layer.up * s for layer, s in items], dim=1).to(w.device, w.dtype)
+            up = torch.cat([layer.up.float() * s for layer, s in items], dim=1).to(w.device, w.dtype)
             handles.append(module.register_forward_hook(_add_output(lora_branch(module, down, up))))
         yield
     finally:
