@@ -82,3 +82,38 @@ def test_cli_lora_argument():
     assert parse_lora_arg("C:/loras/ink.safetensors") == ("C:/loras/ink.safetensors", 1.0)
     with pytest.raises(LoraError, match="'heavy' is not a number"):
         parse_lora_arg("ink.safetensors:heavy")
+
+
+def test_loader_reads_each_file_once_and_keeps_names_inside_the_folder(tmp_path):
+    from marble.adapters.lora import LoraUse
+    from marble.adapters.lora_files import Lora, LoraLayer, save_kohya
+    from marble.adapters.lora_loader import LoraLoader, LoraSpec, lora_hashes, record_entries
+    from marble.adapters.lora_table import module_table
+    from marble.checkpoints.resolve import random_model
+    model = random_model()
+    table = module_table(model)
+    target = table.select(["attention"])[0]
+    w = target.module.weight
+    up_shape = (w.shape[0], 2, 1, 1) if w.ndim == 4 else (w.shape[0], 2)
+    layer = LoraLayer(torch.ones(2, *w.shape[1:]), torch.ones(up_shape), 1.0)
+    folder = tmp_path / "lora"
+    path = save_kohya(folder / "ink.safetensors", Lora("ink", {target.name: layer}), table)
+    loader = LoraLoader(model, folder)
+    first = loader.read(LoraSpec("ink", 0.5, 0.7))
+    assert loader.read(LoraSpec("ink.safetensors")) is first                     # cached
+    assert loader.read(LoraSpec(str(path), is_path=True)) is first              # same file by path
+    with pytest.raises(LoraError, match="not a path out of it"):
+        loader.read(LoraSpec(str(path)))                                         # a tag never takes a path
+    with pytest.raises(LoraError, match="no such file"):
+        loader.read(LoraSpec(str(tmp_path / "none.safetensors"), is_path=True))
+    path.unlink()
+    save_kohya(path, Lora("ink", {target.name: LoraLayer(layer.down * 2, layer.up, 1.0)}), table)
+    second = loader.read(LoraSpec("ink"))
+    assert second is not first and torch.equal(second.layers[target.name].down, layer.down * 2)
+    specs = [LoraSpec("ink", 0.5, 0.7), LoraSpec(str(path), 1.0, 1.0, is_path=True)]
+    uses = loader.uses(specs)
+    assert uses[0] == LoraUse(second, 0.5, 0.7)
+    entries = record_entries(uses, specs)
+    assert entries == [{"name": "ink", "hash": second.hash, "te": 0.5, "unet": 0.7},
+                       {"name": "ink", "hash": second.hash, "te": 1.0, "unet": 1.0, "path": str(path)}]
+    assert lora_hashes(entries) == f"ink: {second.hash}" and len(second.hash) == 12
