@@ -8,6 +8,10 @@ warm-up call, interleaved (base, unfused, fused, base, ...) so a busy machine sl
 the median is reported.
 
     python benchmarks/lora_speed.py [--side 512] [--batch 2] [--rank 32] [--locon] [--repeats 3]
+    python benchmarks/lora_speed.py --flops [--side 512] [--rank 32] [--locon]
+
+`--flops` counts the floating-point operations of one step instead (torch's FlopCounterMode on the
+meta device: exact, instant, and blind to a busy machine), base and unfused.
 """
 from __future__ import annotations
 
@@ -37,6 +41,28 @@ def random_lora(table, kinds, rank: int, seed: int = 0) -> Lora:
     return Lora("bench", layers)
 
 
+def count_flops(args, kinds) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from marble.models.latent_diffusion import LatentDiffusion
+    from marble.models.skeleton import skeleton
+    with skeleton():
+        model = LatentDiffusion(sd_config("sd15"))
+        table = module_table(model)
+        lora = random_lora(table, kinds, args.rank)
+        side = args.side // 8
+        x, t = torch.empty(args.batch, 4, side, side), torch.full((args.batch,), 500.0)
+        context = torch.empty(args.batch, 77, 768)
+        counts = {}
+        for label, uses in (("base", []), ("unfused", [LoraUse(lora)])):
+            with overlay(model, uses, table), FlopCounterMode(display=False) as counter:
+                model.unet(x, t, context)
+            counts[label] = counter.get_total_flops()
+    print(f"SD1.5 U-Net, batch {args.batch}, {args.side}², LoRA rank {args.rank} on {len(lora.layers)} layers "
+          f"({'+'.join(kinds)}): base {counts['base'] / 1e12:.3f} TFLOP, unfused {counts['unfused'] / 1e12:.3f} "
+          f"TFLOP (+{100 * (counts['unfused'] / counts['base'] - 1):.2f}%); fused = base")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", type=int, default=512, help="image side in pixels (latent side / 8)")
@@ -44,11 +70,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--locon", action="store_true", help="also patch the ResNet and down/upsample layers")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flops", action="store_true", help="count operations instead of timing")
     args = ap.parse_args()
+    kinds = ["attention", "text"] + (["conv"] if args.locon else [])
+    if args.flops:
+        return count_flops(args, kinds)
     torch.manual_seed(0)
     model = random_model(lambda: sd_config("sd15"), seed=0)
     table = module_table(model)
-    kinds = ["attention", "text"] + (["conv"] if args.locon else [])
     with tempfile.TemporaryDirectory() as folder:
         path = save_kohya(Path(folder) / "bench.safetensors", random_lora(table, kinds, args.rank), table,
                           dtype=torch.float16)

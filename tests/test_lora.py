@@ -211,6 +211,8 @@ def peft_file(base, tmp_path_factory):
 
 @pytest.mark.parametrize("te, unet", [(1.0, 1.0), (0.6, 1.3)])
 def test_kohya_file_matches_diffusers(base, kohya_file, te, unet):
+    """Unfused both ways: low-rank branches in forward hooks (copy_above=inf) and patched copies of
+    the weights (copy_above=0); the default picks per layer by cost."""
     family, folder = base
     path, _ = kohya_file
     want = diffusers_outputs(diffusers_fused(folder, path, te, unet))
@@ -218,15 +220,18 @@ def test_kohya_file_matches_diffusers(base, kohya_file, te, unet):
     plain = marble_outputs(model)
     lora = read_lora(path, module_table(model))
     assert lora.skipped == () and len(lora.layers) == len(kohya_file[1])
-    with overlay(model, [LoraUse(lora, te=te, unet=unet)]):
-        unfused = marble_outputs(model)
+    with overlay(model, [LoraUse(lora, te=te, unet=unet)], copy_above=math.inf):
+        hooked = marble_outputs(model)
+    with overlay(model, [LoraUse(lora, te=te, unet=unet)], copy_above=0):
+        copied = marble_outputs(model)
     fuse(model, [LoraUse(lora, te=te, unet=unet)])
     fused = marble_outputs(model)
-    for got_unfused, got_fused, theirs, before in zip(unfused, fused, want, plain):
+    for got_hooked, got_copied, got_fused, theirs, before in zip(hooked, copied, fused, want, plain):
         assert not close(before, theirs, 1e-2)          # the LoRA changes the outputs visibly
         assert close(got_fused, theirs, 1e-5)
-        assert close(got_unfused, theirs, 1e-5)
-        assert close(got_unfused, got_fused, 1e-5)
+        assert close(got_hooked, theirs, 1e-5)
+        assert close(got_hooked, got_fused, 1e-5)
+        assert torch.equal(got_copied, got_fused)       # the same weights, computed the same way
 
 
 def test_peft_file_matches_diffusers(base, peft_file):
@@ -241,7 +246,7 @@ def test_peft_file_matches_diffusers(base, peft_file):
     assert lora.layers[q].scale == 1.5 / 4
     assert lora.layers["unet.input_blocks.4.1.transformer_blocks.0.attn1.to_k"].scale == 6 / 4
     assert {layer.scale for n, layer in lora.layers.items() if n.startswith("text_encoder.")} == {5 / 2}
-    with overlay(model, [LoraUse(lora, te=0.8)]):
+    with overlay(model, [LoraUse(lora, te=0.8)], copy_above=math.inf):
         unfused = marble_outputs(model)
     fuse(model, [LoraUse(lora, te=0.8)])
     fused = marble_outputs(model)
@@ -330,17 +335,17 @@ def test_every_spelling_reaches_the_same_module(base, kohya_file, tmp_path):
 
 
 def test_overlays_switch_per_request_without_leaking(base, kohya_file, peft_file):
-    """A, then B, then A+B, then none: the base outputs come back bit for bit and the weights are
-    never written; two LoRAs at once are the sum of their deltas (fused as one)."""
+    """A (as weight copies), then B (as hooks), then A+B, then none: the base outputs come back bit
+    for bit and the weights are never written; two LoRAs at once are the sum of their deltas."""
     family, folder = base
     model = marble_model(folder)
     table = module_table(model)
     before = snapshot(model)
     plain = marble_outputs(model)
     a, b = read_lora(kohya_file[0], table), read_lora(peft_file, table)
-    with overlay(model, [LoraUse(a, 0.7, 0.9)], table):
+    with overlay(model, [LoraUse(a, 0.7, 0.9)], table, copy_above=0):
         out_a = marble_outputs(model)
-    with overlay(model, [LoraUse(b)], table):
+    with overlay(model, [LoraUse(b)], table, copy_above=math.inf):
         out_b = marble_outputs(model)
     with overlay(model, [LoraUse(a, 0.7, 0.9), LoraUse(b)], table):
         out_ab = marble_outputs(model)

@@ -4,8 +4,9 @@ Each LoRA is used with two multipliers, as A1111's `<lora:name:te:unet>`: `te` f
 layers and `unet` for the U-Net's. Several LoRAs add up: W' = W + Σ_i m_i · (α_i / r_i) · up_i · down_i.
 
 - `overlay(model, uses)`: a context manager that adds the LoRAs to the patched layers' outputs
-  through forward hooks, y = layer(x) + up(down(x)) · m·α/r, and removes them on exit. The weights
-  are never written, so a server can give each request its own LoRAs without reloading or leaking.
+  through forward hooks, y = layer(x) + up(down(x)) · m·α/r (or, where the rank makes that dear,
+  runs the layer on a patched copy of its weight), and undoes it on exit. The weights are never
+  written, so a server can give each request its own LoRAs without reloading or leaking.
 - `fuse(model, uses)`: W += m · (α/r) · up · down, in place: free at sampling time, and the model
   can then be saved as a new checkpoint.
 - `attach_trainable(...)`: fresh down/up parameters on chosen targets, applied by the same hooks,
@@ -71,24 +72,47 @@ def _add_output(branch: Callable[[torch.Tensor], torch.Tensor]):
     return hook
 
 
+COPY_ABOVE = 1 / 16
+
+
+def _materialise(weight: torch.Tensor, rank: int, copy_above: float) -> bool:
+    """Whether a layer should run with a patched copy of its weight rather than the low-rank branch:
+    the branch costs rank·(in·kh·kw + out) multiply-adds per position against the layer's
+    out·in·kh·kw, so past a fraction of the layer (1/16: rank ≳ 10 on a 320-wide attention
+    projection) a copy, computed once per request, is cheaper per step. It costs the copy's memory."""
+    return rank * (weight[0].numel() + weight.shape[0]) > copy_above * weight.numel()
+
+
 @contextmanager
-def overlay(model: nn.Module, uses: Sequence[LoraUse], table: ModuleTable | None = None) -> Iterator[None]:
+def overlay(model: nn.Module, uses: Sequence[LoraUse], table: ModuleTable | None = None,
+            copy_above: float = COPY_ABOVE) -> Iterator[None]:
     """Inside the block the model computes with the LoRAs added; outside it is the base model again,
-    its weights never written. Per layer the LoRAs are stacked into one down (Σr, in) and one up
-    (out, Σr) with the multipliers folded into up, so several LoRAs cost two small products."""
+    its weights never written. Low-rank layers get a forward hook, y = layer(x) + up(down(x)), with
+    all LoRAs on a layer stacked into one down (Σr, in) and one up (out, Σr), multipliers folded
+    into up. Layers where that branch would cost more than `copy_above` of the layer run with a
+    patched copy W + ΔW instead, the original Parameter put back on exit (see _materialise;
+    math.inf: hooks only, 0: copies only)."""
     table = _table(model, table)
-    handles = []
+    handles, swapped = [], []
     try:
-        for name, items in _patches(table, uses).items():
-            module = table.targets[name].module
-            w = module.weight
-            down = torch.cat([layer.down for layer, _ in items]).to(w.device, w.dtype)
-            up = torch.cat([layer.up.float() * s for layer, s in items], dim=1).to(w.device, w.dtype)
-            handles.append(module.register_forward_hook(_add_output(lora_branch(module, down, up))))
+        with torch.no_grad():
+            for name, items in _patches(table, uses).items():
+                module = table.targets[name].module
+                w = module.weight
+                if _materialise(w, sum(layer.rank for layer, _ in items), copy_above):
+                    delta = sum(delta_weight(layer.down, layer.up) * s for layer, s in items)
+                    swapped.append((module, w))
+                    module.weight = nn.Parameter((w.float() + delta.to(w.device)).to(w.dtype), requires_grad=False)
+                    continue
+                down = torch.cat([layer.down for layer, _ in items]).to(w.device, w.dtype)
+                up = torch.cat([layer.up.float() * s for layer, s in items], dim=1).to(w.device, w.dtype)
+                handles.append(module.register_forward_hook(_add_output(lora_branch(module, down, up))))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module, weight in swapped:
+            module.weight = weight
 
 
 @torch.no_grad()
