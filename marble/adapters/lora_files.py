@@ -28,18 +28,14 @@ import torch
 from torch import nn
 
 from marble.adapters.lora_table import ModuleTable
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.tensor_file import read_header, read_tensors, safetensors_writer
+from marble.errors import LoraError, ModelLoadError
+from marble.tensor_file import read_header, read_tensors, safetensors_writer
 from marble.fileio import write_new
 
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 ALPHA_SUFFIX = ".alpha"
 PEFT_METADATA = "lora_adapter_metadata"
-
-
-class LoraError(ModelLoadError):
-    """A LoRA file or name that cannot be used; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import math
 import os
 from pathlib import Path
 
-from marble.adapters.lora_files import LoraError
+from marble.errors import LoraError
 from marble.checkpoints.resolve import models_dir
-from marble.checkpoints.tensor_file import read_header
+from marble.tensor_file import read_header
 
 SUFFIX = ".safetensors"
 

@@ -16,7 +16,8 @@ from typing import Sequence
 from torch import nn
 
 from marble.adapters.lora import LoraUse
-from marble.adapters.lora_files import Lora, LoraError, read_lora
+from marble.adapters.lora_files import Lora, read_lora
+from marble.errors import LoraError
 from marble.adapters.lora_folder import default_lora_dir, resolve_lora
 from marble.adapters.lora_table import ModuleTable, module_table
 
