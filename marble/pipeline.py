@@ -8,6 +8,7 @@ unmasked pixels. Guidance is a closure too (marble.diffusion.guidance).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marble import __version__
+from marble.adapters.lora import LoraUse, overlay
+from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.noise import NoiseSource
@@ -81,9 +84,11 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False):
         self.loaded = loaded
         self.model = loaded.model
+        # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
+        self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 
     @property
     def name(self) -> str:
@@ -100,7 +105,7 @@ class Pipeline:
     def prompt_warnings(self, req: ResolvedRequest) -> list[str]:
         text = self.model.text_encoder
         out = []
-        for label, prompt in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
+        for label, prompt in (("prompt", req.text_prompt), ("negative prompt", req.negative_prompt)):
             n = text.count_tokens(prompt)
             if n > text.max_tokens:
                 out.append(f"the {label} is {n} tokens; the text encoder reads the first {text.max_tokens} "
@@ -119,10 +124,30 @@ class Pipeline:
         The request is resolved by the caller (`resolve(request, pipe.defaults)`), once."""
         if not isinstance(req, ResolvedRequest):
             raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
+        uses = self.lora_uses(req)   # LoraError before any work
+        with overlay(self.model, uses, self.loras.table):   # this request's LoRAs, gone when it ends
+            images = self._images(req, callback)
+        base = GenerationRecord(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
+            sampler=req.sampler, cfg=req.cfg, width=req.width, height=req.height, model_name=self.name,
+            model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
+            init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
+            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+        records = [replace(base, seed=req.seed + i) for i in range(req.n)]
+        warnings = self.prompt_warnings(req) + [f"LoRA {use.lora.name}: skipped {why}"
+                                                for use in uses for why in use.lora.skipped]
+        return GenerationResult(images, records, req, warnings)
+
+    def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
+        """The request's LoRAs, read (cached) and checked against this model: a LoraError (one line)
+        for a missing, corrupt or mismatched file or a name outside the LoRA folder."""
+        return self.loras.uses(req.lora_specs)
+
+    def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
         device, dtype = m.device, m.dtype
         spec = get_sampler(req.sampler)
-        context = self.encode_text([req.prompt, req.negative_prompt])
+        context = self.encode_text([req.text_prompt, req.negative_prompt])
 
         init_pixels = known = mask = latent_mask = None
         if req.init_image is not None:
@@ -163,15 +188,7 @@ class Pipeline:
             init_rgb = pixels_to_pil(init_pixels)[0]
             mask_l = Image.fromarray((mask[0, 0].float().cpu().numpy() * 255).round().astype(np.uint8))
             images = [Image.composite(im, init_rgb, mask_l) for im in images]  # unmasked pixels exactly the init's
-
-        base = GenerationRecord(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
-            sampler=req.sampler, cfg=req.cfg, width=req.width, height=req.height, model_name=self.name,
-            model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
-            init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
-            marble_version=__version__)
-        records = [replace(base, seed=req.seed + i) for i in range(req.n)]
-        return GenerationResult(images, records, req, self.prompt_warnings(req))
+        return images
 
     def generate_image(self, prompt: str, seed: int, **options) -> Image.Image:
         """One image for one (prompt, seed): the adapter the benchmark uses."""
@@ -181,5 +198,5 @@ class Pipeline:
 
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-                  allow_pickle: bool = False) -> Pipeline:
-    return Pipeline(load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle))
+                  allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False) -> Pipeline:
+    return Pipeline(load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle), lora_dir, lora_lenient)

@@ -32,6 +32,9 @@ class GenerationRecord:
     mask_sha256: str | None = None
     marble_version: str = ""
     record_version: int = RECORD_VERSION
+    # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
+    # given as a file (--lora) rather than by a prompt tag, which the prompt itself keeps
+    loras: tuple[dict, ...] = ()
 
     def to_parameters(self) -> str:
         """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs."""
@@ -43,6 +46,8 @@ class GenerationRecord:
                  ("Model hash", self.model_hash), ("Model", self.model_name)]
         if self.strength is not None:
             pairs.append(("Denoising strength", _num(self.strength)))
+        if self.loras:
+            pairs.append(("Lora hashes", lora_hashes(self.loras)))
         pairs.append(("Version", f"marble {self.marble_version}".strip()))
         lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
         return "\n".join(lines)
@@ -60,7 +65,26 @@ class GenerationRecord:
                    and f.name in ("prompt", "seed", "steps", "sampler", "cfg", "width", "height")]
         if missing:
             raise ValueError(f"the marble record lacks {', '.join(missing)}")
+        data["loras"] = _read_loras(data.get("loras", []))
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _read_loras(loras) -> tuple[dict, ...]:
+    ok = isinstance(loras, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("hash"), str)
+        and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in ("te", "unet"))
+        and isinstance(e.get("path", ""), str) for e in loras)
+    if not ok:
+        raise ValueError("the marble record's loras are malformed")
+    return tuple(loras)
+
+
+def lora_hashes(loras) -> str:
+    """A1111's "Lora hashes" value: `name: hash, name: hash`, each name once."""
+    seen: dict[str, str] = {}
+    for entry in loras:
+        seen.setdefault(entry["name"], entry["hash"])
+    return ", ".join(f"{name}: {h}" for name, h in seen.items())
 
 
 def _num(x: float) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
+from marble.adapters.lora_loader import LoraSpec
+from marble.adapters.lora_tags import LoraTagError, split_lora_tags
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
 
@@ -43,6 +45,7 @@ class GenerationRequest:
     init_image_sha256: str | None = None
     mask_path: str | None = None
     mask_sha256: str | None = None
+    loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
 
     @property
     def mode(self) -> str:
@@ -67,13 +70,17 @@ class ModelDefaults:
 class ResolvedRequest(GenerationRequest):
     """A request with the model's defaults filled in and every check passed: seed, steps, sampler,
     cfg, width and height are set (strength too for img2img/inpaint). Made by `resolve` only;
-    the pipeline and the server's queue take nothing else."""
+    the pipeline and the server's queue take nothing else. `prompt` stays as typed (the record
+    keeps its <lora:...> tags, as A1111's does); the text encoder reads `text_prompt`."""
+    text_prompt: str = ""                       # the prompt with its LoRA tags cut out
+    lora_specs: tuple[LoraSpec, ...] = ()       # `loras`, then the prompt's tags in order
 
 
 def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequest:
     """The one place that fills defaults and validates; RequestError (one line) for bad input.
     Resolving a resolved request again gives the same request."""
     _check_text(request)
+    text_prompt, lora_specs = _loras(request)
     seed = _seed(request.seed)
     steps = defaults.steps if request.steps is None else request.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
@@ -92,7 +99,23 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
                    strength=strength)
-    return ResolvedRequest(**fields_)
+    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs)
+
+
+def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:
+    """The prompt without its A1111 LoRA tags, and every LoRA the request names (not yet read:
+    files are the pipeline's, which refuses names outside its LoRA folder)."""
+    try:
+        text, tags = split_lora_tags(request.prompt)
+        if split_lora_tags(request.negative_prompt)[1]:
+            raise RequestError("LoRA tags go in the prompt, not the negative prompt")
+    except LoraTagError as e:
+        raise RequestError(str(e)) from None
+    for spec in request.loras:
+        for value in (spec.te, spec.unet):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"LoRA {spec.ref}: weight {value!r} is not a finite number")
+    return text, tuple(request.loras) + tuple(LoraSpec(t.name, t.te, t.unet) for t in tags)
 
 
 def _check_text(request: GenerationRequest) -> None:

@@ -87,7 +87,8 @@ def test_cli_lora_argument():
 def test_loader_reads_each_file_once_and_keeps_names_inside_the_folder(tmp_path):
     from marble.adapters.lora import LoraUse
     from marble.adapters.lora_files import Lora, LoraLayer, save_kohya
-    from marble.adapters.lora_loader import LoraLoader, LoraSpec, lora_hashes, record_entries
+    from marble.adapters.lora_loader import LoraLoader, LoraSpec, record_entries
+    from marble.record import lora_hashes
     from marble.adapters.lora_table import module_table
     from marble.checkpoints.resolve import random_model
     model = random_model()

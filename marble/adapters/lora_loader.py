@@ -72,14 +72,7 @@ class LoraLoader:
 
 
 def record_entries(uses: Sequence[LoraUse], specs: Sequence[LoraSpec]) -> list[dict]:
-    """What the generation record keeps of each applied LoRA (A1111's "Lora hashes" comes from it)."""
+    """What the generation record keeps of each applied LoRA (record.lora_hashes writes A1111's text)."""
     return [{"name": use.lora.name, "hash": use.lora.hash, "te": use.te, "unet": use.unet,
              **({"path": spec.ref} if spec.is_path else {})} for use, spec in zip(uses, specs)]
 
-
-def lora_hashes(entries: Sequence[dict]) -> str:
-    """A1111's infotext value: `name: hash, name: hash` (first occurrence of each name)."""
-    seen: dict[str, str] = {}
-    for entry in entries:
-        seen.setdefault(entry["name"], entry["hash"])
-    return ", ".join(f"{name}: {h}" for name, h in seen.items())

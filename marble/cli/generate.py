@@ -64,6 +64,7 @@ class Flags:
     mask: Path | None
     init_sha: str | None = None     # with --from: the sha256 the record gives for each image
     mask_sha: str | None = None
+    loras: tuple | None = None      # LoraSpecs from --lora PATH[:WEIGHT] (or a record's); tags stay in the prompt
 
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
@@ -80,7 +81,28 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
         merged.update(init_image=Path(record.init_image), init_sha=record.init_image_sha256)
     if flags.mask is None and record.mask:
         merged.update(mask=Path(record.mask), mask_sha=record.mask_sha256)
+    if flags.loras is None and any("path" in e for e in record.loras):
+        from marble.adapters.lora_loader import LoraSpec
+        merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
+                                if "path" in e)
     return replace(flags, **merged)
+
+
+def parse_loras(values: list[str] | None) -> tuple | None:
+    """--lora PATH[:WEIGHT], repeatable -> LoraSpecs (the weight applies to text encoder and U-Net)."""
+    if not values:
+        return None
+    from marble.adapters.lora_folder import parse_lora_arg
+    from marble.adapters.lora_loader import LoraSpec
+    from marble.errors import LoraError
+    specs = []
+    for value in values:
+        try:
+            path, weight = parse_lora_arg(value)
+        except LoraError as e:
+            fail(str(e))
+        specs.append(LoraSpec(path, weight, weight, is_path=True))
+    return tuple(specs)
 
 
 def read_request(flags: Flags, n: int) -> GenerationRequest:
@@ -100,20 +122,25 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         prompt=flags.prompt, negative_prompt=flags.negative or "", seed=flags.seed, steps=flags.steps,
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
-        init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha)
+        init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
+        loras=flags.loras or ())
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
-                  allow_pickle: bool) -> tuple[Pipeline, ResolvedRequest]:
-    """Load the model and resolve the request against it: every error before any work."""
+                  allow_pickle: bool, lora_dir: Path | None = None,
+                  lora_lenient: bool = False) -> tuple[Pipeline, ResolvedRequest]:
+    """Load the model and resolve the request against it, its LoRAs read: every error before any work."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import RequestError, resolve
     if prediction not in (None, "eps", "v", "x0"):
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
-        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle)
-        return pipe, resolve(request, pipe.defaults)
+        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
+                             lora_lenient=lora_lenient)
+        resolved = resolve(request, pipe.defaults)
+        pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
+        return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
 
@@ -159,6 +186,9 @@ def generate(
     from_png: Optional[Path] = typer.Option(None, "--from", help="Regenerate from a marble PNG's record; other flags override its values."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="Override what the model predicts: eps | v | x0 (e.g. v for SD 2.x-768 files without a config)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.pt models (tensors only, torch.load weights_only=True)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="Apply a LoRA file: PATH[:WEIGHT] (weight 1 by default). Repeatable. In the prompt, <lora:NAME:WEIGHT> (or <lora:NAME:TE:UNET>) applies NAME from --lora-dir."),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
+    lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -167,7 +197,8 @@ def generate(
     """
     from marble.png import read_record
 
-    flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask)
+    flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
+                  loras=parse_loras(lora))
     record = None
     if from_png is not None:
         try:
@@ -176,9 +207,15 @@ def generate(
             fail(str(e))
         flags = merge_record(flags, record)
     request = read_request(flags, n)
-    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle)
+    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
+    if record is not None:
+        recorded = {e["name"]: e["hash"] for e in record.loras}
+        for use in pipe.lora_uses(resolved):
+            if recorded.get(use.lora.name, use.lora.hash) != use.lora.hash:
+                warn(f"the record was made with LoRA {use.lora.name} hash {recorded[use.lora.name]}, "
+                     f"this file's is {use.lora.hash}")
     if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
     run_and_save(pipe, resolved, out)

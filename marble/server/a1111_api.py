@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from marble import __version__
 from marble.diffusion.samplers import SAMPLERS
 from marble.record import parse_parameters
+from marble.adapters.lora_folder import list_loras
 from marble.request import GenerationRequest, RequestError, ResolvedRequest
 from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
@@ -102,7 +103,7 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
 
 async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
     worker = state.worker(_model_name(params))
-    resolved = state.prepare(worker, _request(params, **images))
+    resolved = await state.prepare(worker, _request(params, **images))
     try:
         result = await state.run(worker, resolved, request)
     except Cancelled as e:
@@ -174,6 +175,17 @@ async def sd_models(request: Request) -> list[dict]:
         out.append({"title": f"{name} [{model_hash}]", "model_name": name, "hash": model_hash,
                     "sha256": None, "filename": name, "config": None})
     return out
+
+
+@router.get("/loras", summary="The LoRA folder: what <lora:NAME:WEIGHT> tags can name (A1111)")
+async def loras(request: Request) -> list[dict]:
+    state = state_of(request)
+    return await state.offload(list_loras, state.worker(None).pipe.loras.folder)
+
+
+@router.post("/refresh-loras", summary="Re-read the LoRA folder (A1111); marble lists it live", include_in_schema=False)
+async def refresh_loras() -> dict:
+    return {}
 
 
 @router.get("/scripts", summary="Scripts (A1111): marble has none", include_in_schema=False)
