@@ -281,3 +281,33 @@ def test_convert_with_a_bad_lora_writes_nothing(folder, tmp_path, lora, message)
     r = run("convert", src, tmp_path / "merged.safetensors", "--to", "marble", "--lora", f"{folder}/{lora}")
     assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_builtin_model_takes_loras_on_its_minilm_text_encoder(tmp_path):
+    """The built-in model: a LoRA on U-Net and MiniLM layers changes its image and goes away after;
+    merging one with text-encoder layers into its file is refused (the encoder is not stored)."""
+    from marble.checkpoints.resolve import builtin_path, load_model
+    if not builtin_path().is_file():
+        pytest.skip("no built-in model file")
+    loaded = load_model("builtin")
+    table = module_table(loaded.model)
+    folder = tmp_path / "loras"
+    save_kohya(folder / "both.safetensors", random_lora(loaded.model, "both", 5, kinds=("attention", "text")), table)
+    save_kohya(folder / "unet.safetensors", random_lora(loaded.model, "unet", 5, kinds=("attention",)), table)
+    from safetensors.torch import load_file
+    assert any(k.startswith("lora_te_encoder_layer_") for k in load_file(str(folder / "both.safetensors")))
+    pipe = Pipeline(loaded, lora_dir=folder)
+
+    def image(prompt):
+        request = GenerationRequest(prompt=prompt, seed=2, steps=2, width=32, height=32)
+        return np.asarray(pipe.generate(resolve(request, pipe.defaults)).images[0])
+    base, te_only, after = image("a red circle"), image("a red circle <lora:both:1:0>"), image("a red circle")
+    assert not np.array_equal(base, te_only) and np.array_equal(base, after)
+    refused = run("convert", builtin_path(), tmp_path / "m.safetensors", "--to", "marble", "--lora",
+                  folder / "both.safetensors")
+    assert refused.exit_code == 2 and "patches the text encoder" in refused.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    merged = run("convert", builtin_path(), tmp_path / "m.safetensors", "--to", "marble", "--lora",
+                 f"{folder / 'unet.safetensors'}:0.5")
+    assert merged.exit_code == 0, merged.output
+    assert open_checkpoint(tmp_path / "m.safetensors").state["unet.time_embed.0.weight"].dtype == torch.float16
