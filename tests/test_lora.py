@@ -6,7 +6,7 @@ alphas ≠ rank, some alphas absent) and a random PEFT file made by peft itself 
 lora_alpha ≠ r) are loaded by diffusers' load_lora_weights + fuse_lora and by marble; text-encoder
 states and U-Net outputs agree within 1e-5 relative. The closed form W + m·(α/r)·up·down is
 checked layer by layer, overlay against fuse, and the base weights bit for bit after an overlay
-and after every failed load.
+and after every failed load. A whole txt2img with a tag matches diffusers' image within 1/255.
 """
 import os
 
@@ -254,6 +254,49 @@ def test_peft_file_matches_diffusers(base, peft_file):
     for got_unfused, got_fused, theirs, before in zip(unfused, fused, want, plain):
         assert not close(before, theirs, 1e-2)
         assert close(got_fused, theirs, 1e-5) and close(got_unfused, theirs, 1e-5)
+
+
+def test_images_match_diffusers_within_one_level(tmp_path):
+    """Whole txt2img (Euler, 8 steps, CFG 7.5) on a pipeline marble wrote and diffusers loaded: the
+    kohya LoRA fused by diffusers, and applied by marble as a prompt tag (unfused): every pixel
+    within 1/255. The start noise is handed over as in tests/test_sd_parity.py."""
+    from dataclasses import replace
+
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from marble.checkpoints.checkpoint import from_model
+    from marble.checkpoints.diffusers_folder import write_diffusers
+    from marble.checkpoints.resolve import LoadedModel, random_model
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest, resolve
+    from sd_fixtures import tiny_sd
+    model = random_model(lambda: tiny_sd("sd1"), seed=5)
+    folder = write_diffusers(from_model(model), tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    tensors, _ = random_kohya(pipe, seed=21, alpha=3.0)
+    write_safetensors(tmp_path / "loras" / "ink.safetensors", tensors)
+    pipe.load_lora_weights(str(tmp_path / "loras" / "ink.safetensors"))
+    pipe.fuse_lora(components=["unet"], lora_scale=0.9)
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=0.6)
+
+    seed, steps, size, prompt = 42, 8, 64, "a red cat on a blue chair"
+    marble_pipe = Pipeline(LoadedModel(model, "m", "h"), lora_dir=tmp_path / "loras")
+    request = GenerationRequest(prompt=f"{prompt} <lora:ink:0.6:0.9>", negative_prompt="blurry", seed=seed,
+                                steps=steps, sampler="Euler", cfg=7.5, width=size, height=size)
+    ours = np.asarray(marble_pipe.generate(resolve(request, marble_pipe.defaults)).images[0]).astype(int)
+    plain = np.asarray(marble_pipe.generate(resolve(replace(request, prompt=prompt),
+                                                    marble_pipe.defaults)).images[0]).astype(int)
+    pipe.scheduler.set_timesteps(steps)
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    start = torch.randn((1, 4, size // 4, size // 4), generator=torch.Generator().manual_seed(seed))
+    start = start * ((1 + sigma_max ** 2) ** 0.5 / pipe.scheduler.init_noise_sigma)
+    theirs = pipe(prompt, negative_prompt="blurry", num_inference_steps=steps, guidance_scale=7.5, height=size,
+                  width=size, latents=start).images[0]
+    theirs = np.asarray(theirs).astype(int)
+    assert np.abs(ours - plain).max() > 20        # the LoRA changes the image
+    assert np.abs(ours - theirs).max() <= 1
 
 
 # --- closed form, spellings, overlays -------------------------------------------------------------
