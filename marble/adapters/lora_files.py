@@ -224,14 +224,12 @@ def read_lora(path: str | Path, table: ModuleTable, *, lenient: bool = False, na
     try:
         if not path.is_file():
             raise LoraError("no such file" if not path.exists() else "not a file")
-        why = _sniff(path)
-        if why:
-            raise LoraError(f"it is {why}")
         try:
             header = read_header(path)
             tensors = dict(read_tensors(header))
-        except ModelLoadError as e:
-            raise LoraError(str(e).replace(str(path), "the file")) from None
+        except ModelLoadError as e:   # say so when it is a pickle (only now: a header length may start with those bytes)
+            why = _sniff(path)
+            raise LoraError(f"it is {why}" if why else str(e).replace(str(path), "the file")) from None
         lora = parse_lora(tensors, header.metadata, table, name=name or path.stem, lenient=lenient)
     except LoraError as e:
         raise LoraError(f"LoRA {path}: {e}") from None
