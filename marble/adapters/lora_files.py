@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from marble.adapters.lora_table import ModuleTable
+from marble.adapters.lora_table import ModuleTable, Target
 from marble.errors import LoraError, ModelLoadError
 from marble.tensor_file import read_header, read_tensors, safetensors_writer
 from marble.fileio import write_new
@@ -152,9 +152,8 @@ def _layer_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[
     return (rank, w[1]), (w[0], rank)
 
 
-def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], table: ModuleTable, *,
-               name: str, lenient: bool = False) -> Lora:
-    """A Lora from a file's tensors and metadata, matched against the model's table."""
+def _group(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Module name -> {"down", "up", "alpha"} by key suffix, and the keys no format explains."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -165,48 +164,58 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], table
                 break
         else:
             unknown.append(key)
-    problems: list[str] = []   # one reason per skipped module, for the error or the lenient list
+    return groups, unknown
+
+
+def _layer(module_name: str, parts: dict[str, torch.Tensor], target: Target, peft: dict[str, dict]) -> LoraLayer | str:
+    """One module's layer, or why it cannot be used."""
+    if "down" not in parts or "up" not in parts:
+        return f"{module_name} has {'no down' if 'down' not in parts else 'no up'} weight"
+    down, up = parts["down"], parts["up"]
+    if not (down.is_floating_point() and up.is_floating_point()):
+        return f"{module_name} holds {down.dtype} weights, not floats"
+    rank = down.shape[0] if down.ndim else 0
+    want_down, want_up = _layer_shapes(target.module, rank)
+    down, up = _fit(down, want_down), _fit(up, want_up)
+    if rank == 0 or down is None or up is None:
+        return (f"{module_name} has shapes {tuple(parts['down'].shape)} and {tuple(parts['up'].shape)}, but "
+                f"{target.name} {tuple(target.module.weight.shape)} needs {want_down} and {want_up} "
+                "(a LoRA for another model architecture?)")
+    # NaN/inf propagate through a float32 sum: one cheap pass, no copy
+    if not math.isfinite(float(down.sum(dtype=torch.float32)) + float(up.sum(dtype=torch.float32))):
+        return f"{module_name} holds NaN or infinite values"
+    if "alpha" in parts:
+        alpha = float(parts["alpha"].float().reshape(-1)[0]) if parts["alpha"].numel() == 1 else math.nan
+        if not math.isfinite(alpha):
+            return f"{module_name}.alpha is not one finite number"
+    else:
+        component, _, inner = module_name.partition(".")
+        alpha = _peft_alpha(peft[component], inner, rank) if component in peft else None
+        alpha = float(rank) if alpha is None else alpha
+    return LoraLayer(down.contiguous(), up.contiguous(), alpha)
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], table: ModuleTable, *,
+               name: str, lenient: bool = False) -> Lora:
+    """A Lora from a file's tensors and metadata, matched against the model's table."""
+    groups, unknown = _group(tensors)
+    problems: list[str] = []   # one reason per skipped module (or group of keys), for the error or the lenient list
     if unknown:
         problems.append(f"keys of no LoRA format marble reads: {_shorten(sorted(unknown))}")
     peft = _peft_alphas(metadata)
     unmatched, layers = [], {}
     for module_name, parts in sorted(groups.items()):
-        if "down" not in parts or "up" not in parts:
-            problems.append(f"{module_name} has {'no down' if 'down' not in parts else 'no up'} weight")
-            continue
         target = table.find(module_name)
         if target is None:
             unmatched.append(module_name)
             continue
-        down, up = parts["down"], parts["up"]
-        if not (down.is_floating_point() and up.is_floating_point()):
-            problems.append(f"{module_name} holds {down.dtype} weights, not floats")
-            continue
-        rank = down.shape[0] if down.ndim else 0
-        want_down, want_up = _layer_shapes(target.module, rank)
-        down, up = _fit(down, want_down), _fit(up, want_up)
-        if rank == 0 or down is None or up is None:
-            problems.append(f"{module_name} has shapes {tuple(parts['down'].shape)} and {tuple(parts['up'].shape)}, "
-                            f"but {target.name} {tuple(target.module.weight.shape)} needs {want_down} and {want_up} "
-                            "(a LoRA for another model architecture?)")
-            continue
-        # NaN/inf propagate through a float32 sum: one cheap pass, no copy
-        if not math.isfinite(float(down.sum(dtype=torch.float32)) + float(up.sum(dtype=torch.float32))):
-            problems.append(f"{module_name} holds NaN or infinite values")
-            continue
-        if "alpha" in parts:
-            alpha = float(parts["alpha"].float().reshape(-1)[0]) if parts["alpha"].numel() == 1 else None
-            if alpha is None or not math.isfinite(alpha):
-                problems.append(f"{module_name}.alpha is not one finite number")
-                continue
-        else:
-            component, _, inner = module_name.partition(".")
-            alpha = _peft_alpha(peft.get(component, {}), inner, rank) if component in peft else None
-            alpha = float(rank) if alpha is None else alpha
-        if target.name in layers:
+        layer = _layer(module_name, parts, target, peft)
+        if isinstance(layer, str):
+            problems.append(layer)
+        elif target.name in layers:
             problems.append(f"{target.name} is patched twice (as {module_name} and another name)")
-            continue
-        layers[target.name] = LoraLayer(down.contiguous(), up.contiguous(), alpha)
+        else:
+            layers[target.name] = layer
     if unmatched:
         problems.append(f"layers this model does not have: {_shorten(unmatched)} "
                         "(a LoRA for another model architecture?)")
