@@ -197,6 +197,19 @@ class BertTextEncoder(nn.Module):
         pad = self.tokenizer.pad_id
         return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, pad) for p in prompts], dtype=torch.long)
 
+    @property
+    def comma_id(self) -> int | None:
+        """The id of ",", where long prompts prefer to start a new window (marble.prompt_encode)."""
+        return self.tokenizer.token_id(",")
+
+    def text_ids(self, text: str) -> list[int]:
+        """The text's word pieces without [CLS]/[SEP], untruncated."""
+        return self.tokenizer.encode(text)[1:-1]
+
+    def chunk_row(self, ids: list[int]) -> list[int]:
+        """One window of at most max_tokens - 2 word pieces as a full row: [CLS], ids, [SEP], [PAD]."""
+        return fit([self.tokenizer.cls_id, *ids, self.tokenizer.sep_id], self.max_tokens, self.tokenizer.pad_id)
+
     def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and (B, T) bool keep-mask -> last hidden states (B, T, D), as BertModel's."""
         x = self.embeddings(tokens)

@@ -187,6 +187,19 @@ class CLIPTextEncoder(nn.Module):
         return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, self.config.pad_id) for p in prompts],
                             dtype=torch.long)
 
+    @property
+    def comma_id(self) -> int:
+        """The id of ",", where long prompts prefer to start a new window (marble.prompt_encode)."""
+        return self.tokenizer.vocab[",</w>"]
+
+    def text_ids(self, text: str) -> list[int]:
+        """The text's ids without bos/eos, untruncated."""
+        return self.tokenizer.encode(text)[1:-1]
+
+    def chunk_row(self, ids: list[int]) -> list[int]:
+        """One window of at most max_tokens - 2 text ids as a full row: bos, ids, eos, pad_id."""
+        return fit([self.tokenizer.bos_id, *ids, self.tokenizer.eos_id], self.max_tokens, self.config.pad_id)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_model(tokens, self.config.clip_skip)
 

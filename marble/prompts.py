@@ -1,0 +1,85 @@
+"""Prompts as A1111 users write them -> the context of every sampling step.
+
+A prompt and a negative prompt are scheduled (marble.prompt_parse: `[from:to:when]`, `[a|b]`), every
+distinct text of the schedules is encoded once with its weights, windows and BREAKs
+(marble.prompt_encode), and `PromptConditioning.at(step)` hands the sampler's denoiser closure the
+(cond, uncond) contexts of that step, padded to the same length with the empty prompt's window as
+A1111 pads them. A plain prompt and negative prompt of one window each give exactly the context
+`text_encoder.encode([prompt, negative_prompt])` gives.
+
+`<lora:...>` and other extra-network tags are taken out before this module sees the prompt.
+"""
+from __future__ import annotations
+
+import torch
+
+from marble.prompt_encode import EMPHASIS, check_emphasis, encode_prompts, prompt_chunks
+from marble.prompt_parse import PromptSyntaxError, parse_attention, prompt_at_step, schedule_prompt
+
+__all__ = ["EMPHASIS", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
+           "prompt_at_step", "schedule_prompt", "window_count"]
+
+
+def check_prompt(prompt: str, steps: int = 1) -> None:
+    """Raise PromptSyntaxError (one line) for a prompt that cannot be read; else nothing.
+    What A1111 reads literally (unbalanced brackets, `(x:abc)`) is not an error."""
+    for _, text in schedule_prompt(prompt, steps):
+        parse_attention(text)
+
+
+def window_count(encoder, prompt: str) -> int:
+    """How many windows of max_tokens - 2 tokens the prompt's longest scheduled text needs."""
+    return max(len(prompt_chunks(encoder, text)) for _, text in schedule_prompt(prompt, 1))
+
+
+class PromptConditioning:
+    """Per-step contexts of a prompt and a negative prompt.
+
+    steps: the steps of the pass the schedule counts (a schedule's `when` refers to them);
+    hires_steps: for the second pass of a hires fix, that pass's steps (`steps` then is the first pass's);
+    emphasis: how weights act, one of EMPHASIS.
+    Contexts are float32 unless `dtype` is given, on the encoder's device unless `device` is.
+    """
+
+    def __init__(self, encoder, prompt: str, negative_prompt: str, steps: int, *, hires_steps: int | None = None,
+                 emphasis: str = "a1111", device: torch.device | None = None, dtype: torch.dtype | None = None):
+        check_emphasis(emphasis)
+        self.schedule = schedule_prompt(prompt, steps, hires_steps)
+        self.negative_schedule = schedule_prompt(negative_prompt, steps, hires_steps)
+        texts = list(dict.fromkeys([t for _, t in self.schedule] + [t for _, t in self.negative_schedule]))
+        contexts = encode_prompts(encoder, texts, emphasis)
+        self.window = encoder.max_tokens
+        self.contexts = {t: c.to(device=device, dtype=dtype) for t, c in zip(texts, contexts)}
+        self._empty = self.contexts.get("")
+        self._encoder, self._emphasis, self._device, self._dtype = encoder, emphasis, device, dtype
+        self._pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def is_static(self) -> bool:
+        """Whether every step has the same contexts (no editing, no alternation)."""
+        return len(self.schedule) == 1 and len(self.negative_schedule) == 1
+
+    def texts_at(self, step: int) -> tuple[str, str]:
+        """The (prompt, negative prompt) texts at sampler step `step`, counted from 0."""
+        return prompt_at_step(self.schedule, step), prompt_at_step(self.negative_schedule, step)
+
+    def _empty_window(self) -> torch.Tensor:
+        if self._empty is None:
+            (empty,) = encode_prompts(self._encoder, [""], self._emphasis)
+            self._empty = empty.to(device=self._device, dtype=self._dtype)
+        return self._empty
+
+    def _pad(self, context: torch.Tensor, tokens: int) -> torch.Tensor:
+        missing = (tokens - context.shape[1]) // self.window
+        if not missing:
+            return context
+        return torch.cat([context, *[self._empty_window()] * missing], dim=1)
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) contexts, each (1, T, D) with the same T, at sampler step `step` (from 0)."""
+        pair = self.texts_at(step)
+        if pair not in self._pairs:
+            cond, uncond = self.contexts[pair[0]], self.contexts[pair[1]]
+            tokens = max(cond.shape[1], uncond.shape[1])
+            self._pairs[pair] = (self._pad(cond, tokens), self._pad(uncond, tokens))
+        return self._pairs[pair]
