@@ -5,11 +5,13 @@ tokens) and laid into windows of `chunk_length` tokens (CLIP: 77 - 2 = 75). When
 and a comma lies within the last `COMMA_BACKTRACK` tokens, the tokens after that comma move to the
 next window, so a phrase is not cut in two. BREAK closes the current window (padding it). Each
 window becomes one row of the encoder's own length: start token, the window's ids, end token, pad.
-The rows are encoded separately and concatenated along the token axis; the U-Net's cross-attention
+Each row is encoded on its own (attention stays within a window) and the states are concatenated
+along the token axis; the U-Net's cross-attention
 reads any number of tokens.
 
 Emphasis (what a weight does to the token states z of one window, weights w per token):
-- "a1111": z·w, then rescaled so that the window's mean equals the unweighted mean (A1111 "Original");
+- "a1111": z·w, then rescaled so that the window's mean equals the unweighted mean (A1111 "Original";
+  states of mean ~0, which only an untrained encoder gives, are only scaled);
 - "no-norm": z·w without the rescaling (A1111 "No norm");
 - "comfy": ComfyUI's lerp from the empty prompt's states e at the same position: e + (z - e)·w.
 A window whose weights are all 1 is left exactly as the encoder returned it.
@@ -28,6 +30,7 @@ from marble.prompt_parse import Fragment, PromptSyntaxError, parse_attention
 
 EMPHASIS = ("a1111", "no-norm", "comfy")
 COMMA_BACKTRACK = 20        # A1111's default comma_padding_backtrack
+MEAN_EPS = 1e-4             # a weighted mean this small against the mean |state| is no mean to restore
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,12 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor, emphasis: str, empty: torc
     weighted = z * w
     if emphasis == "no-norm":
         return weighted
-    # A1111: "restoring original mean is likely not correct, but it seems to work well to prevent artifacts"
-    return weighted * (z.mean() / weighted.mean())
+    # A1111: "restoring original mean is likely not correct, but it seems to work well to prevent artifacts".
+    # States whose mean is ~0 (an untrained final LayerNorm) have no mean to restore: only scale them.
+    mean, new_mean = z.mean(), weighted.mean()
+    if abs(float(new_mean)) <= MEAN_EPS * float(z.abs().mean()):
+        return weighted
+    return weighted * (mean / new_mean)
 
 
 def check_emphasis(emphasis: str) -> str:

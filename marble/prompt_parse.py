@@ -105,6 +105,22 @@ def _number(text: str, context: str) -> float:
     return value
 
 
+def _close_all(weights: list[float], starts: list[int], m: float) -> None:
+    """Multiply weights[start:] by m for every start in order (the brackets left open at the end),
+    in time linear in len(weights) + len(starts): entry k is multiplied once per start <= k, one
+    multiplication after another (so the floats are those of the one-by-one loop), and the chain of
+    products from one base weight is computed once."""
+    chains: dict[float, list[float]] = {}
+    s = 0
+    for k, w in enumerate(weights):
+        while s < len(starts) and starts[s] <= k:
+            s += 1
+        chain = chains.setdefault(w, [w])
+        while len(chain) <= s:
+            chain.append(chain[-1] * m)
+        weights[k] = chain[s]
+
+
 def parse_attention(text: str) -> list[Fragment]:
     """(text, weight) fragments of a prompt, runs of equal weight merged, as A1111's
     `parse_prompt_attention`; BREAK as `BREAK` fragments. An empty prompt gives [("", 1.0)]."""
@@ -158,10 +174,8 @@ def parse_attention(text: str) -> list[Fragment]:
             i = j
             continue
         i += 1
-    for start in round_open:
-        multiply(start, ROUND_MULTIPLIER)
-    for start in square_open:
-        multiply(start, SQUARE_MULTIPLIER)
+    _close_all(weights, round_open, ROUND_MULTIPLIER)
+    _close_all(weights, square_open, SQUARE_MULTIPLIER)
     if any(not math.isfinite(w) for w in weights):
         raise PromptSyntaxError("attention weights multiply beyond the range of numbers (too many nested brackets)")
 
