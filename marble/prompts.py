@@ -17,7 +17,7 @@ from marble.prompt_encode import EMPHASIS, check_emphasis, encode_prompts, promp
 from marble.prompt_parse import PromptSyntaxError, parse_attention, prompt_at_step, schedule_prompt
 
 __all__ = ["EMPHASIS", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
-           "prompt_at_step", "schedule_prompt", "window_count"]
+           "prompt_at_step", "schedule_prompt", "scheduled_denoiser", "step_index", "window_count"]
 
 
 def check_prompt(prompt: str, steps: int = 1) -> None:
@@ -83,3 +83,32 @@ class PromptConditioning:
             tokens = max(cond.shape[1], uncond.shape[1])
             self._pairs[pair] = (self._pad(cond, tokens), self._pad(uncond, tokens))
         return self._pairs[pair]
+
+
+def step_index(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
+    """The sampler step a denoiser call belongs to: the last i with sigmas[i] ≥ sigma. A call at
+    sigmas[i] is step i; calls between sigmas[i] and sigmas[i+1] (midpoints of second-order
+    samplers) stay in step i."""
+    s = float(sigma.reshape(-1)[0])
+    above = int((sigmas[:-1] >= s * (1 - 1e-6)).sum())
+    return max(above - 1, 0)
+
+
+def scheduled_denoiser(make_denoiser, conditioning: PromptConditioning, sigmas: torch.Tensor):
+    """A denoiser closure (x, sigma) -> x0 whose contexts follow the prompt schedule.
+
+    make_denoiser(cond_context, uncond_context) builds the closure for one pair of contexts (e.g.
+    guidance around the network); it is called once per distinct pair, and the step of each call
+    comes from its sigma (`step_index`), so samplers need not know about prompts."""
+    if conditioning.is_static:
+        return make_denoiser(*conditioning.at(0))
+    built: dict[tuple[int, int], object] = {}
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        cond, uncond = conditioning.at(step_index(sigmas, sigma))
+        key = (id(cond), id(uncond))
+        if key not in built:
+            built[key] = make_denoiser(cond, uncond)
+        return built[key](x, sigma)
+
+    return denoise

@@ -372,3 +372,28 @@ def test_editing_switches_context_only_at_the_boundary(clip):
 def test_unknown_emphasis_is_refused(clip):
     with pytest.raises(PromptSyntaxError, match="emphasis"):
         PromptConditioning(clip, "a", "", 10, emphasis="loud")
+
+
+def test_scheduled_denoiser_switches_inside_the_sampling_loop(clip):
+    """The closure picks each step's contexts from its sigma; the sampler is the ordinary one."""
+    from marble.diffusion.noise import NoiseSource
+    from marble.diffusion.samplers import get_sampler
+    from marble.prompts import scheduled_denoiser, step_index
+
+    conditioning = PromptConditioning(clip, "a [cat:dog:3]", "", 8)
+    sigmas = torch.tensor([14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.0])
+    assert [step_index(sigmas, s) for s in sigmas[:-1]] == list(range(8))
+    assert step_index(sigmas, torch.tensor([3.0])) == 2          # between levels: the step it started in
+    built, used = [], []
+
+    def make(cond, uncond):
+        built.append((cond, uncond))
+        return lambda x, sigma: (used.append((cond, float(sigma[0]))), x * 0.5)[1]
+
+    denoiser = scheduled_denoiser(make, conditioning, sigmas)
+    get_sampler("Euler").fn(denoiser, torch.ones(1, 4, 2, 2), sigmas, noise=NoiseSource([0]))
+    cat, dog = conditioning.at(0)[0], conditioning.at(7)[0]
+    assert len(built) == 2 and [c is cat for c, _ in used] == [True] * 4 + [False] * 4
+    assert all(c is dog for c, _ in used[4:])
+    static = PromptConditioning(clip, "a cat", "", 8)
+    assert scheduled_denoiser(make, static, sigmas) is not None and len(built) == 3
