@@ -30,19 +30,35 @@ class GenerationRecord:
     init_image_sha256: str | None = None
     mask: str | None = None
     mask_sha256: str | None = None
+    hires_upscaler: str | None = None     # hires fix (txt2img): None = no second pass; else marble.hires.UPSCALERS
+    hires_scale: float | None = None      # upscale of the first pass (width x height), when no resize is given
+    hires_resize_x: int = 0               # or the size asked for (0: from the other side / unused)
+    hires_resize_y: int = 0
+    hires_steps: int = 0                  # steps of the second pass; 0 = the first pass's steps
+    hires_denoise: float | None = None    # strength of the second pass, (0, 1]
     marble_version: str = ""
     record_version: int = RECORD_VERSION
 
     def to_parameters(self) -> str:
-        """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs."""
+        """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs in A1111's
+        order (Size is the first pass's; a hires fix adds its fields after Denoising strength)."""
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         pairs = [("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", _num(self.cfg)),
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"),
                  ("Model hash", self.model_hash), ("Model", self.model_name)]
-        if self.strength is not None:
-            pairs.append(("Denoising strength", _num(self.strength)))
+        denoise = self.hires_denoise if self.hires_upscaler is not None else self.strength
+        if denoise is not None:
+            pairs.append(("Denoising strength", _num(denoise)))
+        if self.hires_upscaler is not None:   # A1111's order: upscale or resize, steps (when set), upscaler
+            if self.hires_resize_x or self.hires_resize_y:
+                pairs.append(("Hires resize", f"{self.hires_resize_x}x{self.hires_resize_y}"))
+            else:
+                pairs.append(("Hires upscale", _num(self.hires_scale)))
+            if self.hires_steps:
+                pairs.append(("Hires steps", self.hires_steps))
+            pairs.append(("Hires upscaler", self.hires_upscaler))
         pairs.append(("Version", f"marble {self.marble_version}".strip()))
         lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
         return "\n".join(lines)

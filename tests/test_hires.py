@@ -60,3 +60,21 @@ def test_image_upscale_crops_whole_latent_cells():
     assert out.size == (136, 128)
     full = image.resize((192, 128), Image.LANCZOS)
     assert out.tobytes() == full.crop((24, 0, 160, 128)).tobytes()      # 3 cells before, 4 after
+
+
+def test_record_writes_a1111s_hires_fields_in_a1111s_order():
+    from marble.record import GenerationRecord, parse_parameters
+    base = GenerationRecord(prompt="a (red:1.3) hat BREAK forest", negative_prompt="", seed=7, steps=20,
+                            sampler="Euler a", cfg=7.0, width=64, height=64, model_name="builtin",
+                            model_hash="0123456789", marble_version="0.1.0")
+    hires = GenerationRecord(**{**base.__dict__, "hires_upscaler": "Latent", "hires_scale": 2.0, "hires_steps": 10,
+                                "hires_denoise": 0.55})
+    assert hires.to_parameters().split("\n")[-1] == (
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 7, Size: 64x64, Model hash: 0123456789, Model: builtin, "
+        "Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, Version: marble 0.1.0")
+    resized = GenerationRecord(**{**hires.__dict__, "hires_resize_x": 128, "hires_resize_y": 96, "hires_steps": 0,
+                                  "hires_upscaler": "Lanczos"})
+    parsed = parse_parameters(resized.to_parameters())
+    assert parsed["Hires resize"] == "128x96" and "Hires steps" not in parsed and parsed["Hires upscaler"] == "Lanczos"
+    assert parsed["Denoising strength"] == "0.55" and parsed["Prompt"] == "a (red:1.3) hat BREAK forest"
+    assert GenerationRecord.from_json(hires.to_json()) == hires
