@@ -26,7 +26,8 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-IMAGE_UPSCALERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+# A1111's "None" upscaler leaves the image to its final Lanczos resize
+IMAGE_UPSCALERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "None": Image.LANCZOS}
 UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"      # A1111's default hr_upscaler
 MAX_SCALE = 8.0

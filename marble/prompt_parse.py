@@ -434,3 +434,10 @@ def prompt_at_step(schedule: list[tuple[int, str]], step: int) -> str:
         if step <= end:
             return text
     return schedule[0][1]
+
+
+def check_prompt(prompt: str, steps: int = 1) -> None:
+    """Raise PromptSyntaxError (one line) for a prompt that cannot be read; else nothing.
+    What A1111 reads literally (unbalanced brackets, `(x:abc)`) is not an error."""
+    for _, text in schedule_prompt(prompt, steps):
+        parse_attention(text)

@@ -14,17 +14,10 @@ from __future__ import annotations
 import torch
 
 from marble.prompt_encode import EMPHASIS, check_emphasis, encode_prompts, prompt_chunks
-from marble.prompt_parse import PromptSyntaxError, parse_attention, prompt_at_step, schedule_prompt
+from marble.prompt_parse import PromptSyntaxError, check_prompt, parse_attention, prompt_at_step, schedule_prompt
 
 __all__ = ["EMPHASIS", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
            "prompt_at_step", "schedule_prompt", "scheduled_denoiser", "step_index", "window_count"]
-
-
-def check_prompt(prompt: str, steps: int = 1) -> None:
-    """Raise PromptSyntaxError (one line) for a prompt that cannot be read; else nothing.
-    What A1111 reads literally (unbalanced brackets, `(x:abc)`) is not an error."""
-    for _, text in schedule_prompt(prompt, steps):
-        parse_attention(text)
 
 
 def window_count(encoder, prompt: str) -> int:
