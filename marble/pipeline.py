@@ -7,7 +7,6 @@ unmasked pixels. Guidance is a closure too (marble.diffusion.guidance).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -23,7 +22,7 @@ from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.record import GenerationRecord
-from marble.request import GenerationRequest
+from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
 Callback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0 estimate in latent space)
 
@@ -32,7 +31,7 @@ Callback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0 estimate
 class GenerationResult:
     images: list[Image.Image]
     records: list[GenerationRecord]
-    request: GenerationRequest                       # the resolved request
+    request: ResolvedRequest
     warnings: list[str] = field(default_factory=list)
 
 
@@ -90,14 +89,15 @@ class Pipeline:
     def name(self) -> str:
         return self.loaded.name
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+    @property
+    def defaults(self) -> ModelDefaults:
+        """What the model contributes to a request: `resolve(request, pipe.defaults)`."""
         c = self.model.config
-        return request.resolved(default_steps=c.default_steps, default_cfg=c.default_cfg,
-                                default_sampler=c.default_sampler, default_width=c.default_width,
-                                default_height=c.default_height, latent_factor=self.model.latent_factor,
-                                max_pixels=c.max_pixels)
+        return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
+                             width=c.default_width, height=c.default_height,
+                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels)
 
-    def prompt_warnings(self, req: GenerationRequest) -> list[str]:
+    def prompt_warnings(self, req: ResolvedRequest) -> list[str]:
         text = self.model.text_encoder
         out = []
         for label, prompt in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
@@ -112,11 +112,13 @@ class Pipeline:
         return self.model.text_encoder.encode(prompts).to(self.model.device, self.model.dtype)
 
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest, callback: Callback | None = None) -> GenerationResult:
+    def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
         """Images seed, seed+1, ... one after another. Each is computed exactly as a single run
         with its seed would be: batching images through the network changes the reduction order
-        inside CPU kernels (oneDNN/MKL pick blockings by batch size) and so the last bits."""
-        req = self.resolve(request)
+        inside CPU kernels (oneDNN/MKL pick blockings by batch size) and so the last bits.
+        The request is resolved by the caller (`resolve(request, pipe.defaults)`), once."""
+        if not isinstance(req, ResolvedRequest):
+            raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
         m = self.model
         device, dtype = m.device, m.dtype
         spec = get_sampler(req.sampler)
@@ -174,7 +176,8 @@ class Pipeline:
     def generate_image(self, prompt: str, seed: int, **options) -> Image.Image:
         """One image for one (prompt, seed): the adapter the benchmark uses."""
         options = {k: v for k, v in options.items() if v is not None}
-        return self.generate(GenerationRequest(prompt=prompt, seed=seed, **options)).images[0]
+        request = resolve(GenerationRequest(prompt=prompt, seed=seed, **options), self.defaults)
+        return self.generate(request).images[0]
 
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,

@@ -1,13 +1,15 @@
 """One validated generation request for every mode and every edge (CLI, server).
 
-Validation lives here and only here; both edges turn `RequestError` into their own error shape
-(one stderr line and exit 2; a 4xx response).
+An edge builds a `GenerationRequest` from what the user gave (None: the model's default), and
+`resolve` turns it, with the loaded model's `ModelDefaults`, into a `ResolvedRequest`: the only
+kind the pipeline runs. Validation lives here and only here; both edges turn `RequestError` into
+their own error shape (one stderr line and exit 2; a 4xx response).
 """
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
@@ -48,57 +50,97 @@ class GenerationRequest:
             return "inpaint"
         return "img2img" if self.init_image is not None else "txt2img"
 
-    def resolved(self, *, default_steps: int, default_cfg: float, default_sampler: str,
-                 default_width: int, default_height: int, latent_factor: int, max_pixels: int) -> "GenerationRequest":
-        """Fill defaults from the model and check everything; returns a request with no None left
-        in seed/steps/sampler/cfg/size (and strength for img2img/inpaint)."""
-        for label, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
-            if not isinstance(text, str):
-                raise RequestError(f"the {label} must be text")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates: from bad bytes on a command line or "\ud800" in JSON
-                raise RequestError(f"the {label} is not valid Unicode text") from None
-        seed = secrets.randbelow(SEED_MAX + 1) if self.seed is None or self.seed == -1 else self.seed
-        if not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-            raise RequestError(f"seed must be an integer in [0, {SEED_MAX}] (or -1 for random), got {self.seed}")
-        steps = default_steps if self.steps is None else self.steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-            raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps}")
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a loaded model contributes to a request: its defaults and its size constraints."""
+    steps: int
+    cfg: float
+    sampler: str
+    width: int
+    height: int
+    latent_factor: int          # width and height must be multiples of it
+    max_pixels: int             # width·height the model accepts at most
+
+
+@dataclass(frozen=True)
+class ResolvedRequest(GenerationRequest):
+    """A request with the model's defaults filled in and every check passed: seed, steps, sampler,
+    cfg, width and height are set (strength too for img2img/inpaint). Made by `resolve` only;
+    the pipeline and the server's queue take nothing else."""
+
+
+def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequest:
+    """The one place that fills defaults and validates; RequestError (one line) for bad input.
+    Resolving a resolved request again gives the same request."""
+    _check_text(request)
+    seed = _seed(request.seed)
+    steps = defaults.steps if request.steps is None else request.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps}")
+    try:
+        sampler = get_sampler(request.sampler or defaults.sampler).name
+    except KeyError as e:
+        raise RequestError(str(e.args[0]) if e.args else f"unknown sampler {request.sampler!r}") from None
+    cfg = defaults.cfg if request.cfg is None else request.cfg
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
+        raise RequestError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}")
+    if not isinstance(request.n, int) or not 1 <= request.n <= MAX_BATCH:
+        raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {request.n}")
+    width, height = _size(request, defaults)
+    strength = _strength(request)
+    fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
+    fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
+                   strength=strength)
+    return ResolvedRequest(**fields_)
+
+
+def _check_text(request: GenerationRequest) -> None:
+    for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if not isinstance(text, str):
+            raise RequestError(f"the {label} must be text")
         try:
-            sampler = get_sampler(self.sampler or default_sampler).name
-        except KeyError as e:
-            raise RequestError(str(e.args[0]) if e.args else f"unknown sampler {self.sampler!r}") from None
-        cfg = default_cfg if self.cfg is None else self.cfg
-        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
-            raise RequestError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}")
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_BATCH:
-            raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {self.n}")
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bad bytes on a command line, "\ud800" in JSON
+            raise RequestError(f"the {label} is not valid Unicode text "
+                               f"(a lone surrogate at position {e.start})") from None
 
-        init, mask = self.init_image, self.mask
-        if mask is not None and init is None:
-            raise RequestError("a mask needs an init image to inpaint")
-        if init is not None and mask is not None and init.size != mask.size:
-            raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
-                               f"{init.size[0]}x{init.size[1]}; they must be the same size")
-        size_default = init.size if init is not None else (default_width, default_height)
-        width = size_default[0] if self.width is None else self.width
-        height = size_default[1] if self.height is None else self.height
-        for side, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value <= 0:
-                raise RequestError(f"{side} must be a positive integer, got {value}")
-            if value % latent_factor:
-                raise RequestError(f"{side} {value} is not a multiple of the model's latent factor {latent_factor}")
-        if width * height > max_pixels:
-            raise RequestError(f"size {width}x{height} is over the model's limit of {max_pixels} pixels")
 
-        strength = self.strength
-        if init is None:
-            if strength is not None:
-                raise RequestError("strength applies only with an init image (img2img or inpainting)")
-        else:
-            strength = (1.0 if mask is not None else 0.75) if strength is None else strength
-            if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 < strength <= 1:
-                raise RequestError(f"strength must be in (0, 1], got {strength}")
-        return replace(self, seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width,
-                       height=height, strength=None if strength is None else float(strength))
+def _seed(seed: int | None) -> int:
+    out = secrets.randbelow(SEED_MAX + 1) if seed is None or seed == -1 else seed
+    if not isinstance(out, int) or not 0 <= out <= SEED_MAX:
+        raise RequestError(f"seed must be an integer in [0, {SEED_MAX}] (or -1 for random), got {seed}")
+    return out
+
+
+def _size(request: GenerationRequest, defaults: ModelDefaults) -> tuple[int, int]:
+    init, mask = request.init_image, request.mask
+    if mask is not None and init is None:
+        raise RequestError("a mask needs an init image to inpaint")
+    if init is not None and mask is not None and init.size != mask.size:
+        raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                           f"{init.size[0]}x{init.size[1]}; they must be the same size")
+    size_default = init.size if init is not None else (defaults.width, defaults.height)
+    width = size_default[0] if request.width is None else request.width
+    height = size_default[1] if request.height is None else request.height
+    for side, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value <= 0:
+            raise RequestError(f"{side} must be a positive integer, got {value}")
+        if value % defaults.latent_factor:
+            raise RequestError(f"{side} {value} is not a multiple of the model's latent factor "
+                               f"{defaults.latent_factor}")
+    if width * height > defaults.max_pixels:
+        raise RequestError(f"size {width}x{height} is over the model's limit of {defaults.max_pixels} pixels")
+    return width, height
+
+
+def _strength(request: GenerationRequest) -> float | None:
+    strength = request.strength
+    if request.init_image is None:
+        if strength is not None:
+            raise RequestError("strength applies only with an init image (img2img or inpainting)")
+        return None
+    strength = (1.0 if request.mask is not None else 0.75) if strength is None else strength
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise RequestError(f"strength must be in (0, 1], got {strength}")
+    return float(strength)

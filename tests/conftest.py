@@ -14,7 +14,7 @@ from marble.checkpoints.resolve import LoadedModel, random_model
 @pytest.fixture(scope="session")
 def tiny_loaded() -> LoadedModel:
     """The seeded random tiny model (SD-shaped U-Net + VAE + tiny CLIP), shared by the tests."""
-    from marble.checkpoints.marble_format import state_hash
+    from marble.checkpoints.checkpoint import state_hash
     model = random_model()
     return LoadedModel(model, "tiny-random", state_hash(model))
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from marble.pipeline import Pipeline
-from marble.request import GenerationRequest
+from marble.request import ResolvedRequest
 
 
 class GatedPipeline:
@@ -23,10 +23,10 @@ class GatedPipeline:
         self.calls = 0
         self.steps: list[int] = []        # every step the sampler reached, across calls
 
-    def __getattr__(self, name):          # name, model, loaded, resolve: the real pipeline's
+    def __getattr__(self, name):          # name, model, loaded, defaults: the real pipeline's
         return getattr(self.pipe, name)
 
-    def generate(self, request: GenerationRequest, callback=None):
+    def generate(self, request: ResolvedRequest, callback=None):
         self.calls += 1
 
         def held(step, total, x0):

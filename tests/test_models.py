@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import file_hash, load_model_file, save_model
+from marble.checkpoints.checkpoint import file_hash, from_model, to_model
+from marble.checkpoints.marble_format import read_marble, read_vae, write_marble, write_vae
 from marble.checkpoints.resolve import load_model, random_model
+from marble.errors import ModelLoadError
 from marble.models.layers import GroupNorm32, timestep_embedding
 from marble.models.unet import UNET_PRESETS, UNet
 from marble.models.vae import VAE_PRESETS, AutoencoderKL
@@ -80,23 +81,45 @@ def test_vae_round_trip_shapes_and_scale(tiny_loaded):
 
 
 def test_marble_file_round_trip_is_bit_exact(tmp_path, tiny_loaded):
-    path = save_model(tiny_loaded.model, tmp_path / "m.safetensors")
-    loaded = load_model_file(path)
+    path = write_marble(from_model(tiny_loaded.model), tmp_path / "m.safetensors")
+    loaded = to_model(read_marble(path))
     a, b = tiny_loaded.model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.config == tiny_loaded.model.config
     # fp16 shipping: values equal the fp16 rounding of the originals
-    half = load_model_file(save_model(tiny_loaded.model, tmp_path / "h.safetensors", dtype=torch.float16))
+    half = to_model(read_marble(write_marble(from_model(tiny_loaded.model, dtype=torch.float16), tmp_path / "h.safetensors")))
     k = "unet.out.2.weight"
     assert torch.equal(half.state_dict()[k], a[k].half().float())
     with pytest.raises(FileExistsError):
-        save_model(tiny_loaded.model, path)
+        write_marble(from_model(tiny_loaded.model), path)
     assert load_model(str(path)).hash == file_hash(path)
 
 
+def test_the_shipped_model_loads_exactly_as_the_safetensors_library_reads_it():
+    """marble reads safetensors with its own streaming reader (marble/tensor_file.py); the library
+    is the oracle: every tensor equal, bit for bit, after the same cast."""
+    from safetensors.torch import load_file
+
+    from marble.checkpoints.resolve import builtin_path
+    reference = load_file(str(builtin_path()))
+    for dtype in (torch.float32, torch.float16):
+        state = load_model("builtin", dtype).model.state_dict()
+        assert set(reference) <= set(state)
+        assert all(torch.equal(state[k], v.to(dtype)) for k, v in reference.items())
+
+
+def test_vae_file_round_trip_is_bit_exact_and_checks_its_format(tmp_path, tiny_loaded):
+    vae = tiny_loaded.model.vae
+    loaded = read_vae(write_vae(vae, tmp_path / "vae.safetensors"))
+    assert loaded.config == vae.config
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values(), strict=True))
+    with pytest.raises(ModelLoadError, match="not a marble VAE"):
+        read_vae(write_marble(from_model(tiny_loaded.model), tmp_path / "m.safetensors"))
+
+
 def test_truncated_or_corrupt_model_files_are_refused(tmp_path, tiny_loaded):
-    good = save_model(tiny_loaded.model, tmp_path / "m.safetensors").read_bytes()
+    good = write_marble(from_model(tiny_loaded.model), tmp_path / "m.safetensors").read_bytes()
     cases = {"truncated": good[: len(good) // 2], "empty": b"", "garbage": b"\x00" * 64,
              "bad-header": (50).to_bytes(8, "little") + b"{not json" + b" " * 100}
     for name, data in cases.items():
@@ -161,3 +184,49 @@ def test_loading_the_builtin_model_does_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# one config path: marble.config -------------------------------------------------------------------
+
+def test_every_model_config_round_trips_through_json_by_one_function():
+    import json
+
+    from marble.config import config_from_dict, config_from_json, config_to_dict, config_to_json
+    from marble.models.latent_diffusion import LatentDiffusionConfig, tiny_config
+    from marble.models.unet import UNetConfig
+    from marble.train.config import TrainConfig
+    config = tiny_config()
+    d = json.loads(config_to_json(config))
+    assert d["unet"]["channel_mult"] == [1, 2] and d["vae"]["ch_mult"] == [1, 2]
+    back = config_from_json(LatentDiffusionConfig, config_to_json(config))
+    assert back == config and back.unet.channel_mult == (1, 2)    # tuples come back as tuples
+    for preset in UNET_PRESETS.values():
+        assert config_from_dict(UNetConfig, json.loads(json.dumps(config_to_dict(preset)))) == preset
+    train = TrainConfig()
+    assert config_from_dict(TrainConfig, json.loads(json.dumps(config_to_dict(train)))) == train
+    # a partial table: nested configs keep their other defaults; None stays None for `X | None`
+    partial = config_from_dict(TrainConfig, {"data": {"n": 7, "world": None}})
+    assert (partial.data.n, partial.data.world, partial.data.size) == (7, None, 64)
+
+
+def test_unknown_and_missing_keys_are_one_error_type_with_one_message():
+    from marble.config import config_from_dict, config_to_dict
+    from marble.errors import ConfigError
+    from marble.models.latent_diffusion import LatentDiffusionConfig, tiny_config
+    from marble.models.unet import UNetConfig
+    from marble.models.vae import VAEConfig
+    from marble.train.config import TrainConfig
+    good = config_to_dict(tiny_config())
+    cases = [
+        (UNetConfig, {"depth": 3, "width": 1}, "unknown keys in config: depth, width"),
+        (VAEConfig, {"chmult": [1]}, "unknown keys in config: chmult"),
+        (LatentDiffusionConfig, {**good, "unet": {**good["unet"], "depth": 3}}, r"unknown keys in config\.unet: depth"),
+        (LatentDiffusionConfig, {k: v for k, v in good.items() if k not in ("vae", "name")},
+         "missing keys in config: name, vae"),
+        (TrainConfig, {"optim": {"learning_rate": 1}}, r"unknown keys in config\.optim: learning_rate"),
+        (TrainConfig, {"data": 5}, r"config\.data must be a table, not int"),
+    ]
+    for cls, data, message in cases:
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            config_from_dict(cls, data)
+    assert issubclass(ConfigError, ValueError)   # callers that catch ValueError keep working

@@ -7,9 +7,8 @@ from PIL import Image
 from marble.diffusion.guidance import cfg_denoiser, conditional_denoiser, inpaint_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import SAMPLERS, get_sampler
-from marble.diffusion.schedule import spacing
 from marble.pipeline import pil_to_pixels, pixels_to_pil
-from marble.request import GenerationRequest, RequestError
+from marble.request import GenerationRequest, RequestError, resolve
 
 BASE = dict(prompt="two red circles above a blue square", steps=4, sampler="Euler", cfg=5.0, width=32, height=32)
 
@@ -19,7 +18,7 @@ def arr(im: Image.Image) -> np.ndarray:
 
 
 def gen(pipe, **kw):
-    return pipe.generate(GenerationRequest(**{**BASE, **kw}))
+    return pipe.generate(resolve(GenerationRequest(**{**BASE, **kw}), pipe.defaults))
 
 
 def test_shapes_and_records(tiny_pipe):
@@ -106,7 +105,7 @@ def test_img2img_strength_to_zero_returns_the_codec_round_trip_of_the_init(tiny_
 def test_img2img_runs_the_tail_of_the_schedule(tiny_pipe):
     calls = []
     req = GenerationRequest(**{**BASE, "steps": 10, "seed": 2}, init_image=init_image(), strength=0.55)
-    res = tiny_pipe.generate(req, callback=lambda i, total, x0: calls.append((i, total)))
+    res = tiny_pipe.generate(resolve(req, tiny_pipe.defaults), callback=lambda i, total, x0: calls.append((i, total)))
     assert calls == [(i, 5) for i in range(5)]  # int(10 * 0.55) = 5 steps
     assert res.records[0].mode == "img2img" and res.records[0].strength == 0.55
 
@@ -176,4 +175,19 @@ def test_long_prompt_warns(tiny_pipe):
 ])
 def test_invalid_requests_are_refused(tiny_pipe, kw, message):
     with pytest.raises(RequestError, match=message):
-        tiny_pipe.resolve(GenerationRequest(**{**BASE, **kw}))
+        resolve(GenerationRequest(**{**BASE, **kw}), tiny_pipe.defaults)
+
+
+def test_a_request_is_resolved_once_and_the_pipeline_runs_only_resolved_ones(tiny_pipe):
+    """resolve fills every default (a random seed is drawn once and kept); resolving again changes
+    nothing; the pipeline refuses an unresolved request instead of resolving it a second time."""
+    c = tiny_pipe.model.config
+    raw = GenerationRequest(prompt="a circle", n=2)
+    req = resolve(raw, tiny_pipe.defaults)
+    assert (req.steps, req.sampler, req.cfg, req.width, req.height, req.strength) == \
+        (c.default_steps, c.default_sampler, c.default_cfg, c.default_width, c.default_height, None)
+    assert isinstance(req.seed, int) and resolve(req, tiny_pipe.defaults) == req
+    with pytest.raises(TypeError, match="resolve"):
+        tiny_pipe.generate(raw)
+    img = resolve(GenerationRequest(prompt="", init_image=Image.new("RGB", (48, 32))), tiny_pipe.defaults)
+    assert (img.width, img.height, img.strength, img.mode) == (48, 32, 0.75, "img2img")

@@ -15,16 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from marble.checkpoints.checkpoint import Checkpoint, expected_state, from_model, read_marble, write_marble
+from marble.checkpoints.checkpoint import Checkpoint, expected_state, from_model
 from marble.checkpoints.convert import write_checkpoint
 from marble.checkpoints.detect import open_checkpoint
 from marble.checkpoints.diffusers_folder import write_diffusers
-from marble.checkpoints.errors import ModelLoadError
+from marble.checkpoints.marble_format import read_marble, write_marble
 from marble.checkpoints.resolve import load_model, random_model
 from marble.checkpoints.sd_single_file import (IGNORED_KEYS, SD2_TEXT, convert_state, detect_preset,
                                                single_file_state, to_marble_fn, write_single_file)
-from marble.checkpoints.tensor_file import read_header
+from marble.errors import ModelLoadError
 from marble.models.stable_diffusion import sd_config
+from marble.tensor_file import read_header
 from sd_fixtures import diffusers_oracle, tiny_sd
 
 FORMATS = ["marble", "diffusers", "single-file"]

@@ -22,7 +22,7 @@ from marble.cli import app
 from marble.diffusion.samplers import SAMPLERS
 from marble.pipeline import Pipeline, inpaint_concat, pil_to_pixels
 from marble.png import read_text_chunks
-from marble.request import GenerationRequest
+from marble.request import GenerationRequest, resolve
 from sd_fixtures import tiny_sd
 
 SIZE = 32
@@ -72,8 +72,8 @@ def test_every_mode_and_sampler_runs_on_a_single_file_exactly_as_on_its_weights(
     ours = Pipeline(loaded)
     seen = {}
     for label, request in requests():
-        result = ours.generate(request)
-        want = reference.generate(request).images[0]
+        result = ours.generate(resolve(request, ours.defaults))
+        want = reference.generate(resolve(request, reference.defaults)).images[0]
         got = result.images[0]
         assert np.array_equal(np.asarray(got), np.asarray(want)), label
         seen.setdefault(np.asarray(got).tobytes(), []).append(label)
@@ -85,7 +85,8 @@ def test_every_mode_and_sampler_runs_on_a_single_file_exactly_as_on_its_weights(
     same = sorted(sorted(labels) for labels in seen.values() if len(labels) > 1)
     assert same == [["sampler DDIM", "sampler Euler"], ["sampler DDPM", "sampler Euler a"]]
     init, mask = init_and_mask()
-    inpainted = np.asarray(ours.generate(next(r for l, r in requests() if l == "inpaint")).images[0])
+    inpaint = next(r for l, r in requests() if l == "inpaint")
+    inpainted = np.asarray(ours.generate(resolve(inpaint, ours.defaults)).images[0])
     keep = np.asarray(mask) == 0
     assert np.array_equal(inpainted[keep], np.asarray(init)[keep])   # unmasked pixels are the init's
 
@@ -103,8 +104,8 @@ def test_nine_channel_unet_gets_mask_and_masked_image_latent(tmp_path):
     unet.forward = lambda x, t, context, concat=None: (seen.append(concat), forward(x, t, context, concat))[1]
     init, mask = init_and_mask()
     pipe = Pipeline(loaded)
-    pipe.generate(GenerationRequest(prompt="a cat", seed=1, steps=2, cfg=4.0, sampler="Euler", width=SIZE,
-                                    height=SIZE, init_image=init, mask=mask, strength=1.0))
+    pipe.generate(resolve(GenerationRequest(prompt="a cat", seed=1, steps=2, cfg=4.0, sampler="Euler", width=SIZE,
+                                            height=SIZE, init_image=init, mask=mask, strength=1.0), pipe.defaults))
     pixels = pil_to_pixels(init, SIZE, SIZE)
     m = torch.from_numpy(np.asarray(mask) >= 128).float()[None, None]
     with torch.no_grad():
@@ -113,7 +114,8 @@ def test_nine_channel_unet_gets_mask_and_masked_image_latent(tmp_path):
     assert torch.equal(seen[0][0], want[0]) and torch.equal(seen[0][1], want[0])
     assert torch.equal(inpaint_concat(loaded.model.vae, pixels, None, SIZE, SIZE)[:, :1], torch.ones(1, 1, 8, 8))
     seen.clear()
-    pipe.generate(GenerationRequest(prompt="a cat", seed=1, steps=1, cfg=1.0, sampler="Euler", width=SIZE, height=SIZE))
+    pipe.generate(resolve(GenerationRequest(prompt="a cat", seed=1, steps=1, cfg=1.0, sampler="Euler", width=SIZE,
+                                            height=SIZE), pipe.defaults))
     with torch.no_grad():
         blank = loaded.model.vae.encode(torch.zeros(1, 3, SIZE, SIZE))
     assert torch.equal(seen[0][:, :1], torch.ones(1, 1, 8, 8)) and torch.equal(seen[0][:, 1:], blank)

@@ -25,7 +25,7 @@ from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import sample_ddim
 from marble.diffusion.schedule import spacing
 from marble.pipeline import Pipeline
-from marble.request import GenerationRequest
+from marble.request import GenerationRequest, resolve
 from sd_fixtures import (SD1_UNET, SD2_UNET, TINY_VAE, clip_text_kwargs, diffusers_oracle, diffusers_unet_kwargs,
                          diffusers_vae_kwargs, oracle_tokenizer_folder, randomize_, tiny_sd)
 
@@ -149,7 +149,8 @@ def test_txt2img_euler_matches_diffusers(born_in_marble, steps):
     request = GenerationRequest(prompt=PROMPTS[0], negative_prompt="blurry", seed=seed, steps=steps,
                                 sampler="Euler", cfg=7.5, width=size, height=size)
     x0s = []
-    result = Pipeline(LoadedModel(model, "m", "h")).generate(request, callback=lambda i, n, x0: x0s.append(x0.clone()))
+    ours = Pipeline(LoadedModel(model, "m", "h"))
+    result = ours.generate(resolve(request, ours.defaults), callback=lambda i, n, x0: x0s.append(x0.clone()))
     ours = np.asarray(result.images[0]).astype(int)
     # marble starts at sqrt(1 + σ_max²)·noise (the VP prior, diffusers' init_noise_sigma for "leading");
     # diffusers' linspace Euler starts at σ_max·noise, so hand it the same start

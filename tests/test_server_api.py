@@ -10,8 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from marble.request import GenerationRequest
-from marble.server import ServerConfig, ServerLimits, create_app
+from marble.request import GenerationRequest, resolve
+from marble.server.app import create_app
+from marble.server.limits import ServerLimits
+from marble.server.state import ServerConfig
 from server_support import noise_image, png_array, png_b64, png_text, renamed
 
 PROMPT = "two red circles above a blue square"
@@ -32,7 +34,7 @@ def client(tiny_pipe, outputs):
 
 
 def direct(pipe, **kw):
-    return pipe.generate(GenerationRequest(**kw))
+    return pipe.generate(resolve(GenerationRequest(**kw), pipe.defaults))
 
 
 def arrays(images):

@@ -9,8 +9,10 @@ import httpx
 import numpy as np
 import pytest
 
-from marble.request import GenerationRequest
-from marble.server import ServerConfig, ServerLimits, create_app
+from marble.request import GenerationRequest, resolve
+from marble.server.app import create_app
+from marble.server.limits import ServerLimits
+from marble.server.state import ServerConfig
 from marble.server.thread import ServerThread
 from server_support import GatedPipeline, noise_image, png_array
 
@@ -76,8 +78,8 @@ def test_type_a_prompt_generate_and_see_the_image(page, tiny_pipe):
     page.click("#generate")
     page.wait_for_function("(() => { const i = document.querySelector('#results img'); "
                            "return i && i.complete && i.naturalWidth === 32; })()")
-    want = tiny_pipe.generate(GenerationRequest(prompt=PROMPT, seed=5, steps=2, width=32, height=32,
-                                                sampler="Euler", cfg=7.0)).images[0]
+    request = GenerationRequest(prompt=PROMPT, seed=5, steps=2, width=32, height=32, sampler="Euler", cfg=7.0)
+    want = tiny_pipe.generate(resolve(request, tiny_pipe.defaults)).images[0]
     assert np.array_equal(result_pixels(page), np.asarray(want))
     assert "seeds 5" in page.inner_text("#progress-text")
     # the gallery shows it, with its parameters, and can put them back in the form

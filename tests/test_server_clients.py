@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marble.request import GenerationRequest
-from marble.server import ServerConfig, ServerLimits, create_app
+from marble.request import GenerationRequest, resolve
+from marble.server.app import create_app
+from marble.server.limits import ServerLimits
+from marble.server.state import ServerConfig
 from marble.server.thread import ServerThread
 from server_support import GatedPipeline, noise_image, png_array
 
@@ -32,7 +34,7 @@ def server(tiny_pipe, tmp_path_factory):
 
 
 def want(pipe, **kw):
-    return [np.asarray(im) for im in pipe.generate(GenerationRequest(**kw)).images]
+    return [np.asarray(im) for im in pipe.generate(resolve(GenerationRequest(**kw), pipe.defaults)).images]
 
 
 # ---- openai --------------------------------------------------------------------------------

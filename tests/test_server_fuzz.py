@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from marble.server import ServerConfig, ServerLimits, create_app
+from marble.server.app import create_app
+from marble.server.limits import ServerLimits
+from marble.server.state import ServerConfig
 
 LIMITS = ServerLimits(max_pixels=32 * 32, max_steps=3, max_n=2, max_prompt_chars=300,
                       max_input_pixels=64 * 64, max_body_bytes=256 * 1024)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from marble.pipeline import pixels_to_pil
-from marble.request import GenerationRequest
-from marble.server import ServerConfig, create_app
+from marble.request import GenerationRequest, resolve
+from marble.server.app import create_app
+from marble.server.state import ServerConfig
 from marble.server.outputs import OutputStore
 from marble.server.thread import ServerThread
 from marble.server.worker import DISCONNECTED, INTERRUPTED, STOPPING, Cancelled, QueueFull, Worker, wait_for
@@ -21,7 +22,7 @@ SMALL = dict(prompt="queue", steps=4, width=32, height=32)
 
 
 def resolved(pipe, **kw):
-    return pipe.resolve(GenerationRequest(**{**SMALL, **kw}))
+    return resolve(GenerationRequest(**{**SMALL, **kw}), pipe.defaults)
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from marble.checkpoints.errors import ModelLoadError
+from marble.config import config_to_dict
+from marble.errors import ConfigError, ModelLoadError
 from marble.models.bert import BertTextConfig, BertTextEncoder, mean_pool
 from marble.models.clip import CLIPTextConfig, CLIPTextEncoder
 from marble.models.text import (TEXT_ENCODER_PRESETS, TextEncoder, build_text_encoder, load_minilm,
@@ -139,7 +140,7 @@ def test_text_encoders_satisfy_the_protocol():
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODER_PRESETS))
 def test_configs_round_trip_through_json(name):
     c = TEXT_ENCODER_PRESETS[name]
-    d = json.loads(json.dumps(c.to_dict()))
+    d = json.loads(json.dumps(config_to_dict(c)))
     assert d["kind"] in ("clip", "bert")
     assert text_config_from_dict(d) == c
     assert text_config_from_dict({"preset": name}) == c
@@ -150,7 +151,7 @@ def test_preset_overrides_and_errors():
     assert text_config_from_dict({"preset": "minilm-l6", "pretrained": False}).pretrained is False
     with pytest.raises(ValueError, match="unknown text encoder preset"):
         text_config_from_dict({"preset": "clip-huge"})
-    with pytest.raises(ValueError, match="unknown CLIP text config fields: depth"):
+    with pytest.raises(ConfigError, match=r"unknown keys in text encoder config \(preset 'clip-tiny'\): depth"):
         text_config_from_dict({"preset": "clip-tiny", "depth": 3})
     with pytest.raises(ValueError, match="clip_skip"):
         CLIPTextConfig(clip_skip=13)
@@ -235,6 +236,6 @@ def test_random_bert_shares_the_tokenizer_and_shapes(minilm):
 def test_pretrained_is_judged_on_the_resolved_config():
     from marble.models.text import text_encoder_is_pretrained
     assert text_encoder_is_pretrained({"preset": "minilm-l6"})
-    assert text_encoder_is_pretrained(TEXT_ENCODER_PRESETS["minilm-l6"].to_dict())
+    assert text_encoder_is_pretrained(config_to_dict(TEXT_ENCODER_PRESETS["minilm-l6"]))
     assert not text_encoder_is_pretrained({"preset": "minilm-l6", "pretrained": False})
     assert not text_encoder_is_pretrained({"preset": "clip-vit-l-14"})

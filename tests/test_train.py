@@ -191,7 +191,10 @@ warmup = 0
 
 
 def test_fine_tuning_starts_from_the_init_model(tmp_path):
-    from marble.checkpoints.marble_format import read_metadata
+    from marble.tensor_file import read_header
+
+    def read_metadata(path):
+        return read_header(path).metadata
     folder = make_folder(tmp_path / "data")
     finish(marble("train", "diffusion", write_config(tmp_path, "base", folder, steps=2)))
     base = tmp_path / "base" / "model.safetensors"

@@ -1,4 +1,2 @@
-"""Model files: marble's own format, and (later) diffusers folders and SD single files."""
-from marble.checkpoints.errors import ModelLoadError
-
-__all__ = ["ModelLoadError"]
+"""Model files: marble's own format, diffusers folders and SD single files, read into one
+Checkpoint and written from it (errors: marble.errors.ModelLoadError)."""

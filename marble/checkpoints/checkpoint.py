@@ -10,20 +10,21 @@ file's header, so missing, unexpected and misshapen keys are reported before any
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Protocol
 
 import torch
 
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import (FORMAT, FORMAT_VERSION, build_model, check_keys,
-                                              text_is_external)
-from marble.checkpoints.tensor_file import Header, read_header, read_tensors, safetensors_writer
-from marble.fileio import write_new
+from marble.config import config_from_json
+from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.skeleton import skeleton
+from marble.models.text import build_text_encoder, text_encoder_is_pretrained
+from marble.tensor_file import Header, read_header, read_tensors, safetensors_writer
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 ToMarble = Callable[[str, torch.Tensor], "list[tuple[str, torch.Tensor]] | None"]
 
@@ -44,6 +45,19 @@ class Checkpoint:
         if prediction is None or prediction == self.config.prediction:
             return self
         return replace(self, config=self.config.replace(prediction=prediction))
+
+
+def text_is_external(config: LatentDiffusionConfig) -> bool:
+    """Pretrained text encoders are loaded from their package, not stored in the model file."""
+    return text_encoder_is_pretrained(config.text)
+
+
+def refuse_existing(path: Path) -> Path:
+    """Checked before anything is read or written: marble never replaces a model."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; marble never overwrites a model file")
+    return path
 
 
 # --- where tensors come from ----------------------------------------------------------------------
@@ -74,6 +88,21 @@ class SafetensorsSource:
         names = set(names)
         for h in self.headers:
             yield from read_tensors(h, [n for n in h.entries if n in names], dtype)
+
+
+def open_source(path: Path, allow_pickle: bool) -> TensorSource:
+    """The tensors of one file: safetensors, or a pickle only when the user allowed it."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise pickle_refused(path)
+        return PickleSource(path)
+    return SafetensorsSource.open(path)
+
+
+def pickle_refused(path: Path) -> ModelLoadError:
+    return ModelLoadError(f"{path} is a pickle checkpoint; marble reads it only when asked (--allow-pickle), "
+                          "through torch.load(weights_only=True); prefer .safetensors")
 
 
 class PickleSource:
@@ -146,7 +175,35 @@ def convert_state(source: TensorSource, to_marble: ToMarble, expected: dict[str,
     return state
 
 
-def file_sha256(paths: Iterable[Path]) -> str:
+def check_keys(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Missing, unexpected and misshapen keys, named (at most five of each) in one line."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])}{', …' if len(unexpected) > 5 else ''})")
+        raise ModelLoadError(f"{path} does not match its config: {'; '.join(parts)}")
+    bad = [k for k in expected if tuple(expected[k].shape) != tuple(found[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ModelLoadError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {k} is "
+                             f"{tuple(found[k].shape)}, expected {tuple(expected[k].shape)}")
+
+
+def config_from_metadata(path: Path, text: str | None, cls: type, what: str):
+    """The typed config a file stores as JSON in its safetensors metadata."""
+    try:
+        return config_from_json(cls, text, f"{what} config")
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: the {what} config in the metadata is invalid ({e})") from None
+
+
+# --- hashes ----------------------------------------------------------------------------------------
+
+def file_hash(*paths: Path) -> str:
     """First 10 hex of the sha256 of the files' bytes, concatenated in the order given (one file:
     A1111's "Model hash")."""
     h = hashlib.sha256()
@@ -157,21 +214,30 @@ def file_sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()[:10]
 
 
-def read_marble(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """A marble model file, streamed (the same file `marble_format.load_model_file` reads)."""
-    path = Path(path)
-    header = read_header(path)
-    if header.metadata.get("format") != FORMAT:
-        raise ModelLoadError(f"{path} is a safetensors file but not a marble model (no marble config in its metadata)")
-    try:
-        config = LatentDiffusionConfig.from_dict(json.loads(header.metadata["config"]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path}: the model config in the metadata is invalid ({e})") from None
-    state = convert_state(SafetensorsSource([header], path), lambda k, t: [(k, t)], expected_state(config), dtype)
-    return Checkpoint(config, state, path, file_sha256([path]), "marble")
+def state_hash(model: LatentDiffusion) -> str:
+    """For models that have no file (e.g. seeded random ones): the hash the model's file would have
+    without metadata."""
+    h = hashlib.sha256()
+    safetensors_writer(from_model(model).state)(SimpleNamespace(write=h.update))   # the file's bytes, hashed as written
+    return h.hexdigest()[:10]
 
 
 # --- models <-> checkpoints ------------------------------------------------------------------------
+
+def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], source: Path,
+                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """Build the networks without allocating weights (meta device), then adopt the loaded tensors:
+    peak memory stays near the size of the weights."""
+    external = text_is_external(config)
+    text = build_text_encoder(config.text) if external else None
+    with skeleton():
+        model = LatentDiffusion(config, text_encoder=text)
+    expected = {k: v for k, v in model.state_dict().items() if not (external and k.startswith("text_encoder."))}
+    check_keys(source, expected, state)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state, strict=not external, assign=True)
+    return model.eval().requires_grad_(False)
+
 
 def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
     """Build the model around the checkpoint's tensors (meta-device construction, then adoption:
@@ -182,16 +248,11 @@ def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LatentDiff
     return model
 
 
-def from_model(model: LatentDiffusion, source: Path | str = "memory", hash: str = "") -> Checkpoint:
-    state = {k: v for k, v in model.state_dict().items()
+def from_model(model: LatentDiffusion, source: Path | str = "memory", hash: str = "",
+               dtype: torch.dtype | None = None) -> Checkpoint:
+    """The model's weights as a checkpoint (a package's pretrained text encoder left out); `dtype`
+    casts the floating tensors (e.g. fp16 to ship)."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()
              if not (text_is_external(model.config) and k.startswith("text_encoder."))}
     return Checkpoint(model.config, state, Path(source), hash, "marble")
-
-
-def write_marble(ckpt: Checkpoint, path: Path) -> Path:
-    """A marble model file (marble_format's layout), written atomically and never over a file."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; marble never overwrites a model file")
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": ckpt.config.to_json()}
-    return write_new(path, safetensors_writer(ckpt.state, metadata))

@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
-from marble.checkpoints.checkpoint import Checkpoint, write_marble
+from marble.checkpoints.checkpoint import Checkpoint, refuse_existing
 from marble.checkpoints.detect import open_checkpoint
 from marble.checkpoints.diffusers_folder import write_diffusers
+from marble.checkpoints.marble_format import write_marble
 from marble.checkpoints.sd_single_file import write_single_file
 
 WRITERS: dict[str, Callable[[Checkpoint, Path], Path]] = {
@@ -35,9 +36,7 @@ def convert(src: Path | str, dst: Path | str, to: str, *, allow_pickle: bool = F
     """Read `src` (any supported kind), write `dst` as `to`; returns what was read. `dtype` casts the
     floating tensors (None: as stored). Nothing is written when reading fails; `dst` is written
     atomically and never replaced."""
-    dst = Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists; marble never overwrites a model")
+    dst = refuse_existing(dst)
     ckpt = open_checkpoint(src, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
     write_checkpoint(ckpt, dst, to)
     return ckpt

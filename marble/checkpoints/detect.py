@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import Checkpoint, PickleSource, read_marble
+from marble.checkpoints.checkpoint import PICKLE_SUFFIXES, Checkpoint, PickleSource, pickle_refused
 from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import FORMAT
+from marble.checkpoints.marble_format import FORMAT, read_marble
 from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file
-from marble.checkpoints.tensor_file import read_header
+from marble.errors import ModelLoadError
+from marble.tensor_file import read_header
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 KINDS = ("marble", "diffusers", "single-file")
 
 
@@ -34,8 +33,7 @@ def detect_kind(path: Path, allow_pickle: bool = False) -> str:
         raise ModelLoadError(f"no model file at {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise ModelLoadError(f"{path} is a pickle checkpoint; marble reads it only when asked (--allow-pickle), "
-                                 "through torch.load(weights_only=True); prefer .safetensors")
+            raise pickle_refused(path)
         return "single-file"
     header = read_header(path)
     if header.metadata.get("format") == FORMAT:

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import (Checkpoint, PickleSource, SafetensorsSource, TensorSource,
-                                           convert_state, expected_state, file_sha256)
+from marble.checkpoints.checkpoint import (Checkpoint, SafetensorsSource, TensorSource, convert_state,
+                                           expected_state, file_hash, open_source, text_is_external)
 from marble.checkpoints.diffusers_keys import (inverse, rename, unet_table, vae_from_diffusers_tensor,
                                                vae_reverse_table, vae_table, vae_to_diffusers_tensor)
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import text_is_external
-from marble.checkpoints.tensor_file import read_header, safetensors_writer
+from marble.config import config_to_dict
+from marble.errors import ModelLoadError
 from marble.models.clip import CLIPTextConfig
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.text import text_config_from_dict
 from marble.models.tokenizer import CLIP_BOS, CLIP_EOS, bytes_to_unicode, clip_vocab, read_clip_merges
 from marble.models.unet import UNetConfig
 from marble.models.vae import VAEConfig
+from marble.tensor_file import read_header, safetensors_writer
 
 DIFFUSERS_VERSION = "0.30.0"     # written into configs; any diffusers from 0.21 on reads them
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -216,10 +216,7 @@ def _component_source(folder: Path, component: str, allow_pickle: bool) -> tuple
             return SafetensorsSource([read_header(p) for p in paths], d / name), paths
     pickle = d / PICKLE_FILES[component]
     if pickle.is_file():
-        if not allow_pickle:
-            raise ModelLoadError(f"{pickle} is a pickle; marble reads it only when asked (--allow-pickle), "
-                                 "through torch.load(weights_only=True)")
-        return PickleSource(pickle), [pickle]
+        return open_source(pickle, allow_pickle), [pickle]
     raise ModelLoadError(f"{d} has no weights ({stem}.safetensors)")
 
 
@@ -246,7 +243,7 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     schedule, prediction = schedule_from_diffusers(_json(scheduler_file), scheduler_file)
     extra = index.get("_marble") if isinstance(index.get("_marble"), dict) else {}
-    text_dict = text.to_dict()
+    text_dict = config_to_dict(text)
     try:   # marble's own text settings (clip skip; the preset spelling) when they fit this encoder
         ours = text_config_from_dict(extra["text"])
         if ours.replace(clip_skip=1) == text:
@@ -288,7 +285,7 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
             return f"{component}/{rename(inner, forward) if forward else inner}"
 
         state.update(convert_state(source, to_marble, part, dtype, describe))
-    return Checkpoint(config, state, folder, file_sha256(files), "diffusers")
+    return Checkpoint(config, state, folder, file_hash(*files), "diffusers")
 
 
 # --- configs: marble -> diffusers ------------------------------------------------------------------

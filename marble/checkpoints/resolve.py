@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import to_model
+from marble.checkpoints.checkpoint import state_hash, to_model
 from marble.checkpoints.detect import open_checkpoint
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import file_hash, load_model_file, state_hash
+from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, tiny_config
 
 DEFAULT_MODEL = "builtin"
@@ -63,15 +62,11 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
     if spec in NAMED:
         model = NAMED[spec]().to(dtype)
         return LoadedModel(model, spec, state_hash(model))
-    if spec == "builtin":
-        path = builtin_path()
-        if not path.is_file():
-            raise ModelLoadError(f"the built-in model is missing ({path}); pass --model tiny-random "
-                                 "or a model file")
-        return LoadedModel(load_model_file(path, dtype), "builtin", file_hash(path))
-    path = Path(spec).expanduser()
+    path = builtin_path() if spec == "builtin" else Path(spec).expanduser()
+    if spec == "builtin" and not path.is_file():
+        raise ModelLoadError(f"the built-in model is missing ({path}); pass --model tiny-random or a model file")
     if not path.exists():
         names = ", ".join(["builtin", *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
     ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-    return LoadedModel(to_model(ckpt, dtype), ckpt.name, ckpt.hash)
+    return LoadedModel(to_model(ckpt, dtype), "builtin" if spec == "builtin" else ckpt.name, ckpt.hash)

@@ -16,23 +16,23 @@ metadata ("marble_config"), which then replaces the recognition step.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import (Checkpoint, PickleSource, SafetensorsSource, TensorSource,
-                                           convert_state, expected_state, file_sha256)
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.marble_format import text_is_external
-from marble.checkpoints.tensor_file import safetensors_writer
+from marble.checkpoints.checkpoint import (Checkpoint, TensorSource, config_from_metadata, convert_state,
+                                           expected_state, file_hash, open_source, refuse_existing,
+                                           text_is_external)
+from marble.config import config_to_json
+from marble.errors import ModelLoadError
 from marble.diffusion.schedule import make_schedule
 from marble.fileio import write_new
 from marble.models.clip import CLIPTextConfig
 from marble.models.latent_diffusion import LatentDiffusionConfig
 from marble.models.stable_diffusion import sd_config
 from marble.models.text import text_config_from_dict
+from marble.tensor_file import safetensors_writer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -185,15 +185,6 @@ def describe_fn(sd2: bool):
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def open_source(path: Path, allow_pickle: bool) -> TensorSource:
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-        if not allow_pickle:
-            raise ModelLoadError(f"{path} is a pickle checkpoint; marble reads it only when asked "
-                                 "(--allow-pickle), through torch.load(weights_only=True); prefer .safetensors")
-        return PickleSource(path)
-    return SafetensorsSource.open(path)
-
-
 def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle: bool = False,
                      prediction: str | None = None, source: TensorSource | None = None,
                      config: LatentDiffusionConfig | None = None) -> Checkpoint:
@@ -206,10 +197,7 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle:
     if config is not None:
         pass
     elif stored:
-        try:
-            config = LatentDiffusionConfig.from_dict(json.loads(stored))
-        except (ValueError, TypeError, KeyError) as e:
-            raise ModelLoadError(f"{path}: the marble config in the metadata is invalid ({e})") from None
+        config = config_from_metadata(path, stored, LatentDiffusionConfig, "marble")
     else:
         config = sd_config(detect_preset(shapes, path), name=path.stem)
     prediction = prediction or sidecar_prediction(path)
@@ -218,7 +206,7 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle:
     check_schedule(source, config, path)
     sd2 = any(k.startswith(SD2_TEXT) for k in shapes)
     state = convert_state(source, to_marble_fn(config), expected_state(config), dtype, describe_fn(sd2))
-    return Checkpoint(config, state, path, file_sha256([path]), "single-file")
+    return Checkpoint(config, state, path, file_hash(path), "single-file")
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -251,8 +239,6 @@ def single_file_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 def write_single_file(ckpt: Checkpoint, path: Path) -> Path:
     """An SD single file (safetensors), with the marble config in the metadata; atomic, never over a file."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; marble never overwrites a model file")
+    path = refuse_existing(path)
     state = single_file_state(ckpt)
-    return write_new(path, safetensors_writer(state, {"format": "pt", "marble_config": ckpt.config.to_json()}))
+    return write_new(path, safetensors_writer(state, {"format": "pt", "marble_config": config_to_json(ckpt.config)}))

@@ -41,7 +41,7 @@ def bench(
     if model is not None:
         if runs < 1 or cold_runs < 0:
             fail("--runs must be >= 1 and --cold-runs >= 0")
-        from marble.checkpoints.errors import ModelLoadError
+        from marble.errors import ModelLoadError
         from marble.eval.speed import measure
 
         try:

@@ -50,7 +50,7 @@ def convert(
     import torch
 
     from marble.checkpoints.convert import convert as run_convert
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
 
     if dst.exists():
         fail(f"{dst} exists; marble never overwrites a model")

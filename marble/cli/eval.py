@@ -18,12 +18,13 @@ PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made."""
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
-    from marble.request import GenerationRequest, RequestError
+    from marble.request import GenerationRequest, RequestError, resolve
     try:
         pipe = load_pipeline(model)
-        resolved = pipe.resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg))
+        resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg),
+                           pipe.defaults)
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
 
@@ -74,10 +75,30 @@ def eval_command(
     """Score a model on six GenEval categories (single object, two objects, counting, colors,
     position, color attribution) with an exact detector; prints a markdown table and writes JSON
     with per-image verdicts. See docs/eval.md."""
-    from marble.eval import baselines
-    from marble.eval.benchmark import markdown_table, run_benchmark
-    from marble.eval.prompts import SPLITS, build_prompts, scale_counts
+    from marble.eval.benchmark import markdown_table
+    from marble.eval.prompts import build_prompts, scale_counts
 
+    _check_flags(split, seeds, prompts, threads, json_out, sheet)
+    prompt_list = build_prompts(split, scale_counts(prompts))
+    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads)
+    seed_list = list(range(seeds))
+    result, tiles = _run(generate, prompt_list, seed_list, split, keep_tiles=sheet is not None)
+    report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
+              "cfg": cfg, **extra, "split": split, "seeds": seed_list, **result.to_dict()}
+    typer.echo(markdown_table(result))
+    info(f"{report['images']} images in {result.seconds:.1f} s")
+    if probe:
+        from marble.eval.probe import probe_table
+        report.update(_probe(generate, seeds))
+        typer.echo("")
+        typer.echo(probe_table(report["probe"]))
+    _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
+    if sheet is not None:
+        _write_sheet(sheet, tiles)
+
+
+def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: Path, sheet: Path | None) -> None:
+    from marble.eval.prompts import SPLITS
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if seeds < 1:
@@ -91,56 +112,55 @@ def eval_command(
     _check_target(json_out, "--json")
     _check_target(sheet, "--sheet")
 
-    prompt_list = build_prompts(split, scale_counts(prompts))
-    extra = {}
-    if model in BASELINES:
-        if sampler is not None or steps is not None or cfg is not None:
-            warn(f"--sampler, --steps and --cfg do not apply to the {model} baseline; ignored")
-        if model == "groundtruth":
-            from marble.eval.probe import probe_prompts
-            generate = baselines.groundtruth(prompt_list + probe_prompts())
-        else:
-            generate = baselines.noise()
-    else:
+
+def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int):
+    """`generate(prompt, seed) -> image` for a model or a baseline, and the settings to report."""
+    from marble.eval import baselines
+    if model not in BASELINES:
         if threads:
             import torch
             torch.set_num_threads(threads)
-        generate, extra = model_source(model, sampler, steps, cfg)
+        return model_source(model, sampler, steps, cfg)
+    if sampler is not None or steps is not None or cfg is not None:
+        warn(f"--sampler, --steps and --cfg do not apply to the {model} baseline; ignored")
+    if model == "groundtruth":
+        from marble.eval.probe import probe_prompts
+        return baselines.groundtruth(prompt_list + probe_prompts()), {}
+    return baselines.noise(), {}
 
-    seed_list = list(range(seeds))
-    tiles = []
 
+def _run(generate, prompt_list, seed_list: list[int], split: str, keep_tiles: bool):
+    """The benchmark with a progress bar; the first seed's images as sheet tiles when wanted."""
     from tqdm import tqdm
-    bar = tqdm(total=len(prompt_list) * seeds, unit="image", desc=f"eval {split}", leave=False)
+
+    from marble.eval.benchmark import run_benchmark
+    tiles = []
+    bar = tqdm(total=len(prompt_list) * len(seed_list), unit="image", desc=f"eval {split}", leave=False)
 
     def on_image(prompt, seed, image, passed):
         bar.update(1)
-        if sheet is not None and seed == seed_list[0]:
+        if keep_tiles and seed == seed_list[0]:
             tiles.append((image, passed, f"[{prompt.category}] {prompt.text}"))
 
     try:
-        result = run_benchmark(generate, prompt_list, seed_list, on_image=on_image)
+        return run_benchmark(generate, prompt_list, seed_list, on_image=on_image), tiles
     finally:
         bar.close()
-    report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
-              "cfg": cfg, **extra, "split": split, "seeds": seed_list, **result.to_dict()}
-    typer.echo(markdown_table(result))
-    info(f"{report['images']} images in {result.seconds:.1f} s")
-    if probe:
-        import time
-        from marble.eval.probe import probe_table, run_probe
-        start = time.perf_counter()
-        probe_seeds = list(range(max(seeds, PROBE_MIN_SEEDS)))
-        report["probe_seeds"] = probe_seeds
-        report["probe"] = run_probe(generate, probe_seeds)
-        report["probe_seconds"] = round(time.perf_counter() - start, 3)
-        typer.echo("")
-        typer.echo(probe_table(report["probe"]))
 
-    _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
-    if sheet is not None:
-        from marble.eval.sheet import contact_sheet
-        step = max(1, -(-len(tiles) // SHEET_TILES))
-        buf = io.BytesIO()
-        contact_sheet(tiles[::step]).save(buf, format="PNG")
-        _write_new(sheet, buf.getvalue(), "--sheet")
+
+def _probe(generate, seeds: int) -> dict:
+    import time
+
+    from marble.eval.probe import run_probe
+    start = time.perf_counter()
+    probe_seeds = list(range(max(seeds, PROBE_MIN_SEEDS)))
+    probe = run_probe(generate, probe_seeds)
+    return {"probe_seeds": probe_seeds, "probe": probe, "probe_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _write_sheet(sheet: Path, tiles: list) -> None:
+    from marble.eval.sheet import contact_sheet
+    step = max(1, -(-len(tiles) // SHEET_TILES))
+    buf = io.BytesIO()
+    contact_sheet(tiles[::step]).save(buf, format="PNG")
+    _write_new(sheet, buf.getvalue(), "--sheet")

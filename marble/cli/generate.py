@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from PIL import Image, UnidentifiedImageError
 
 from marble.cli.app import app, fail, warn
+
+if TYPE_CHECKING:  # imported where used: `marble --help` should not load torch
+    from marble.pipeline import Pipeline
+    from marble.record import GenerationRecord
+    from marble.request import GenerationRequest, ResolvedRequest
 
 MODEL_HELP = ("Model: 'builtin' (default), 'tiny-random', a marble .safetensors file, a diffusers folder or an "
               "SD 1.x/2.x single file.")
@@ -23,19 +30,115 @@ def parse_size(size: str) -> tuple[int, int]:
     return w, h
 
 
-def read_image(path: Path, what: str) -> tuple[Image.Image, str]:
-    """The image and the sha256 of its file; one-line errors for missing or non-image files."""
+def read_image(path: Path, what: str, expected_sha: str | None = None) -> tuple[Image.Image, str]:
+    """The image and the sha256 of its file; one-line errors for missing or non-image files, and for
+    a file that no longer matches the hash its record gives (`expected_sha`)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         fail(f"cannot read the {what} {path}: {e.strerror or e}")
     try:
-        import io
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         fail(f"the {what} {path} is not a readable image")
-    return image, hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()
+    if expected_sha and sha != expected_sha:
+        fail(f"{path} has changed since the record was made (sha256 differs)")
+    return image, sha
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What `generate` was asked for, None where a flag was not given (the model's default)."""
+    prompt: str | None
+    negative: str | None
+    seed: int | None
+    steps: int | None
+    cfg: float | None
+    sampler: str | None
+    size: str | None
+    strength: float | None
+    model: str | None
+    init_image: Path | None
+    mask: Path | None
+    init_sha: str | None = None     # with --from: the sha256 the record gives for each image
+    mask_sha: str | None = None
+
+
+_FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
+                "sampler": "sampler", "strength": "strength", "model": "model_name"}   # flag -> record field
+
+
+def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
+    """--from: the record's value for every flag not given. Its images are taken with their hashes,
+    so that reading them checks they did not change."""
+    merged = {flag: getattr(record, key) for flag, key in _FROM_RECORD.items() if getattr(flags, flag) is None}
+    if flags.size is None:
+        merged["size"] = f"{record.width}x{record.height}"
+    if flags.init_image is None and record.init_image:
+        merged.update(init_image=Path(record.init_image), init_sha=record.init_image_sha256)
+    if flags.mask is None and record.mask:
+        merged.update(mask=Path(record.mask), mask_sha=record.mask_sha256)
+    return replace(flags, **merged)
+
+
+def read_request(flags: Flags, n: int) -> GenerationRequest:
+    """The request the flags describe, with its images read; not yet resolved against a model."""
+    from marble.request import GenerationRequest
+    if flags.prompt is None:
+        fail("a PROMPT is required (or --from PNG)")
+    init = mask = init_sha = mask_sha = None
+    if flags.init_image is not None:
+        init, init_sha = read_image(flags.init_image, "init image", flags.init_sha)
+    if flags.mask is not None:
+        if flags.init_image is None:
+            fail("--mask needs --init-image")
+        mask, mask_sha = read_image(flags.mask, "mask", flags.mask_sha)
+    width, height = parse_size(flags.size) if flags.size else (None, None)
+    return GenerationRequest(
+        prompt=flags.prompt, negative_prompt=flags.negative or "", seed=flags.seed, steps=flags.steps,
+        sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
+        init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
+        init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha)
+
+
+def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
+                  allow_pickle: bool) -> tuple[Pipeline, ResolvedRequest]:
+    """Load the model and resolve the request against it: every error before any work."""
+    from marble.errors import ModelLoadError
+    from marble.pipeline import load_pipeline
+    from marble.request import RequestError, resolve
+    if prediction not in (None, "eps", "v", "x0"):
+        fail(f"--prediction must be eps, v or x0, not {prediction!r}")
+    try:
+        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle)
+        return pipe, resolve(request, pipe.defaults)
+    except (ModelLoadError, RequestError) as e:
+        fail(str(e))
+
+
+def run_and_save(pipe: Pipeline, request: ResolvedRequest, out: Path) -> None:
+    """Generate with a progress bar, then save each image and print its path."""
+    from tqdm import tqdm
+
+    from marble.png import save_numbered
+    bar = tqdm(total=None, unit="step", desc="sampling", leave=False)
+
+    def progress(step: int, total: int, _x0) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = pipe.generate(request, callback=progress)
+    except Exception as e:  # the resolved request was valid: this is a bug or a resource limit
+        bar.close()
+        fail(f"generation failed: {type(e).__name__}: {e}", code=1)
+    bar.close()
+    for message in result.warnings:
+        warn(message)
+    for image, record in zip(result.images, result.records):
+        typer.echo(str(save_numbered(image, record, out)))
 
 
 @app.command()
@@ -62,83 +165,23 @@ def generate(
     Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
-    from marble.checkpoints.errors import ModelLoadError
-    from marble.png import read_record, save_numbered
-    from marble.request import GenerationRequest, RequestError
+    from marble.png import read_record
 
-    init_sha = mask_sha = None
+    flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask)
+    record = None
     if from_png is not None:
         try:
-            rec = read_record(from_png)
+            record = read_record(from_png)
         except ValueError as e:
             fail(str(e))
-        prompt = rec.prompt if prompt is None else prompt
-        negative = rec.negative_prompt if negative is None else negative
-        seed = rec.seed if seed is None else seed
-        steps = rec.steps if steps is None else steps
-        cfg = rec.cfg if cfg is None else cfg
-        sampler = rec.sampler if sampler is None else sampler
-        size = f"{rec.width}x{rec.height}" if size is None else size
-        strength = rec.strength if strength is None else strength
-        model = rec.model_name if model is None else model
-        if init_image is None and rec.init_image:
-            init_image, init_sha = Path(rec.init_image), rec.init_image_sha256
-        if mask is None and rec.mask:
-            mask, mask_sha = Path(rec.mask), rec.mask_sha256
-    if prompt is None:
-        fail("a PROMPT is required (or --from PNG)")
-
-    init = mask_image = None
-    if init_image is not None:
-        init, sha = read_image(init_image, "init image")
-        if init_sha and sha != init_sha:
-            fail(f"{init_image} has changed since the record was made (sha256 differs)")
-        init_sha = sha
-    if mask is not None:
-        if init_image is None:
-            fail("--mask needs --init-image")
-        mask_image, sha = read_image(mask, "mask")
-        if mask_sha and sha != mask_sha:
-            fail(f"{mask} has changed since the record was made (sha256 differs)")
-        mask_sha = sha
-    width, height = parse_size(size) if size else (None, None)
-
-    request = GenerationRequest(
-        prompt=prompt, negative_prompt=negative or "", seed=seed, steps=steps, sampler=sampler, cfg=cfg,
-        width=width, height=height, n=n, strength=strength, init_image=init, mask=mask_image,
-        init_image_path=str(init_image) if init_image else None, init_image_sha256=init_sha,
-        mask_path=str(mask) if mask else None, mask_sha256=mask_sha)
-
-    from marble.pipeline import load_pipeline
-    try:
-        if prediction not in (None, "eps", "v", "x0"):
-            fail(f"--prediction must be eps, v or x0, not {prediction!r}")
-        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle)
-        resolved = pipe.resolve(request)  # validate before any work
-    except (ModelLoadError, RequestError) as e:
-        fail(str(e))
-    if from_png is not None and rec.model_hash and rec.model_hash != pipe.loaded.hash:
-        warn(f"the record was made with model hash {rec.model_hash}, this model's is {pipe.loaded.hash}")
-    if prompt == "":
+        flags = merge_record(flags, record)
+    request = read_request(flags, n)
+    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle)
+    if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
+        warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
+    if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
-
-    from tqdm import tqdm
-    bar = tqdm(total=None, unit="step", desc="sampling", leave=False)
-
-    def progress(step: int, total: int, _x0) -> None:
-        bar.total = total
-        bar.update(1)
-
-    try:
-        result = pipe.generate(resolved, callback=progress)
-    except Exception as e:  # the resolved request was valid: this is a bug or a resource limit
-        bar.close()
-        fail(f"generation failed: {type(e).__name__}: {e}", code=1)
-    bar.close()
-    for message in result.warnings:
-        warn(message)
-    for image, record in zip(result.images, result.records):
-        typer.echo(str(save_numbered(image, record, out)))
+    run_and_save(pipe, resolved, out)
 
 
 @app.command()

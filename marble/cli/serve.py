@@ -40,7 +40,7 @@ def serve(
 
     Interactive API docs at /docs; /health never needs the key.
     """
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.server.limits import ServerLimits
 
     if not 0 <= port <= 65535:
@@ -84,7 +84,8 @@ def serve(
         fail(f"two models have the same name ({', '.join(names)}); rename a file")
 
     import uvicorn
-    from marble.server.app import ServerConfig, create_app
+    from marble.server.app import create_app
+    from marble.server.state import ServerConfig
 
     application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits))
     bound_host, bound_port = sock.getsockname()[:2]

@@ -14,7 +14,7 @@ app.add_typer(train_app, name="train")
 
 
 def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: Optional[int]) -> None:
-    from marble.checkpoints.errors import ModelLoadError
+    from marble.errors import ModelLoadError
     from marble.train.config import ConfigError, load_config
     from marble.train.distributed import init_world, shutdown
 

@@ -189,7 +189,7 @@ def diffusers_pipeline(model: LatentDiffusion):
 @torch.inference_mode()
 def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log) -> Timing:
     from marble.pipeline import Pipeline
-    from marble.request import GenerationRequest
+    from marble.request import GenerationRequest, resolve
 
     reset_peak()
     out = Timing()
@@ -209,8 +209,8 @@ def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log) -> Timing:
         log(f"  VAE decode {s.size}²: {out.vae_decode_s:.2f} s")
     if s.images:
         pipe = Pipeline(LoadedModel(model, s.preset, "random"))
-        request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=s.seed, steps=s.steps,
-                                    sampler="Euler", cfg=s.cfg, width=s.size, height=s.size)
+        request = resolve(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=s.seed, steps=s.steps,
+                                            sampler="Euler", cfg=s.cfg, width=s.size, height=s.size), pipe.defaults)
         last = {}
         t0 = time.perf_counter()
         image = pipe.generate(request, callback=lambda i, n, x0: last.update(x0=x0)).images[0]

@@ -62,18 +62,18 @@ def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: 
     import torch
 
     from marble.pipeline import load_pipeline
-    from marble.request import GenerationRequest
+    from marble.request import GenerationRequest, resolve
 
     if threads:
         torch.set_num_threads(threads)
     pipe = load_pipeline(model)
     request = GenerationRequest(prompt=PROMPT, seed=0)
-    resolved = pipe.resolve(request)
-    pipe.generate(request)  # warm-up: first calls allocate and pick kernels
+    resolved = resolve(request, pipe.defaults)
+    pipe.generate(resolved)  # warm-up: first calls allocate and pick kernels
     warm = []
     for i in range(runs):
         t0 = time.perf_counter()
-        pipe.generate(GenerationRequest(prompt=PROMPT, seed=i))
+        pipe.generate(resolve(GenerationRequest(prompt=PROMPT, seed=i), pipe.defaults))
         warm.append(time.perf_counter() - t0)
     cold = []
     with tempfile.TemporaryDirectory() as out:

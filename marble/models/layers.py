@@ -1,7 +1,7 @@
 """Blocks shared by the U-Net and the VAE.
 
 Names and structure follow the CompVis latent-diffusion code that the original Stable Diffusion
-checkpoints were saved from (`ldm/modules/diffusionmodules/openaimodel.py`, `attention.py`,
+weights were saved from (`ldm/modules/diffusionmodules/openaimodel.py`, `attention.py`,
 `model.py`), so those weights load by key copy.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two families: CLIP's text transformer (SD1 and SD2; marble/models/clip.py) and the pretrained
 all-MiniLM-L6-v2 BERT of the built-in model (marble/models/bert.py). Configs are typed dataclasses
-with named presets; a model file stores one as a JSON dict, either in full (`config.to_dict()`,
+with named presets; a model file stores one as a JSON dict, either in full (`marble.config.config_to_dict`,
 tagged with "kind") or as {"preset": name, **overrides}.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from marble.config import config_from_dict, config_to_dict
+from marble.errors import ConfigError
 from marble.models.bert import BERT_PRESETS, BertTextConfig, BertTextEncoder, load_pretrained_bert
 from marble.models.clip import CLIP_PRESETS, CLIPTextConfig, CLIPTextEncoder
 from marble.models.skeleton import skeleton
@@ -44,14 +46,14 @@ def text_config_from_dict(d: dict) -> TextConfig:
     if "preset" in d:
         name = d.pop("preset")
         if name not in TEXT_ENCODER_PRESETS:
-            raise ValueError(f"unknown text encoder preset {name!r}; known: {', '.join(sorted(TEXT_ENCODER_PRESETS))}")
+            raise ConfigError(f"unknown text encoder preset {name!r}; known: {', '.join(sorted(TEXT_ENCODER_PRESETS))}")
         base = TEXT_ENCODER_PRESETS[name]
         d.pop("kind", None)
-        return type(base).from_dict({**base.to_dict(), **d})
+        return config_from_dict(type(base), {**config_to_dict(base), **d}, f"text encoder config (preset {name!r})")
     kind = d.get("kind")
     if kind not in CONFIG_KINDS:
-        raise ValueError(f"text encoder config needs a 'preset' or a 'kind' in {sorted(CONFIG_KINDS)}, got {kind!r}")
-    return CONFIG_KINDS[kind].from_dict(d)
+        raise ConfigError(f"text encoder config needs a 'preset' or a 'kind' in {sorted(CONFIG_KINDS)}, got {kind!r}")
+    return config_from_dict(CONFIG_KINDS[kind], d, f"text encoder config ({kind})")
 
 
 def build_text_encoder(config: TextConfig | dict | str) -> CLIPTextEncoder | BertTextEncoder:

@@ -208,7 +208,6 @@ class WordPieceTokenizer:
         self.tokenizer = tok
         self.vocab_size = len(vocab)
         self.pad_id = vocab[pad_token]
-        self.cls_id, self.sep_id = vocab[cls_token], vocab[sep_token]
 
     @classmethod
     def from_folder(cls, folder: Path) -> "WordPieceTokenizer":
@@ -217,10 +216,6 @@ class WordPieceTokenizer:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         return cls(folder / "vocab.txt", lowercase=bool(config.get("do_lower_case", True)),
                    **{k: config[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token") if k in config})
-
-    def token_id(self, token: str) -> int | None:
-        """The id of one vocabulary entry, None if it has none."""
-        return self.tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         """[CLS] ...text ids... [SEP], untruncated."""

@@ -1,13 +1,13 @@
 """The denoising U-Net with spatial transformers (Rombach et al. 2022, "High-Resolution Image
 Synthesis with Latent Diffusion Models"; the CompVis `UNetModel`).
 
-Module paths match the original Stable Diffusion checkpoints (`input_blocks`, `middle_block`,
+Module paths match the original Stable Diffusion files (`input_blocks`, `middle_block`,
 `output_blocks`, `time_embed`, `out`), so SD weights load as a key copy under
 `model.diffusion_model.`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +37,6 @@ class UNetConfig:
         if self.head_dim:
             return channels // self.head_dim, self.head_dim
         return self.num_heads, channels // self.num_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        d = dict(d)
-        for key in ("channel_mult", "attention_levels"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +32,6 @@ class VAEConfig:
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        d = dict(d)
-        if "ch_mult" in d:
-            d["ch_mult"] = tuple(d["ch_mult"])
-        return cls(**d)
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {

@@ -1,5 +1,5 @@
-"""marble's HTTP server: the OpenAI Images API, an A1111 API subset and a web UI (docs/server.md)."""
-from marble.server.app import ServerConfig, create_app
-from marble.server.limits import ServerLimits
+"""marble's HTTP server: the OpenAI Images API, an A1111 API subset and a web UI (docs/server.md).
 
-__all__ = ["ServerConfig", "ServerLimits", "create_app"]
+Build one with `marble.server.app.create_app(pipes, marble.server.state.ServerConfig(...))`. This
+file imports nothing, so that importing a router (which imports state.py) never pulls in the app.
+"""

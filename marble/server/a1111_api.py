@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from marble import __version__
 from marble.diffusion.samplers import SAMPLERS
 from marble.record import parse_parameters
-from marble.request import GenerationRequest, RequestError
-from marble.server.app import ServerState, state_of
+from marble.request import GenerationRequest, RequestError, ResolvedRequest
+from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
 from marble.server.worker import INTERRUPTED, Cancelled, JobResult
 
@@ -83,7 +83,7 @@ def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
         height=params.height, n=_count(params), **images)
 
 
-def _info(params: Txt2ImgParams, resolved: GenerationRequest, result: JobResult | None, model: str,
+def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | None, model: str,
           model_hash: str) -> dict:
     seeds = [r.seed for r in result.records] if result else []
     return {

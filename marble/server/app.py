@@ -1,17 +1,14 @@
 """The FastAPI application: the OpenAI Images API, the A1111 API subset and the web UI on one app.
 
-The edges only parse and translate: validation is the request's own (Pipeline.resolve) plus this
-server's limits, generation is the pipeline's, run by one Worker thread per loaded model.
+The edges only parse and translate: validation is the request's own (marble.request.resolve) plus
+this server's limits (ServerState.prepare), generation is the pipeline's, run by one Worker thread
+per loaded model. The shared state lives in state.py, which the routers import; only the CLI
+imports this module.
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,97 +16,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from marble import __version__
 from marble.pipeline import Pipeline
-from marble.request import GenerationRequest, RequestError
+from marble.request import RequestError
+from marble.server import a1111_api, openai_api, ui
 from marble.server.auth import ApiKeyAuth
 from marble.server.errors import error_response, is_openai_path, responder
-from marble.server.limits import BodySizeLimit, ServerLimits, check_limits
-from marble.server.outputs import OutputStore
-from marble.server.worker import STOPPING, Cancelled, JobResult, QueueFull, Worker, wait_for
+from marble.server.limits import BodySizeLimit
+from marble.server.state import ModelNotFound, ServerConfig, ServerState
+from marble.server.worker import STOPPING, Cancelled, QueueFull
 
 log = logging.getLogger("marble.server")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    outputs: Path = Path("outputs")      # every generated PNG is saved here, numbered
-    max_queue: int = 8                   # jobs that may wait behind the running one, per model
-    api_key: str | None = None           # when set, every route but /health requires it
-    limits: ServerLimits = field(default_factory=ServerLimits)
-    preview_interval: float = 0.5        # seconds between progress previews (each a VAE decode)
-    io_threads: int = 2                  # a fixed pool that decodes uploads and reads files (CPU work: ~cores)
-
-
-class ModelNotFound(LookupError):
-    pass
-
-
-class ServerState:
-    """The loaded models, their workers and the outputs folder, shared by every route."""
-
-    def __init__(self, pipes: list[Pipeline], config: ServerConfig):
-        if not pipes:
-            raise ValueError("the server needs at least one model")
-        names = [p.name for p in pipes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two models share a name: {', '.join(names)}")
-        self.config = config
-        self.limits = config.limits
-        self.store = OutputStore(config.outputs)
-        self.workers = {p.name: Worker(p, self.store, config.max_queue, config.preview_interval) for p in pipes}
-        self.default = names[0]
-        self._pool: ThreadPoolExecutor | None = None
-
-    def start(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="marble-io")
-        for worker in self.workers.values():
-            worker.start()
-
-    def stop(self) -> None:
-        for worker in self.workers.values():
-            worker.stop()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    async def offload(self, fn, *args):
-        """Run blocking work (image decoding, file reads) off the event loop, in the I/O pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
-
-    def worker(self, name: str | None) -> Worker:
-        """The worker for a model name (A1111 titles "name [hash]" too); None: the first model."""
-        if not name:
-            return self.workers[self.default]
-        if name in self.workers:
-            return self.workers[name]
-        for worker in self.workers.values():
-            if name == f"{worker.name} [{worker.pipe.loaded.hash}]":
-                return worker
-        raise ModelNotFound(f"the model {name!r} is not loaded here; this server has: {', '.join(self.workers)}")
-
-    def prepare(self, worker: Worker, request: GenerationRequest) -> GenerationRequest:
-        """Resolve (marble's own validation) then check this server's limits: 4xx before queueing."""
-        for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-            check_unicode(text, label)
-        resolved = worker.pipe.resolve(request)
-        check_limits(resolved, self.limits)
-        return resolved
-
-    async def run(self, worker: Worker, resolved: GenerationRequest, http_request: Request) -> JobResult:
-        job = worker.submit(resolved)
-        return await wait_for(worker, job, http_request.is_disconnected)
-
-
-def check_unicode(text: str, label: str) -> None:
-    """JSON's \\u escapes can carry lone surrogates, which no PNG text chunk (UTF-8) can hold."""
-    if isinstance(text, str):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(f"the {label} is not valid Unicode text (a lone surrogate at position {e.start})") from None
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.marble
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -166,8 +81,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(pipes: list[Pipeline], config: ServerConfig | None = None) -> FastAPI:
     """The whole server for already-loaded pipelines (the first is the default model)."""
-    from marble.server import a1111_api, openai_api, ui
-
     config = config or ServerConfig()
     state = ServerState(pipes, config)
 

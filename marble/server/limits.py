@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from marble.request import GenerationRequest, RequestError
+from marble.request import RequestError, ResolvedRequest
 
 MiB = 1024 * 1024
 
@@ -33,7 +33,7 @@ class ServerLimits:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
 
-def check_limits(request: GenerationRequest, limits: ServerLimits) -> None:
+def check_limits(request: ResolvedRequest, limits: ServerLimits) -> None:
     """Raise LimitError if a resolved request asks for more than this server allows."""
     for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
         if len(text) > limits.max_prompt_chars:

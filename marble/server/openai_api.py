@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from marble.request import GenerationRequest, RequestError
-from marble.server.app import ServerState, state_of
+from marble.server.state import ServerState, state_of
 from marble.server.images import open_image, to_base64
 from marble.server.worker import JobResult
 

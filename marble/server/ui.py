@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from marble.server.app import state_of
+from marble.server.state import state_of
 
 STATIC = Path(__file__).with_name("static")
 _FILES = {"app.js": "text/javascript", "style.css": "text/css"}

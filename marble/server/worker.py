@@ -24,7 +24,7 @@ from PIL import Image
 
 from marble.pipeline import Pipeline, pixels_to_pil
 from marble.record import GenerationRecord
-from marble.request import GenerationRequest
+from marble.request import ResolvedRequest
 from marble.server.outputs import OutputStore
 
 
@@ -58,7 +58,7 @@ class JobResult:
 
 @dataclass(eq=False)
 class Job:
-    request: GenerationRequest      # resolved and within limits
+    request: ResolvedRequest        # within this server's limits
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
@@ -137,7 +137,7 @@ class Worker:
             self._thread = None
 
     # -- the queue ---------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: ResolvedRequest) -> Job:
         """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one."""
         job = Job(request)
         with self._cond:

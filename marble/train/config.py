@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from marble.config import config_from_dict, config_to_dict
+from marble.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; one line for the user."""
+__all__ = ["ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "load_config"]
 
 
 @dataclass
@@ -51,32 +52,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """A config from its dict; keys added since it was written take their defaults."""
-        return _build(cls, data, "config")
-
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-
-
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a table")
-    names = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ConfigError(f"unknown keys in {where}: {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for key, value in data.items():
-        default = getattr(cls(), key)
-        if is_dataclass(default):
-            value = _build(type(default), value, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
+        Path(path).write_text(json.dumps(config_to_dict(self), indent=2, sort_keys=True))
 
 
 def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
@@ -88,7 +65,7 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for key, value in (overrides or {}).items():
         data[key] = value
-    cfg = TrainConfig.from_dict(data)
+    cfg = config_from_dict(TrainConfig, data)   # keys added since a file was written take their defaults
     if cfg.kind not in ("diffusion", "vae"):
         raise ConfigError(f"kind must be 'diffusion' or 'vae', not {cfg.kind!r}")
     if cfg.steps < 1 or cfg.batch < 1:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 
 from marble.fileio import write_replace
+from marble.tensor_file import read_header, read_tensors, safetensors_writer
 from marble.train.config import ConfigError, DataConfig
 
 
@@ -79,13 +79,13 @@ def _cached(path: Path, key: str, compute) -> dict[str, torch.Tensor]:
     """Load tensors cached under `path` if made for the same `key`, else compute and store them."""
     if path.exists():
         try:
-            from marble.checkpoints.marble_format import read_metadata
-            if read_metadata(path).get("key") == key:
-                return load_file(str(path))
+            header = read_header(path)
+            if header.metadata.get("key") == key:
+                return dict(read_tensors(header))
         except Exception:
             pass  # a stale or damaged cache is recomputed
     tensors = compute()
-    write_replace(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key}))
+    write_replace(path, safetensors_writer(tensors, {"key": key}))
     return tensors
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.marble_format import load_model_file, load_vae, save_model
+from marble.checkpoints.checkpoint import from_model, to_model
+from marble.checkpoints.marble_format import read_marble, read_vae, write_marble
+from marble.config import config_from_dict, config_to_dict
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNetConfig
@@ -48,16 +50,13 @@ def unet_config(spec, context_dim: int) -> UNetConfig:
     preset = spec.pop("preset", None)
     if preset is not None and preset not in UNET_PRESETS:
         raise ConfigError(f"unknown U-Net preset {preset!r}; choose from {', '.join(UNET_PRESETS)}")
-    base = UNET_PRESETS[preset].to_dict() if preset else {}
-    try:
-        return UNetConfig.from_dict({**base, "context_dim": context_dim, **spec})
-    except TypeError as e:
-        raise ConfigError(f"bad U-Net config: {e}") from None
+    base = config_to_dict(UNET_PRESETS[preset]) if preset else {}
+    return config_from_dict(UNetConfig, {**base, "context_dim": context_dim, **spec}, "model.unet")
 
 
 def build_vae(spec) -> AutoencoderKL:
     if isinstance(spec, str):
-        return load_vae(Path(spec))
+        return read_vae(Path(spec))
     torch.manual_seed(int(spec.get("seed", 0)))
     return AutoencoderKL(vae_config({k: v for k, v in spec.items() if k != "seed"}))
 
@@ -81,14 +80,14 @@ def model_config(m: dict, size: int, vae: AutoencoderKL, text_dim: int) -> Laten
 def load_init(path) -> LatentDiffusion:
     if not isinstance(path, str):
         raise ConfigError(f"model.init must be the path of a marble model file, got {path!r}")
-    return load_model_file(Path(path))
+    return to_model(read_marble(Path(path)))
 
 
 def with_init(m: dict, init: LatentDiffusion) -> dict:
     """The model table completed from the init wherever it names nothing: the init's U-Net shape,
     text encoder and settings (its VAE and weights are taken as modules)."""
     own = {k: getattr(init.config, k) for k in SETTINGS}
-    return {"unet": init.config.unet.to_dict(), "text": dict(init.config.text), **own, **m}
+    return {"unet": config_to_dict(init.config.unet), "text": dict(init.config.text), **own, **m}
 
 
 def check_matches_init(config: LatentDiffusionConfig, init: LatentDiffusion) -> None:
@@ -162,7 +161,7 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
         loop.ema.copy_to(model.unet)
         if not out.exists():
             dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
-            save_model(model, out, dtype=dtype)
+            write_marble(from_model(model, dtype=dtype), out)
         write_samples(loop, model, run_dir / "samples" / "final.png", ema_loaded=True)
     barrier(world)
     return out
@@ -180,7 +179,6 @@ def write_samples(loop: TrainLoop, model: LatentDiffusion, path: Path, ema_loade
     from marble.checkpoints.resolve import LoadedModel
     from marble.fileio import write_replace
     from marble.pipeline import Pipeline
-    from marble.request import GenerationRequest
 
     saved = None
     if not ema_loaded:
@@ -188,7 +186,7 @@ def write_samples(loop: TrainLoop, model: LatentDiffusion, path: Path, ema_loade
         loop.ema.copy_to(model.unet)
     model.eval()
     pipe = Pipeline(LoadedModel(model, model.config.name, "training"))
-    images = [pipe.generate(GenerationRequest(prompt=p, seed=s)).images[0] for s in (0, 1) for p in SAMPLE_PROMPTS]
+    images = [pipe.generate_image(p, seed=s) for s in (0, 1) for p in SAMPLE_PROMPTS]
     if saved is not None:
         model.unet.load_state_dict(saved)
     w, h = images[0].size

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from marble.config import config_from_json, config_to_dict, config_to_json
 from marble.fileio import write_replace
 from marble.train.checkpoint import load_checkpoint, save_checkpoint
 from marble.train.config import ConfigError, TrainConfig
@@ -63,7 +64,7 @@ class TrainLoop:
     def state(self) -> dict:
         return {"step": self.step, "model": self.module.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "config": json.dumps(self.cfg.to_dict(), sort_keys=True)}
+                "config": config_to_json(self.cfg)}
 
     def remove_stale_temp_files(self) -> None:
         """A process killed mid-write leaves its temp file (never the target, which is only ever
@@ -76,7 +77,8 @@ class TrainLoop:
             raise ConfigError(f"nothing to resume: no checkpoint at {self.checkpoint_path}")
         state = load_checkpoint(self.checkpoint_path)
         # resolved again, so that a checkpoint from before a config key existed compares at its default
-        saved, current = TrainConfig.from_dict(json.loads(state["config"])).to_dict(), self.cfg.to_dict()
+        saved = config_to_dict(config_from_json(TrainConfig, state["config"], "the checkpoint's config"))
+        current = config_to_dict(self.cfg)
         for key in ("kind", "batch", "seed", "model", "data"):
             if saved[key] != current[key]:
                 raise ConfigError(f"the checkpoint was made with a different '{key}'; resume with the same config")

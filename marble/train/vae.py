@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.marble_format import save_vae
+from marble.checkpoints.marble_format import write_vae
+from marble.config import config_from_dict, config_to_dict
 from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.data import batch_indices, load_captioned, pixels_from_uint8
@@ -25,10 +26,7 @@ def vae_config(model: dict) -> VAEConfig:
     preset = model.get("preset")
     if preset is not None and preset not in VAE_PRESETS:
         raise ConfigError(f"unknown VAE preset {preset!r}; choose from {', '.join(VAE_PRESETS)}")
-    try:
-        return VAEConfig.from_dict({**(VAE_PRESETS[preset].to_dict() if preset else {}), **fields})
-    except TypeError as e:
-        raise ConfigError(f"bad VAE config: {e}") from None
+    return config_from_dict(VAEConfig, {**(config_to_dict(VAE_PRESETS[preset]) if preset else {}), **fields}, "model")
 
 
 def train_vae(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
@@ -52,7 +50,7 @@ def train_vae(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     out = run_dir / "vae.safetensors"
     if world.is_main and not out.exists():
         vae = loop.ema_module(lambda: AutoencoderKL(config)).eval()
-        save_vae(with_unit_latents(vae, data), out)
+        write_vae(with_unit_latents(vae, data), out)
     return out
 
 

@@ -1,0 +1,92 @@
+"""What every route shares: the server's config, the loaded models with their workers, the outputs.
+
+The routers (openai_api, a1111_api, ui) import this module; app.py imports the routers and builds
+the app around one ServerState, so no router imports the app.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from marble.pipeline import Pipeline
+from marble.request import GenerationRequest, ResolvedRequest, resolve
+from marble.server.limits import ServerLimits, check_limits
+from marble.server.outputs import OutputStore
+from marble.server.worker import JobResult, Worker, wait_for
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    outputs: Path = Path("outputs")      # every generated PNG is saved here, numbered
+    max_queue: int = 8                   # jobs that may wait behind the running one, per model
+    api_key: str | None = None           # when set, every route but /health requires it
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    preview_interval: float = 0.5        # seconds between progress previews (each a VAE decode)
+    io_threads: int = 2                  # a fixed pool that decodes uploads and reads files (CPU work: ~cores)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ServerState:
+    """The loaded models, their workers and the outputs folder, shared by every route."""
+
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig):
+        if not pipes:
+            raise ValueError("the server needs at least one model")
+        names = [p.name for p in pipes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {', '.join(names)}")
+        self.config = config
+        self.limits = config.limits
+        self.store = OutputStore(config.outputs)
+        self.workers = {p.name: Worker(p, self.store, config.max_queue, config.preview_interval) for p in pipes}
+        self.default = names[0]
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="marble-io")
+        for worker in self.workers.values():
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def offload(self, fn, *args):
+        """Run blocking work (image decoding, file reads) off the event loop, in the I/O pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def worker(self, name: str | None) -> Worker:
+        """The worker for a model name (A1111 titles "name [hash]" too); None: the first model."""
+        if not name:
+            return self.workers[self.default]
+        if name in self.workers:
+            return self.workers[name]
+        for worker in self.workers.values():
+            if name == f"{worker.name} [{worker.pipe.loaded.hash}]":
+                return worker
+        raise ModelNotFound(f"the model {name!r} is not loaded here; this server has: {', '.join(self.workers)}")
+
+    def prepare(self, worker: Worker, request: GenerationRequest) -> ResolvedRequest:
+        """Resolve (marble's own validation) then check this server's limits: 4xx before queueing."""
+        resolved = resolve(request, worker.pipe.defaults)
+        check_limits(resolved, self.limits)
+        return resolved
+
+    async def run(self, worker: Worker, resolved: ResolvedRequest, http_request: Request) -> JobResult:
+        job = worker.submit(resolved)
+        return await wait_for(worker, job, http_request.is_disconnected)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.marble
