@@ -11,7 +11,8 @@ factor, as A1111's latent size floors it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,40 @@ DEFAULT_UPSCALER = "Latent"      # A1111's default hr_upscaler
 MAX_SCALE = 8.0
 
 
+DEFAULT_DENOISE = 0.7            # A1111's default denoising strength
+
+
 class HiresError(ValueError):
     """Hires settings that cannot be run; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A second pass for txt2img: upscale by `scale` (or to resize_x/resize_y), then img2img with
+    `denoise` of a `steps`-step schedule (0: the first pass's steps)."""
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    steps: int = 0
+    denoise: float = DEFAULT_DENOISE
+    upscaler: str = DEFAULT_UPSCALER
+
+
+def check_hires(hires: HiresFix, width: int, height: int, factor: int, max_pixels: int, max_steps: int) -> HiresFix:
+    """The settings with the upscaler's canonical name, or HiresError (one line)."""
+    upscaler = upscaler_name(hires.upscaler)
+    size = hires_size(width, height, scale=hires.scale, resize_x=hires.resize_x, resize_y=hires.resize_y,
+                      factor=factor)
+    if size.width * size.height > max_pixels:
+        raise HiresError(f"the hires size {size.width}x{size.height} is over the model's limit of {max_pixels} pixels")
+    if max(size.cover_width, 1) * max(size.cover_height, 1) > 4 * max_pixels:
+        raise HiresError(f"the hires upscale to {size.cover_width}x{size.cover_height} is too large to crop from")
+    if not isinstance(hires.steps, int) or isinstance(hires.steps, bool) or not 0 <= hires.steps <= max_steps:
+        raise HiresError(f"hires steps must be an integer in [0, {max_steps}] (0: the first pass's), got {hires.steps!r}")
+    d = hires.denoise
+    if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or not 0 < d <= 1:
+        raise HiresError(f"hires denoising strength must be in (0, 1], got {d!r}")
+    return replace(hires, upscaler=upscaler, scale=float(hires.scale), denoise=float(d))
 
 
 def upscaler_name(name: str | None) -> str:

@@ -1,4 +1,5 @@
 """Hires fix sizes and upscales (marble.hires): A1111's target-size rules and crops, written out."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,3 +79,86 @@ def test_record_writes_a1111s_hires_fields_in_a1111s_order():
     assert parsed["Hires resize"] == "128x96" and "Hires steps" not in parsed and parsed["Hires upscaler"] == "Lanczos"
     assert parsed["Denoising strength"] == "0.55" and parsed["Prompt"] == "a (red:1.3) hat BREAK forest"
     assert GenerationRecord.from_json(hires.to_json()) == hires
+
+
+# ---- the hires fix in the pipeline ------------------------------------------------------------
+from marble.hires import HiresFix                                  # noqa: E402
+from marble.request import GenerationRequest, RequestError, resolve  # noqa: E402
+
+PROMPT = "two red (circles:1.2) above a blue square"
+
+
+def run(pipe, **kw):
+    base = dict(prompt=PROMPT, seed=5, steps=4, width=32, height=32, sampler="Euler")
+    return pipe.generate(resolve(GenerationRequest(**{**base, **kw}), pipe.defaults))
+
+
+def pixels(image):
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "Nearest"])
+def test_image_upscaler_hires_equals_img2img_by_hand(tiny_pipe, upscaler):
+    hires = run(tiny_pipe, n=2, hires=HiresFix(scale=2, steps=3, denoise=0.55, upscaler=upscaler))
+    for i, image in enumerate(hires.images):
+        first = run(tiny_pipe, seed=5 + i).images[0]
+        size = hires_size(32, 32, scale=2, factor=tiny_pipe.model.latent_factor)
+        init = upscale_image(first, size, tiny_pipe.model.latent_factor, upscaler)
+        by_hand = run(tiny_pipe, seed=5 + i, steps=3, strength=0.55, width=64, height=64, init_image=init).images[0]
+        assert image.size == (64, 64) and pixels(image).tobytes() == pixels(by_hand).tobytes()
+    record = hires.records[1]
+    assert (record.width, record.height, record.seed, record.hires_upscaler) == (32, 32, 6, upscaler)
+    assert "Denoising strength: 0.55, Hires upscale: 2, Hires steps: 3, Hires upscaler: " + upscaler \
+        in record.to_parameters()
+
+
+def test_latent_hires_is_the_img2img_path_from_the_upscaled_latent(tiny_pipe):
+    pipe, factor = tiny_pipe, tiny_pipe.model.latent_factor
+    hires = run(pipe, hires=HiresFix(resize_x=48, resize_y=64, denoise=0.5, upscaler="Latent (bicubic)"))
+    assert hires.images[0].size == (48, 64)
+    req = resolve(GenerationRequest(prompt=PROMPT, seed=5, steps=4, width=32, height=32, sampler="Euler"),
+                  pipe.defaults)
+    with torch.inference_mode():
+        sigmas = pipe.sigmas("Euler", 4)
+        first = pipe.sample("Euler", pipe.denoiser(pipe.conditioning(req), sigmas, req.cfg, {}), sigmas, 5,
+                            (1, pipe.model.latent_channels, 32 // factor, 32 // factor))
+        assert pixels(pipe_decode(pipe, first)).tobytes() == pixels(run(pipe).images[0]).tobytes()
+        start = upscale_latent(first, hires_size(32, 32, resize_x=48, resize_y=64, factor=factor), factor,
+                               "Latent (bicubic)")
+        sigmas2 = pipe.sigmas("Euler", 4, 0.5)              # hires steps 0: the first pass's 4
+        second = pipe.sample("Euler", pipe.denoiser(pipe.conditioning(req, 4), sigmas2, req.cfg, {}), sigmas2, 5,
+                             tuple(start.shape), start)
+    assert pixels(pipe_decode(pipe, second)).tobytes() == pixels(hires.images[0]).tobytes()
+    assert "Hires resize: 48x64" in hires.records[0].to_parameters()
+
+
+def pipe_decode(pipe, latent):
+    from marble.pipeline import pixels_to_pil
+    return pixels_to_pil(pipe.model.vae.decode(latent.to(pipe.model.dtype)))[0]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(hires=HiresFix(scale=8)), "over the model's limit"),               # 256x256 > 128x128
+    (dict(hires=HiresFix(upscaler="R-ESRGAN 4x+")), "marble can run"),
+    (dict(hires=HiresFix(denoise=0)), "denoising strength"),
+    (dict(hires=HiresFix(steps=-1)), "hires steps"),
+    (dict(hires=HiresFix(), init_image=Image.new("RGB", (32, 32))), "txt2img only"),
+    (dict(prompt="a (cat:1.2.3)"), "prompt: attention weight"),
+    (dict(negative_prompt="[a:b:-2]"), "negative prompt: prompt editing step"),
+])
+def test_bad_hires_and_prompts_are_one_line(tiny_pipe, kw, message):
+    base = dict(prompt=PROMPT, seed=5, steps=4, width=32, height=32)
+    with pytest.raises(RequestError, match=message) as e:
+        resolve(GenerationRequest(**{**base, **kw}), tiny_pipe.defaults)
+    assert "\n" not in str(e.value)
+
+
+def test_prompt_editing_in_the_pipeline(tiny_pipe):
+    """An edit past the last step is its first prompt, one at step 0 its second, bit for bit; one in
+    the middle is neither (the context switched inside the sampling loop)."""
+    a, b = "red circles", "blue squares"
+    plain_a, plain_b = (pixels(run(tiny_pipe, prompt=p).images[0]).tobytes() for p in (a, b))
+    assert pixels(run(tiny_pipe, prompt=f"[{a}:{b}:9]").images[0]).tobytes() == plain_a
+    assert pixels(run(tiny_pipe, prompt=f"[{a}:{b}:0]").images[0]).tobytes() == plain_b
+    middle = pixels(run(tiny_pipe, prompt=f"[{a}:{b}:1]").images[0]).tobytes()
+    assert middle not in (plain_a, plain_b)
