@@ -162,3 +162,59 @@ def test_prompt_editing_in_the_pipeline(tiny_pipe):
     assert pixels(run(tiny_pipe, prompt=f"[{a}:{b}:0]").images[0]).tobytes() == plain_b
     middle = pixels(run(tiny_pipe, prompt=f"[{a}:{b}:1]").images[0]).tobytes()
     assert middle not in (plain_a, plain_b)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+class Ran:
+    def __init__(self, result):
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+
+def marble_cli(*args):
+    from typer.testing import CliRunner
+
+    from marble.cli import app
+    return Ran(CliRunner().invoke(app, [str(a) for a in args]))
+
+
+def test_cli_hires_info_and_from(tmp_path):
+    out = tmp_path / "out"
+    prompt = "a (red:1.3) circle, " * 8 + "BREAK [blue|green] square"
+    p = marble_cli("generate", prompt, "--model", "tiny-random", "--seed", 3, "--steps", 3, "--size", "32x32",
+                   "--hires-scale", 2, "--hires-steps", 2, "--hires-denoise", 0.55, "--hires-upscaler", "lanczos",
+                   "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "tokens" not in p.stderr                      # no truncation warning: the prompt is read whole
+    first = out / "marble-00000.png"
+    assert Image.open(first).size == (64, 64)
+    info = marble_cli("info", first).stdout.strip().split("\n")
+    assert info == [prompt, "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 32x32, Model hash: "
+                    f"{info[1].split('Model hash: ')[1].split(',')[0]}, Model: tiny-random, Denoising strength: 0.55, "
+                    "Hires upscale: 2, Hires steps: 2, Hires upscaler: Lanczos, Version: marble "
+                    f"{info[1].rsplit('marble ', 1)[1]}"]
+    again = marble_cli("generate", "--from", first, "--model", "tiny-random", "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert (out / "marble-00001.png").read_bytes() == first.read_bytes()
+    other = marble_cli("generate", "--from", first, "--model", "tiny-random", "--hires-denoise", 0.3, "--out", out)
+    assert other.returncode == 0 and "Denoising strength: 0.3, Hires upscale: 2, Hires steps: 2, Hires upscaler: " \
+        "Lanczos" in Image.open(out / "marble-00002.png").info["parameters"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hires-scale", 9], "hires scale"),
+    (["--hires-upscaler", "esrgan"], "marble can run"),
+    (["--hires-resize", "4000x4000"], "over the model's limit"),
+    (["--hires-resize", "12"], "--hires-resize"),
+    (["--hires-denoise", 0], "denoising strength"),
+])
+def test_cli_bad_hires_is_one_line_and_exit_2(tmp_path, args, message):
+    p = marble_cli("generate", "x", "--model", "tiny-random", "--size", "32x32", "--steps", 1, *args,
+                   "--out", tmp_path)
+    assert p.returncode == 2 and message in p.stderr and p.stderr.strip().count("\n") == 0
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("prompt", ["a (x:1.2.3)", "[a:b:-1]", "[a:b:1e999]"])
+def test_cli_unreadable_prompt_is_one_line_and_exit_2(tmp_path, prompt):
+    p = marble_cli("generate", prompt, "--model", "tiny-random", "--size", "32x32", "--steps", 1, "--out", tmp_path)
+    assert p.returncode == 2 and "prompt" in p.stderr and p.stderr.strip().count("\n") == 0
