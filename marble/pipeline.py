@@ -103,7 +103,7 @@ class Pipeline:
         """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts)."""
         m = self.model
         return PromptConditioning(m.text_encoder, req.prompt, req.negative_prompt, req.steps,
-                                  hires_steps=hires_steps, device=m.device, dtype=m.dtype)
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
                  extra: dict[str, torch.Tensor]):
@@ -217,7 +217,7 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            marble_version=__version__)
+            emphasis=req.emphasis, marble_version=__version__)
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
         return GenerationResult(images, records, req)
 

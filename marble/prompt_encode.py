@@ -13,7 +13,8 @@ Emphasis (what a weight does to the token states z of one window, weights w per 
 - "a1111": z·w, then rescaled so that the window's mean equals the unweighted mean (A1111 "Original";
   states of mean ~0, which only an untrained encoder gives, are only scaled);
 - "no-norm": z·w without the rescaling (A1111 "No norm");
-- "comfy": ComfyUI's lerp from the empty prompt's states e at the same position: e + (z - e)·w.
+- "comfy": ComfyUI's lerp from the empty prompt's states e at the same position: e + (z - e)·w;
+- "none": no attention syntax at all: brackets and BREAK are text (A1111 "None").
 A window whose weights are all 1 is left exactly as the encoder returned it.
 
 The encoder interface used here (CLIPTextEncoder and BertTextEncoder have it): `max_tokens`,
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from marble.prompt_parse import Fragment, PromptSyntaxError, parse_attention
+from marble.record import EMPHASIS_NAMES      # A1111's names for them, as its infotext writes them
 
-EMPHASIS = ("a1111", "no-norm", "comfy")
+EMPHASIS = ("a1111", "no-norm", "comfy", "none")
 COMMA_BACKTRACK = 20        # A1111's default comma_padding_backtrack
 MEAN_EPS = 1e-4             # a weighted mean this small against the mean |state| is no mean to restore
 
@@ -78,9 +80,10 @@ def chunk_fragments(fragments: list[Fragment], text_ids, chunk_length: int, comm
     return chunks
 
 
-def prompt_chunks(encoder, prompt: str) -> list[Chunk]:
+def prompt_chunks(encoder, prompt: str, emphasis: str = "a1111") -> list[Chunk]:
     """The windows of one plain (already scheduled) prompt for this encoder."""
-    return chunk_fragments(parse_attention(prompt), encoder.text_ids, encoder.max_tokens - 2, encoder.comma_id)
+    fragments = [Fragment(prompt, 1.0)] if emphasis == "none" else parse_attention(prompt)
+    return chunk_fragments(fragments, encoder.text_ids, encoder.max_tokens - 2, encoder.comma_id)
 
 
 def chunk_rows(encoder, chunk: Chunk) -> tuple[list[int], list[float]]:
@@ -110,17 +113,19 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor, emphasis: str, empty: torc
 
 
 def check_emphasis(emphasis: str) -> str:
-    if emphasis not in EMPHASIS:
-        raise PromptSyntaxError(f"emphasis must be one of {', '.join(EMPHASIS)}, not {emphasis!r}")
-    return emphasis
+    """The emphasis' marble name; A1111's names ("Original", "No norm", "None") are taken too."""
+    for name, a1111 in EMPHASIS_NAMES.items():
+        if isinstance(emphasis, str) and emphasis.strip().lower() in (name, a1111.lower()):
+            return name
+    raise PromptSyntaxError(f"emphasis must be one of {', '.join(EMPHASIS)}, not {emphasis!r}")
 
 
 @torch.inference_mode()
 def encode_prompts(encoder, prompts: list[str], emphasis: str = "a1111") -> list[torch.Tensor]:
     """Context (1, chunks · max_tokens, D) float32 for each plain prompt, all windows encoded in
     one batch (so a list of one-window prompts gives exactly the rows `encoder.encode` gives)."""
-    check_emphasis(emphasis)
-    per_prompt = [prompt_chunks(encoder, p) for p in prompts]
+    emphasis = check_emphasis(emphasis)
+    per_prompt = [prompt_chunks(encoder, p, emphasis) for p in prompts]
     rows, weights = [], []
     for chunks in per_prompt:
         for chunk in chunks:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from marble.prompt_encode import EMPHASIS, check_emphasis, encode_prompts, prompt_chunks
+from marble.prompt_encode import EMPHASIS, EMPHASIS_NAMES, check_emphasis, encode_prompts, prompt_chunks
 from marble.prompt_parse import PromptSyntaxError, check_prompt, parse_attention, prompt_at_step, schedule_prompt
 
-__all__ = ["EMPHASIS", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
+__all__ = ["EMPHASIS", "EMPHASIS_NAMES", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
            "prompt_at_step", "schedule_prompt", "scheduled_denoiser", "step_index", "window_count"]
 
 
-def window_count(encoder, prompt: str) -> int:
+def window_count(encoder, prompt: str, emphasis: str = "a1111") -> int:
     """How many windows of max_tokens - 2 tokens the prompt's longest scheduled text needs."""
-    return max(len(prompt_chunks(encoder, text)) for _, text in schedule_prompt(prompt, 1))
+    return max(len(prompt_chunks(encoder, text, emphasis)) for _, text in schedule_prompt(prompt, 1))
 
 
 class PromptConditioning:
@@ -36,7 +36,7 @@ class PromptConditioning:
 
     def __init__(self, encoder, prompt: str, negative_prompt: str, steps: int, *, hires_steps: int | None = None,
                  emphasis: str = "a1111", device: torch.device | None = None, dtype: torch.dtype | None = None):
-        check_emphasis(emphasis)
+        emphasis = check_emphasis(emphasis)
         self.schedule = schedule_prompt(prompt, steps, hires_steps)
         self.negative_schedule = schedule_prompt(negative_prompt, steps, hires_steps)
         texts = list(dict.fromkeys([t for _, t in self.schedule] + [t for _, t in self.negative_schedule]))

@@ -9,6 +9,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
+EMPHASIS_NAMES = {"a1111": "Original", "no-norm": "No norm", "comfy": "ComfyUI", "none": "None"}  # A1111's names
+
 RECORD_VERSION = 1
 
 
@@ -36,6 +38,7 @@ class GenerationRecord:
     hires_resize_y: int = 0
     hires_steps: int = 0                  # steps of the second pass; 0 = the first pass's steps
     hires_denoise: float | None = None    # strength of the second pass, (0, 1]
+    emphasis: str = "a1111"               # how prompt weights act (marble.prompt_encode.EMPHASIS)
     marble_version: str = ""
     record_version: int = RECORD_VERSION
 
@@ -59,6 +62,8 @@ class GenerationRecord:
             if self.hires_steps:
                 pairs.append(("Hires steps", self.hires_steps))
             pairs.append(("Hires upscaler", self.hires_upscaler))
+        if self.emphasis != "a1111":          # A1111 writes it only when not its default, "Original"
+            pairs.append(("Emphasis", EMPHASIS_NAMES.get(self.emphasis, self.emphasis)))
         pairs.append(("Version", f"marble {self.marble_version}".strip()))
         lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
         return "\n".join(lines)

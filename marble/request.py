@@ -16,6 +16,7 @@ from PIL import Image
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
 from marble.hires import HiresError, HiresFix, check_hires
+from marble.prompt_encode import check_emphasis
 from marble.prompt_parse import PromptSyntaxError, check_prompt
 
 MAX_STEPS = 1000
@@ -46,6 +47,7 @@ class GenerationRequest:
     mask_path: str | None = None
     mask_sha256: str | None = None
     hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
+    emphasis: str | None = None                 # how prompt weights act (marble.prompt_encode.EMPHASIS); None: a1111
 
     @property
     def mode(self) -> str:
@@ -94,9 +96,13 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     strength = _strength(request)
     _check_syntax(request, steps)
     hires = _hires(request, width, height, defaults)
+    try:
+        emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
+    except PromptSyntaxError as e:
+        raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
-                   strength=strength, hires=hires)
+                   strength=strength, hires=hires, emphasis=emphasis)
     return ResolvedRequest(**fields_)
 
 

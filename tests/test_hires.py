@@ -195,6 +195,13 @@ def test_cli_hires_info_and_from(tmp_path):
     again = marble_cli("generate", "--from", first, "--model", "tiny-random", "--out", out)
     assert again.returncode == 0, again.stderr
     assert (out / "marble-00001.png").read_bytes() == first.read_bytes()
+    comfy = marble_cli("generate", "a (red:1.5) circle", "--model", "tiny-random", "--seed", 3, "--steps", 2, "--size",
+                       "32x32", "--emphasis", "comfy", "--out", tmp_path / "comfy")
+    assert comfy.returncode == 0, comfy.stderr
+    made = tmp_path / "comfy" / "marble-00000.png"
+    assert ", Emphasis: ComfyUI, Version: " in marble_cli("info", made).stdout
+    replay = marble_cli("generate", "--from", made, "--model", "tiny-random", "--out", tmp_path / "comfy")
+    assert replay.returncode == 0 and (tmp_path / "comfy" / "marble-00001.png").read_bytes() == made.read_bytes()
     other = marble_cli("generate", "--from", first, "--model", "tiny-random", "--hires-denoise", 0.3, "--out", out)
     assert other.returncode == 0 and "Denoising strength: 0.3, Hires upscale: 2, Hires steps: 2, Hires upscaler: " \
         "Lanczos" in Image.open(out / "marble-00002.png").info["parameters"]

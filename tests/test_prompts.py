@@ -397,3 +397,18 @@ def test_scheduled_denoiser_switches_inside_the_sampling_loop(clip):
     assert all(c is dog for c, _ in used[4:])
     static = PromptConditioning(clip, "a cat", "", 8)
     assert scheduled_denoiser(make, static, sigmas) is not None and len(built) == 3
+
+
+def test_emphasis_none_reads_brackets_and_break_as_text(clip):
+    text = "a (red:1.5) hat BREAK [x]"
+    (context,) = encode_prompts(clip, [text], emphasis="None")         # A1111's name works too
+    assert torch.equal(context, clip.encode([text]))
+    assert [len(c.ids) for c in prompt_chunks(clip, text, "none")] == [len(clip.text_ids(text))]
+
+
+def test_emphasis_names():
+    from marble.prompt_encode import check_emphasis
+    assert [check_emphasis(n) for n in ("Original", "no norm", "ComfyUI", "none", "a1111")] == \
+        ["a1111", "no-norm", "comfy", "none", "a1111"]
+    with pytest.raises(PromptSyntaxError):
+        check_emphasis("loud")

@@ -74,3 +74,13 @@ def test_bad_hires_and_prompts_are_4xx_with_one_line(api, payload, message):
     res = httpx.post(f"{api.baseurl}/txt2img", json=body, auth=("me", KEY), timeout=60)
     assert 400 <= res.status_code < 500 and message in res.json()["detail"]
     assert "\n" not in res.json()["detail"]
+
+
+def test_emphasis_from_override_settings(api, tiny_pipe):
+    r = api.txt2img(prompt="a (red:1.4) circle", seed=4, width=32, height=32,
+                    override_settings={"emphasis": "No norm"})
+    expected = tiny_pipe.generate(resolve(GenerationRequest(prompt="a (red:1.4) circle", seed=4, width=32, height=32,
+                                                            steps=3, sampler="Euler", emphasis="no-norm"),
+                                          tiny_pipe.defaults))
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(expected.images[0]))
+    assert ", Emphasis: No norm, Version: " in r.info["infotexts"][0]

@@ -69,6 +69,7 @@ class Flags:
     hires_steps: int | None = None
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
+    emphasis: str | None = None
 
     @property
     def hires(self) -> bool:
@@ -77,7 +78,8 @@ class Flags:
 
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
-                "sampler": "sampler", "strength": "strength", "model": "model_name"}   # flag -> record field
+                "sampler": "sampler", "strength": "strength", "model": "model_name",
+                "emphasis": "emphasis"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -138,7 +140,7 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
-        hires=read_hires(flags))
+        hires=read_hires(flags), emphasis=flags.emphasis)
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
@@ -199,6 +201,7 @@ def generate(
     hires_steps: Optional[int] = typer.Option(None, "--hires-steps", help="Hires fix: steps of the second pass's schedule (default: --steps)."),
     hires_denoise: Optional[float] = typer.Option(None, "--hires-denoise", help="Hires fix: fraction of the second pass's schedule to run, (0, 1] (default 0.7)."),
     hires_upscaler: Optional[str] = typer.Option(None, "--hires-upscaler", help="Hires fix: latent (default; also 'Latent (bicubic)', ...), lanczos or nearest. See docs/prompts.md."),
+    emphasis: Optional[str] = typer.Option(None, "--emphasis", help="How (word:1.3) weights act: a1111 (default: scale, keep the mean), no-norm, comfy (ComfyUI's lerp from the empty prompt) or none (brackets are text)."),
     from_png: Optional[Path] = typer.Option(None, "--from", help="Regenerate from a marble PNG's record; other flags override its values."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="Override what the model predicts: eps | v | x0 (e.g. v for SD 2.x-768 files without a config)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.pt models (tensors only, torch.load weights_only=True)."),
@@ -213,7 +216,7 @@ def generate(
 
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
-                  hires_denoise=hires_denoise, hires_upscaler=hires_upscaler)
+                  hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis)
     record = None
     if from_png is not None:
         try:

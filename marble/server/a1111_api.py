@@ -58,7 +58,8 @@ class Txt2ImgParams(BaseModel):
     hr_resize_x: int = Field(0, description="Hires fix: target width instead of hr_scale (0: from the height).")
     hr_resize_y: int = Field(0, description="Hires fix: target height instead of hr_scale (0: from the width).")
     override_settings: dict[str, Any] | None = Field(
-        None, description="Only sd_model_checkpoint is read: the model to use.")
+        None, description="Read: sd_model_checkpoint (the model to use) and emphasis (Original, No norm, None; "
+                          "marble also takes ComfyUI).")
     send_images: bool = True
 
 
@@ -100,7 +101,14 @@ def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
-        height=params.height, n=_count(params), **images)
+        height=params.height, n=_count(params), emphasis=_emphasis(params), **images)
+
+
+def _emphasis(params: Txt2ImgParams) -> str | None:
+    value = (params.override_settings or {}).get("emphasis")
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"override_settings.emphasis must be text, got {value!r}")
+    return value
 
 
 def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | None, model: str,
