@@ -72,6 +72,38 @@ class GenerationRecord:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
+    def from_parameters(cls, text: str) -> "GenerationRecord":
+        """A record from A1111's infotext (a PNG that another tool wrote): prompt, negative prompt,
+        steps, sampler, CFG, seed, size, denoising strength, the hires fields and emphasis. The
+        model is left unnamed (A1111's model names mean nothing here). ValueError for a text that
+        lacks one of the required fields or has an unreadable number."""
+        p = parse_parameters(text)
+        missing = [k for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if k not in p]
+        if missing:
+            raise ValueError(f"the A1111 parameters lack {', '.join(missing)}")
+        try:
+            width, height = (int(v) for v in p["Size"].lower().split("x"))
+            sampler = p["Sampler"]
+            if p.get("Schedule type", "").lower() == "karras" and not sampler.endswith("Karras"):
+                sampler += " Karras"   # A1111 >= 1.9 writes the spacing apart from the sampler
+            hires = "Hires upscaler" in p or "Hires upscale" in p or "Hires resize" in p
+            resize_x, resize_y = (int(v) for v in p["Hires resize"].lower().split("x")) \
+                if "Hires resize" in p else (0, 0)
+            denoise = float(p["Denoising strength"]) if "Denoising strength" in p else None
+            names = {v.lower(): k for k, v in EMPHASIS_NAMES.items()}
+            return cls(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], seed=int(p["Seed"]),
+                       steps=int(p["Steps"]), sampler=sampler, cfg=float(p["CFG scale"]), width=width, height=height,
+                       model_name="", model_hash=p.get("Model hash", ""),
+                       mode="txt2img", strength=None if hires else denoise,
+                       hires_upscaler=(p.get("Hires upscaler") or "Latent") if hires else None,
+                       hires_scale=float(p.get("Hires upscale", 2)) if hires else None,
+                       hires_resize_x=resize_x, hires_resize_y=resize_y,
+                       hires_steps=int(p.get("Hires steps", 0)), hires_denoise=denoise if hires else None,
+                       emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"))
+        except ValueError as e:
+            raise ValueError(f"the A1111 parameters have an unreadable value ({e})") from None
+
+    @classmethod
     def from_json(cls, text: str) -> "GenerationRecord":
         data = json.loads(text)
         if not isinstance(data, dict):

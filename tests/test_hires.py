@@ -225,3 +225,31 @@ def test_cli_bad_hires_is_one_line_and_exit_2(tmp_path, args, message):
 def test_cli_unreadable_prompt_is_one_line_and_exit_2(tmp_path, prompt):
     p = marble_cli("generate", prompt, "--model", "tiny-random", "--size", "32x32", "--steps", 1, "--out", tmp_path)
     assert p.returncode == 2 and "prompt" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+A1111_INFOTEXT = ("masterpiece, (red circle:1.3), [blurry] BREAK blue square, [cat:dog:0.5]\n"
+                  "Negative prompt: lowres, (bad:1.2)\n"
+                  "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 123, Size: 32x32, "
+                  "Model hash: abcdef1234, Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, "
+                  "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, Version: v1.10.1")
+
+
+def test_from_an_a1111_png_regenerates_what_its_infotext_says(tmp_path):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_INFOTEXT)
+    source = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(source, pnginfo=info)
+    replay = marble_cli("generate", "--from", source, "--model", "tiny-random", "--out", tmp_path / "a")
+    assert replay.returncode == 0, replay.stderr
+    assert "model hash abcdef1234" in replay.stderr          # said, not fatal: another model
+    by_flags = marble_cli("generate", "masterpiece, (red circle:1.3), [blurry] BREAK blue square, [cat:dog:0.5]",
+                          "--negative", "lowres, (bad:1.2)", "--steps", 3, "--sampler", "DPM++ 2M Karras", "--cfg",
+                          6.5, "--seed", 123, "--size", "32x32", "--hires-scale", 2, "--hires-steps", 2,
+                          "--hires-denoise", 0.5, "--hires-upscaler", "Latent", "--model", "tiny-random",
+                          "--out", tmp_path / "b")
+    assert by_flags.returncode == 0, by_flags.stderr
+    a, b = tmp_path / "a" / "marble-00000.png", tmp_path / "b" / "marble-00000.png"
+    assert Image.open(a).size == (64, 64) and a.read_bytes() == b.read_bytes()
+    assert "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in \
+        marble_cli("info", a).stdout

@@ -86,6 +86,8 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
     """--from: the record's value for every flag not given. Its images are taken with their hashes,
     so that reading them checks they did not change."""
     merged = {flag: getattr(record, key) for flag, key in _FROM_RECORD.items() if getattr(flags, flag) is None}
+    if not record.model_name:      # read from A1111's text: its model is not one of ours; --model or the default
+        merged.pop("model", None)
     if flags.size is None:
         merged["size"] = f"{record.width}x{record.height}"
     if flags.init_image is None and record.init_image:
