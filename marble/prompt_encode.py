@@ -32,6 +32,7 @@ from marble.record import EMPHASIS_NAMES      # A1111's names for them, as its i
 
 EMPHASIS = ("a1111", "no-norm", "comfy", "none")
 COMMA_BACKTRACK = 20        # A1111's default comma_padding_backtrack
+ENCODE_BATCH = 64           # rows per text-encoder call
 MEAN_EPS = 1e-4             # a weighted mean this small against the mean |state| is no mean to restore
 
 
@@ -136,7 +137,9 @@ def encode_prompts(encoder, prompts: list[str], emphasis: str = "a1111") -> list
     if needs_empty:
         rows.append(encoder.chunk_row([]))
     device = next(encoder.parameters()).device
-    z = encoder(torch.tensor(rows, dtype=torch.long, device=device)).float()
+    tokens = torch.tensor(rows, dtype=torch.long, device=device)
+    # at most ENCODE_BATCH rows at a time: a schedule with many distinct texts stays within memory
+    z = torch.cat([encoder(tokens[k:k + ENCODE_BATCH]).float() for k in range(0, len(rows), ENCODE_BATCH)])
     empty = z[-1] if needs_empty else None
     w = torch.tensor(weights, dtype=torch.float32, device=device)
     out, k = [], 0
