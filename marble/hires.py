@@ -63,7 +63,8 @@ def check_hires(hires: HiresFix, width: int, height: int, factor: int, max_pixel
     if max(size.cover_width, 1) * max(size.cover_height, 1) > 4 * max_pixels:
         raise HiresError(f"the hires upscale to {size.cover_width}x{size.cover_height} is too large to crop from")
     if not isinstance(hires.steps, int) or isinstance(hires.steps, bool) or not 0 <= hires.steps <= max_steps:
-        raise HiresError(f"hires steps must be an integer in [0, {max_steps}] (0: the first pass's), got {hires.steps!r}")
+        raise HiresError(f"hires steps must be an integer in [0, {max_steps}] (0: the first pass's), "
+                         f"got {hires.steps!r}")
     d = hires.denoise
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or not 0 < d <= 1:
         raise HiresError(f"hires denoising strength must be in (0, 1], got {d!r}")
@@ -125,7 +126,8 @@ def _crop_box(full: int, keep: int) -> tuple[int, int]:
     return cut // 2, full - (cut + 1) // 2
 
 
-def upscale_latent(latent: torch.Tensor, size: HiresSize, factor: int, upscaler: str = DEFAULT_UPSCALER) -> torch.Tensor:
+def upscale_latent(latent: torch.Tensor, size: HiresSize, factor: int,
+                   upscaler: str = DEFAULT_UPSCALER) -> torch.Tensor:
     """(B, C, h, w) latent -> the second pass's start latent (A1111's latent upscale and crop)."""
     mode, antialias = LATENT_UPSCALERS[upscaler]
     out = F.interpolate(latent, size=(size.cover_height // factor, size.cover_width // factor), mode=mode,
