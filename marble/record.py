@@ -62,7 +62,8 @@ class GenerationRecord:
             if self.hires_steps:
                 pairs.append(("Hires steps", self.hires_steps))
             pairs.append(("Hires upscaler", self.hires_upscaler))
-        if self.emphasis != "a1111":          # A1111 writes it only when not its default, "Original"
+        # A1111 writes it when not its default ("Original") and a prompt has brackets for it to act on
+        if self.emphasis != "a1111" and any(c in self.prompt + self.negative_prompt for c in "(["):
             pairs.append(("Emphasis", EMPHASIS_NAMES.get(self.emphasis, self.emphasis)))
         pairs.append(("Version", f"marble {self.marble_version}".strip()))
         lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs))
