@@ -22,7 +22,7 @@ from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
-from marble.prompts import PromptConditioning, scheduled_denoiser
+from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 

@@ -38,7 +38,7 @@ class GenerationRecord:
     hires_resize_y: int = 0
     hires_steps: int = 0                  # steps of the second pass; 0 = the first pass's steps
     hires_denoise: float | None = None    # strength of the second pass, (0, 1]
-    emphasis: str = "a1111"               # how prompt weights act (marble.prompt_encode.EMPHASIS)
+    emphasis: str = "a1111"               # how prompt weights act (marble.prompts.encode.EMPHASIS)
     marble_version: str = ""
     record_version: int = RECORD_VERSION
 

@@ -16,8 +16,8 @@ from PIL import Image
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
 from marble.hires import HiresError, HiresFix, check_hires
-from marble.prompt_encode import check_emphasis
-from marble.prompt_parse import PromptSyntaxError, check_prompt
+from marble.prompts.encode import check_emphasis
+from marble.prompts.parse import PromptSyntaxError, check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -47,7 +47,7 @@ class GenerationRequest:
     mask_path: str | None = None
     mask_sha256: str | None = None
     hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
-    emphasis: str | None = None                 # how prompt weights act (marble.prompt_encode.EMPHASIS); None: a1111
+    emphasis: str | None = None                 # how prompt weights act (marble.prompts.encode.EMPHASIS); None: a1111
 
     @property
     def mode(self) -> str:
@@ -118,7 +118,7 @@ def _check_text(request: GenerationRequest) -> None:
 
 
 def _check_syntax(request: GenerationRequest, steps: int) -> None:
-    """Prompt syntax (marble.prompt_parse): what A1111 reads literally passes, what it cannot read does not."""
+    """Prompt syntax (marble.prompts.parse): what A1111 reads literally passes, what it cannot read does not."""
     for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
         try:
             check_prompt(text, steps)

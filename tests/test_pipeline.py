@@ -149,7 +149,7 @@ def test_empty_prompt_is_unconditional_generation(tiny_pipe):
 
 
 def test_long_prompt_is_read_whole_without_a_warning(tiny_pipe):
-    """Past 75 tokens a prompt takes more windows (marble.prompt_encode) instead of being cut: text
+    """Past 75 tokens a prompt takes more windows (marble.prompts.encode) instead of being cut: text
     after the first window changes the image, and nothing warns."""
     long = " ".join(["red circle"] * 60)
     res = gen(tiny_pipe, prompt=long, seed=1, steps=1)

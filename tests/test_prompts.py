@@ -1,4 +1,4 @@
-"""Prompt syntax, windows and per-step contexts (marble.prompt_parse, marble.prompt_encode, marble.prompts).
+"""Prompt syntax, windows and per-step contexts (marble.prompts: parse, encode, conditioning).
 
 Expected outputs are A1111's documented behaviour (the doctests of modules/prompt_parser.py,
 written out here); token ids and window boundaries come from transformers' CLIPTokenizer built
@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marble.models.text import build_text_encoder, load_minilm
-from marble.prompt_encode import Chunk, chunk_fragments, encode_prompts, prompt_chunks
-from marble.prompt_parse import BREAK, Fragment, PromptSyntaxError, parse_attention, prompt_at_step, schedule_prompt
-from marble.prompts import PromptConditioning, check_prompt, window_count
+from marble.prompts.conditioning import PromptConditioning, window_count
+from marble.prompts.encode import Chunk, chunk_fragments, encode_prompts, prompt_chunks
+from marble.prompts.parse import (BREAK, Fragment, PromptSyntaxError, check_prompt, parse_attention, prompt_at_step,
+                                  schedule_prompt)
 from sd_fixtures import oracle_tokenizer_folder
 
 W11 = 1.1
@@ -378,7 +379,7 @@ def test_scheduled_denoiser_switches_inside_the_sampling_loop(clip):
     """The closure picks each step's contexts from its sigma; the sampler is the ordinary one."""
     from marble.diffusion.noise import NoiseSource
     from marble.diffusion.samplers import get_sampler
-    from marble.prompts import scheduled_denoiser, step_index
+    from marble.prompts.conditioning import scheduled_denoiser, step_index
 
     conditioning = PromptConditioning(clip, "a [cat:dog:3]", "", 8)
     sigmas = torch.tensor([14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.0])
@@ -407,7 +408,7 @@ def test_emphasis_none_reads_brackets_and_break_as_text(clip):
 
 
 def test_emphasis_names():
-    from marble.prompt_encode import check_emphasis
+    from marble.prompts.encode import check_emphasis
     assert [check_emphasis(n) for n in ("Original", "no norm", "ComfyUI", "none", "a1111")] == \
         ["a1111", "no-norm", "comfy", "none", "a1111"]
     with pytest.raises(PromptSyntaxError):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from marble.hires import HiresFix
-from marble.prompts import window_count
+from marble.prompts.conditioning import window_count
 from marble.request import GenerationRequest, resolve
 from marble.server.app import create_app
 from marble.server.limits import ServerLimits

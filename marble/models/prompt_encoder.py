@@ -2,7 +2,7 @@
 and a batch of prompts becomes a float32 context (B, max_tokens, width). This is the `TextEncoder`
 interface of marble.models.text; a family adds its tokenizer, its network and `forward(tokens)`.
 
-Long and weighted prompts (marble.prompt_encode) use the same rows one window at a time:
+Long and weighted prompts (marble.prompts.encode) use the same rows one window at a time:
 `text_ids` gives a text's ids without the start/end tokens, `chunk_row` makes a row of a window."""
 from __future__ import annotations
 

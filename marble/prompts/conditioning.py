@@ -1,8 +1,8 @@
-"""Prompts as A1111 users write them -> the context of every sampling step.
+"""Per-step contexts of a prompt and a negative prompt, and the denoiser closure that uses them.
 
-A prompt and a negative prompt are scheduled (marble.prompt_parse: `[from:to:when]`, `[a|b]`), every
+A prompt and a negative prompt are scheduled (marble.prompts.parse: `[from:to:when]`, `[a|b]`), every
 distinct text of the schedules is encoded once with its weights, windows and BREAKs
-(marble.prompt_encode), and `PromptConditioning.at(step)` hands the sampler's denoiser closure the
+(marble.prompts.encode), and `PromptConditioning.at(step)` hands the sampler's denoiser closure the
 (cond, uncond) contexts of that step, padded to the same length with the empty prompt's window as
 A1111 pads them. A plain prompt and negative prompt of one window each give exactly the context
 `text_encoder.encode([prompt, negative_prompt])` gives.
@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from marble.prompt_encode import EMPHASIS, EMPHASIS_NAMES, check_emphasis, encode_prompts, prompt_chunks
-from marble.prompt_parse import PromptSyntaxError, check_prompt, parse_attention, prompt_at_step, schedule_prompt
-
-__all__ = ["EMPHASIS", "EMPHASIS_NAMES", "PromptConditioning", "PromptSyntaxError", "check_prompt", "parse_attention",
-           "prompt_at_step", "schedule_prompt", "scheduled_denoiser", "step_index", "window_count"]
+from marble.prompts.encode import check_emphasis, encode_prompts, prompt_chunks
+from marble.prompts.parse import prompt_at_step, schedule_prompt
 
 
 def window_count(encoder, prompt: str, emphasis: str = "a1111") -> int:
@@ -30,7 +27,7 @@ class PromptConditioning:
 
     steps: the steps of the pass the schedule counts (a schedule's `when` refers to them);
     hires_steps: for the second pass of a hires fix, that pass's steps (`steps` then is the first pass's);
-    emphasis: how weights act, one of EMPHASIS.
+    emphasis: how weights act, one of marble.prompts.encode.EMPHASIS.
     Contexts are float32 unless `dtype` is given, on the encoder's device unless `device` is.
     """
 
