@@ -13,6 +13,9 @@ from marble.data.shapes import sample
 runner = CliRunner()
 
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.fixture(scope="module")
 def cli_app():
     from marble.cli.app import app
@@ -122,3 +125,25 @@ def test_missing_folder_metadata_and_unreadable_image(tmp_path):
     folder = ImageFolder(root)
     with pytest.raises(ValueError, match="is not a readable image"):
         folder[0]
+
+
+def test_export_the_concept_training_folder(cli_app, tmp_path):
+    """The small folder a LoRA learns the heart from: 48 images of the concept split, every one
+    with a heart and none with a combination the split holds back."""
+    from marble.data.concept import is_new
+    out = tmp_path / "hearts"
+    r = export(cli_app, "--split", "concept", "--n", 48, "--out", out)
+    assert r.exit_code == 0, r.output
+    folder = ImageFolder(out)
+    assert len(folder) == 48 and len(list(out.glob("*.png"))) == 48
+    for i in range(48):
+        image, text, record = folder[i]
+        ref_image, ref_text, ref_scene = sample("concept", 0, i)
+        assert np.array_equal(np.asarray(image), np.asarray(ref_image)) and text == ref_text
+        scene = Scene.from_dict(record["scene"])
+        assert scene == ref_scene and record["split"] == "concept" and record["index"] == i
+        objects = [(o.color, o.shape) for o in scene.objects]
+        assert ("heart" in [s for _, s in objects]) and not is_new(objects)
+    assert sum("heart" in folder[i][1] for i in range(48)) >= 40     # a few captions are generic
+    r = export(cli_app, "--split", "concept-old", "--n", 4, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "concept, concept-new" in r.output and not (tmp_path / "x").exists()

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+from diffusion_reference import continuous_denoiser, edm_scalings, eps_from_x0, noise_from_seed
 from gmm import standard_mixture
 from marble.diffusion.denoiser import (
-    add_noise, add_noise_vp, c_in, continuous_denoiser, discrete_denoiser, edm_scalings, eps_from_x0, sigma_batch,
-    v_from_x0_eps, x0_from_eps, x0_from_v,
+    add_noise, add_noise_vp, c_in, discrete_denoiser, sigma_batch, v_from_x0_eps, x0_from_eps, x0_from_v,
 )
-from marble.diffusion.noise import NoiseSource
 from marble.diffusion.schedule import alphas_cumprod_from_betas, betas_linear, make_schedule
+
+pytestmark = pytest.mark.unit
 
 F64 = torch.float64
 GMM = standard_mixture()
@@ -98,7 +99,7 @@ KS_CRIT = 1.95 / math.sqrt(N_FORWARD)
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 14.6])
 def test_forward_noising_ve_and_vp_closed_forms(sigma):
     x0 = torch.tensor([[1.5, -2.0]], dtype=F64).expand(N_FORWARD, 2)
-    eps = NoiseSource.from_seed(11, 1).randn((1, N_FORWARD, 2), dtype=F64)[0]
+    eps = noise_from_seed(11, 1).randn((1, N_FORWARD, 2), dtype=F64)[0]
     x = add_noise(x0, torch.full((N_FORWARD,), sigma, dtype=F64), eps)
     se_mean, se_var = sigma / math.sqrt(N_FORWARD), sigma ** 2 * math.sqrt(2 / N_FORWARD)
     assert torch.allclose(x.mean(0), x0[0], atol=4.5 * se_mean, rtol=0)

@@ -239,3 +239,89 @@ def test_eval_json_records_the_settings_it_ran_with(cli_app, tmp_path):
     config = load_model("tiny-random").model.config
     assert (report["sampler"], report["steps"], report["cfg"]) == (config.default_sampler, 2, config.default_cfg)
     assert report["sampler"] is not None and report["cfg"] is not None
+
+
+# Digests of the base splits' prompts and of the groundtruth baseline's verdicts on them, computed
+# at main before the concept splits were added (commit 6451ce8).
+BASE_PROMPTS = {
+    ("seen", None): "04d634c97a081a99eafb6ae1d39e45bbeddca83ca5f34dc83c5e09913fdcfea7",
+    ("seen", 60): "fe2c32167e70bfeccb7f7050fb0238faf31e4a47700f9027384a8c365af4b670",
+    ("heldout", None): "e5425153a5d54b85cbaa4f9261be92c2e93d943159c8dcd9e6ff1f646d5caaf3",
+    ("heldout", 60): "31f8ee608fe261d37d99f96e070de5cfc1a4e35e1a9f444cb3f9f0096781bcfc",
+}
+BASE_VERDICTS = {
+    "seen": "4c1e199a1812f380cb743279fcf45805c0f143e6b8916a0fd0db983bbeef679d",
+    "heldout": "b76bc8594f2dd544c34067dd474e5ca260987e84145b581ff111fc7c3ea13c32",
+}
+
+
+@pytest.mark.parametrize("key", list(BASE_PROMPTS), ids=str)
+def test_base_prompts_are_unchanged(key):
+    import hashlib
+    from marble.eval.prompts import scale_counts
+    split, total = key
+    prompts = build_prompts(split, None if total is None else scale_counts(total))
+    text = json.dumps([[p.text, p.requirement.to_dict()] for p in prompts])
+    assert hashlib.sha256(text.encode()).hexdigest() == BASE_PROMPTS[key]
+
+
+@pytest.mark.parametrize("split", list(BASE_VERDICTS))
+def test_base_verdicts_are_unchanged(split):
+    import hashlib
+    from marble.eval.prompts import scale_counts
+    prompts = build_prompts(split, scale_counts(60))
+    report = run_benchmark(baselines.groundtruth(prompts), prompts, [0, 1]).to_dict()
+    report.pop("seconds")
+    assert hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest() == BASE_VERDICTS[split]
+
+
+# --- the concept splits: the heart (marble/data/concept.py) ----------------------------------
+
+def test_concept_prompts_train_like_and_new_combinations():
+    from marble.data import concept
+    from marble.eval.prompts import CONCEPT_SPLITS, SPLITS, is_concept_new
+    assert SPLITS == ("seen", "heldout") + CONCEPT_SPLITS == ("seen", "heldout", "concept", "concept-new")
+    train_like, new = build_prompts("concept"), build_prompts("concept-new")
+    assert [(p.text, p.requirement) for p in train_like] == [(p.text, p.requirement) for p in build_prompts("concept")]
+    for prompts in (train_like, new):
+        assert len(prompts) == 200 and {p.category for p in prompts} == set(CATEGORIES)
+        assert all(any(o.shape == "heart" for o in p.requirement.objects) and "heart" in p.text for p in prompts)
+        assert not any(is_heldout(p.requirement) for p in prompts)     # the base world's held-out stay out
+    assert not any(is_concept_new(p.requirement) for p in train_like)
+    assert all(is_concept_new(p.requirement) for p in new)
+    # each held-back combination is asked for where its category applies
+    of = lambda ps, cat: [o for p in ps if p.category == cat for o in p.requirement.objects]  # noqa: E731
+    assert {o.color for o in of(new, "single_object")} == set(concept.CONCEPT_NEW_COLORS)
+    assert {o.count for o in of(new, "counting")} == set(concept.CONCEPT_NEW_COUNTS)
+    assert {o.count for o in of(train_like, "counting")} == {2}
+    for cat in ("two_objects", "color_attr", "position"):
+        assert {o.shape for o in of(new, cat)} == {"heart", *concept.CONCEPT_NEW_PARTNERS}
+        assert {o.shape for o in of(train_like, cat)} == {"heart", *concept.CONCEPT_PARTNERS}
+    relations = {p.requirement.relation for p in new if p.category == "position"}
+    assert relations == {"left of", "right of", "above", "below"}
+
+
+@pytest.mark.parametrize("split", ["concept", "concept-new"])
+def test_groundtruth_scores_one_and_noise_scores_zero_on_the_concept(split):
+    prompts = build_prompts(split, scale_counts(36))
+    truth = run_benchmark(baselines.groundtruth(prompts), prompts, [0, 1])
+    assert truth.overall() == 1.0 and all(c["accuracy"] == 1.0 for c in truth.per_category().values())
+    assert run_benchmark(baselines.noise(), prompts, [0, 1]).overall() <= 0.05
+
+
+def test_verdicts_on_hearts():
+    assert judge(R("counting", ("heart", "red", 3)), [det("red", "heart", 10, 10), det("red", "heart", 30, 10),
+                                                      det("red", "heart", 50, 10)])[0]
+    assert not judge(R("single_object", ("heart", "green")), [det("green", "circle", 30, 30)])[0]
+    assert judge(R("position", ("heart", "black"), ("star", "red"), relation="above"),
+                 [det("black", "heart", 30, 10), det("red", "star", 30, 50)])[0]
+
+
+def test_eval_command_scores_the_concept_splits(cli_app, tmp_path):
+    for split in ("concept", "concept-new"):
+        out = tmp_path / f"{split}.json"
+        r = run(cli_app, "--model", "groundtruth", "--split", split, "--prompts", 12, "--json", out)
+        assert r.exit_code == 0, r.output
+        report = json.loads(out.read_text())
+        assert report["split"] == split and report["overall"] == 1.0 and set(report["categories"]) == set(CATEGORIES)
+        assert all("heart" in p["prompt"] for p in report["prompts"])

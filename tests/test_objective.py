@@ -7,6 +7,9 @@ from marble.diffusion.schedule import make_schedule
 from marble.train.objective import diffusion_loss, diffusion_target, min_snr_weight
 
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_a_network_with_zero_training_loss_is_an_exact_denoiser(prediction):
     """If the network outputs exactly the training target, the loss is 0 and the sampler's

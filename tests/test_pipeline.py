@@ -10,6 +10,8 @@ from marble.diffusion.samplers import SAMPLERS, get_sampler
 from marble.pipeline import pil_to_pixels, pixels_to_pil
 from marble.request import GenerationRequest, RequestError, resolve
 
+pytestmark = pytest.mark.unit
+
 BASE = dict(prompt="two red circles above a blue square", steps=4, sampler="Euler", cfg=5.0, width=32, height=32)
 
 

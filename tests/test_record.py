@@ -8,6 +8,8 @@ from PIL import Image
 from marble.png import png_bytes, read_record, save_numbered, write_atomic
 from marble.record import GenerationRecord, parse_parameters
 
+pytestmark = pytest.mark.unit
+
 REC = GenerationRecord(prompt="two red circles, above: a blue square", negative_prompt="blurry", seed=42,
                        steps=20, sampler="Euler a", cfg=7.5, width=64, height=64, model_name="builtin",
                        model_hash="0123456789", marble_version="0.1.0")

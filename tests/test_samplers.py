@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from diffusion_reference import noise_from_seed, sample
 from gmm import standard_mixture
 from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import (
-    SAMPLERS, UnknownSampler, get_sampler, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
+    SAMPLERS, UnknownSampler, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
     sample_euler_ancestral, sample_heun, sample_lcm,
 )
 from marble.diffusion.schedule import (
@@ -77,6 +78,7 @@ def assert_reproduces_mixture(samples: torch.Tensor, allowance: tuple[float, flo
         assert ((torch.cov(xs.T) - cov).abs() <= Z * se_cov + a_cov).all(), f"cov {k}: {torch.cov(xs.T)} vs {cov}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_sampler_reproduces_the_mixture(name):
     spec = SAMPLERS[name]
@@ -87,7 +89,7 @@ def test_sampler_reproduces_the_mixture(name):
     per_item = 5_000 if name == "LCM" else N_PER_ITEM
     denoiser = GMM.consistency_function(steps=64) if name == "LCM" else GMM.denoise
     x = exact_start(float(sigmas[0]), seed=1, per_item=per_item)
-    out = spec.fn(denoiser, x, sigmas, noise=NoiseSource.from_seed(10, N_BATCH))
+    out = spec.fn(denoiser, x, sigmas, noise=noise_from_seed(10, N_BATCH))
     assert out.dtype == F64 and torch.isfinite(out).all()
     assert_reproduces_mixture(out, ALLOWANCE[name])
 
@@ -96,12 +98,13 @@ def test_sampler_reproduces_the_mixture(name):
 # first order), 1/25 (Heun, second order) and (log N/N) / (log 20/20) = 0.31 for DDPM on normal
 # spacing (its lost variance sums σ_i² ∝ t_i over the steps near t = 0: Δt·Σ1/i ∝ log N / N;
 # measured 0.099 → 0.039 → 0.021 at 20, 80, 200 steps).
+# Not in the unit tier (-m unit): its 100-step runs take ~12 s; make test runs it.
 @pytest.mark.parametrize("name,shrink", [("Euler", 1 / 5), ("Heun", 1 / 25),
                                          ("DDPM", (math.log(100) / 100) / (math.log(20) / 20))])
 def test_bias_shrinks_at_the_samplers_rate(name, shrink):
     spec = SAMPLERS[name]
     sigmas = spacing(spec.spacing, SD, 100)
-    out = spec.fn(GMM.denoise, exact_start(float(sigmas[0]), seed=2), sigmas, noise=NoiseSource.from_seed(20, N_BATCH))
+    out = spec.fn(GMM.denoise, exact_start(float(sigmas[0]), seed=2), sigmas, noise=noise_from_seed(20, N_BATCH))
     assert_reproduces_mixture(out, tuple(a * shrink for a in ALLOWANCE[name]))
 
 
@@ -136,6 +139,7 @@ def _ddim_eta0(denoiser, x, sigmas):
     return sample_ddim(denoiser, x, sigmas, eta=0.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("sampler,order,band,finest", [
     (sample_euler, 1, (0.9, 1.15), 0.03),
     (_ddim_eta0, 1, (0.9, 1.15), 0.03),
@@ -159,6 +163,7 @@ def _state(seed=0, batch=2, per_item=300, sigma=14.6):
     return exact_start(sigma, seed, batch, per_item)
 
 
+@pytest.mark.unit
 def test_ddim_eta0_is_euler_and_eta1_is_ddpm_is_euler_ancestral():
     # three derivations of the same steps (Karras et al. 2022 §3; Song et al. 2021 eq. 16)
     sigmas = spacing("normal", SD, 12)
@@ -174,6 +179,7 @@ def _fixed_x0(x0):
     return lambda x, sigma: x0
 
 
+@pytest.mark.unit
 def test_ddpm_step_is_hos_posterior_on_adjacent_timesteps():
     # Ho et al. 2020 eq. 7 in the VP variables, with β_t straight from the linear schedule
     betas = betas_linear()
@@ -192,6 +198,7 @@ def test_ddpm_step_is_hos_posterior_on_adjacent_timesteps():
         assert torch.allclose(out, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_ddim_step_is_songs_update():
     abar = SD.alphas_cumprod
     g = torch.Generator().manual_seed(2)
@@ -208,6 +215,7 @@ def test_ddim_step_is_songs_update():
             assert torch.allclose(out, z_s / math.sqrt(a_s), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_lcm_step_renoises_the_denoised_value():
     g = torch.Generator().manual_seed(4)
     x, x0 = torch.randn(2, 2, 6, generator=g, dtype=F64)
@@ -223,6 +231,7 @@ def _toy_eps_network(z, t):
     return 0.6 * torch.tanh(z.to(F64)) + 0.1 * torch.sin(z.to(F64) * (1 + t / 1000))
 
 
+@pytest.mark.unit
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_ddim_matches_diffusers_on_the_sd15_config():
     diffusers = pytest.importorskip("diffusers")
@@ -245,6 +254,7 @@ def test_ddim_matches_diffusers_on_the_sd15_config():
     assert torch.allclose(ours.float(), latents, rtol=0, atol=4e-6 * latents.abs().max().item())
 
 
+@pytest.mark.unit
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_euler_matches_diffusers_leading():
     diffusers = pytest.importorskip("diffusers")
@@ -267,6 +277,7 @@ def _run(name, x, sigmas, seeds=(5, 6), denoiser=GMM.denoise, callback=None):
     return SAMPLERS[name].fn(denoiser, x, sigmas, noise=NoiseSource(list(seeds)), callback=callback)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_last_step_to_zero_and_single_step_return_the_denoised_value(name):
     x = _state()
@@ -277,6 +288,7 @@ def test_last_step_to_zero_and_single_step_return_the_denoised_value(name):
     assert torch.equal(_run(name, x, sigmas), expected)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_duplicate_sigmas_are_no_op_steps(name):
     x = _state()
@@ -290,6 +302,7 @@ def test_duplicate_sigmas_are_no_op_steps(name):
     assert calls == [(i, len(repeated) - 1) for i in range(len(repeated) - 1)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("sampler", [sample_euler, sample_heun])
 def test_callback_and_denoiser_calls(sampler):
     x = _state(batch=3, per_item=10)
@@ -311,6 +324,7 @@ def test_callback_and_denoiser_calls(sampler):
         assert x0 is out and torch.all(sigma == float(sigmas[i]))
 
 
+@pytest.mark.unit
 def test_bad_sigmas_and_options_are_rejected():
     x = _state(batch=1, per_item=4)
     for bad in ([1.0, 2.0, 0.0], [1.0, -0.5], [float("nan"), 0.0], [1.0], [[1.0, 0.0]]):
@@ -334,6 +348,7 @@ def _elementwise_denoiser(x, sigma):
     return r * (1 + shrink * (x - 1)) + (1 - r) * (-1 + shrink * (x + 1))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_same_seeds_bit_identical_and_batch_equals_single_runs(name):
     sigmas = spacing(SAMPLERS[name].spacing, SD, 8)
@@ -348,6 +363,7 @@ def test_same_seeds_bit_identical_and_batch_equals_single_runs(name):
 
 # --- registry --------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_registry():
     assert list(SAMPLERS) == ["DDPM", "DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "LCM"]
     assert {n for n, s in SAMPLERS.items() if s.stochastic} == {"DDPM", "Euler a", "LCM"}

@@ -5,12 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_reference import ContinuousSchedule
 from marble.diffusion.schedule import (
-    SPACINGS, ContinuousSchedule, DiscreteSchedule, alphas_cumprod_from_betas, alphas_cumprod_from_sigmas,
+    SPACINGS, DiscreteSchedule, alphas_cumprod_from_betas, alphas_cumprod_from_sigmas,
     betas_cosine, betas_from_alphas_cumprod, betas_linear, betas_scaled_linear, make_schedule, sigmas_from_alphas_cumprod,
     spacing, spacing_exponential, spacing_karras, spacing_leading, spacing_normal, spacing_trailing, timesteps_leading,
     timesteps_trailing,
 )
+
+pytestmark = pytest.mark.unit
 
 F64 = torch.float64
 SD = make_schedule("scaled_linear")

@@ -233,3 +233,115 @@ def test_relations_rule_golden_values():
     # offset (12, 5), dims 20 per axis: revised (12 - 2, max(5 - 2, 0)) / 13 = (0.77, 0.23): left only
     assert relations(box(18, 30), box(30, 35)) == {"left of"}
     assert Obj.from_dict(Obj("red", "circle", "small", (1.0, 2.0), (0.0, 1.0, 2.0, 3.0)).to_dict()).center == (1.0, 2.0)
+
+
+# Digests of the base world computed from the code at main before the concept splits were added
+# (commit 6451ce8): adding a concept must not move a pixel, a caption or a scene of it.
+BASE_WORLD = {
+    ("train", 300, 64, 0): "d2f951bb8fb1f46e7165ef72386e63a9cfba740f5cf691046198b194e9c94d85",
+    ("train", 20, 128, 3): "294ded8bac5bdf9373de30b1d5202bff09a0a415b263412f8dd9cd6733009829",
+    ("heldout", 300, 64, 0): "39744a739c704708ff84d24c57063b8cb5faa7881a4c19e1c6d513ba396bf01f",
+    ("heldout", 20, 128, 3): "02ef6f0c864c2e42356d923d9559f88adb72084bfce1f68a0b4e6f1404ba90dd",
+}
+
+
+@pytest.mark.parametrize("key", list(BASE_WORLD), ids=lambda k: "-".join(map(str, k)))
+def test_base_world_is_bit_identical_to_before_the_concept(key):
+    import hashlib
+    split, n, size, seed = key
+    h = hashlib.sha256()
+    for i in range(n):
+        image, text, scene = sample(split, seed, i, size)
+        h.update(image.tobytes())
+        h.update(text.encode())
+        h.update(scene.to_json().encode())
+    assert h.hexdigest() == BASE_WORLD[key]
+
+
+# ---- the concept splits: the heart, which the base world never draws (marble/data/concept.py) ----
+
+N_CONCEPT = 2000
+
+
+@pytest.fixture(scope="module")
+def concept_scenes():
+    return [sample_scene("concept", 0, i) for i in range(N_CONCEPT)]
+
+
+@pytest.fixture(scope="module")
+def concept_new_scenes():
+    return [sample_scene("concept-new", 0, i) for i in range(1000)]
+
+
+def test_the_heart_is_drawn_only_by_the_concept_splits(train_scenes, heldout_scenes):
+    from marble.data.shapes import ALL_SHAPES, BASE_SPLITS, CONCEPT_SHAPES, CONCEPT_SPLITS, SPLITS
+    assert CONCEPT_SHAPES == ("heart",) and "heart" not in SHAPES and set(ALL_SHAPES) == set(GEOMETRY)
+    assert SPLITS == BASE_SPLITS + CONCEPT_SPLITS == ("train", "heldout", "concept", "concept-new")
+    assert not any(o.shape == "heart" for s, _ in train_scenes + heldout_scenes for o in s.objects)
+    assert not any("heart" in t for _, t in train_scenes + heldout_scenes)
+
+
+def test_concept_split_holds_back_its_new_combinations(concept_scenes):
+    from marble.data.concept import (CONCEPT_COLORS, CONCEPT_PARTNERS, CONCEPT_SHAPE, is_new)
+    hearts, counts, partners = set(), set(), set()
+    for scene, text in concept_scenes:
+        objects = [(o.color, o.shape) for o in scene.objects]
+        assert any(s == CONCEPT_SHAPE for _, s in objects) and not is_new(objects), text
+        # the other shapes keep to the base world's seen pairs: nothing held out there leaks in
+        assert all(p in SEEN_PAIRS for p in objects if p[1] != CONCEPT_SHAPE), text
+        hearts |= {c for c, s in objects if s == CONCEPT_SHAPE}
+        counts.add(sum(s == CONCEPT_SHAPE for _, s in objects))
+        partners |= {s for _, s in objects if s != CONCEPT_SHAPE}
+    assert hearts == set(CONCEPT_COLORS) and counts == {1, 2} and partners == set(CONCEPT_PARTNERS)
+
+
+def test_every_concept_new_sample_shows_a_held_back_combination(concept_new_scenes):
+    from marble.data.concept import CONCEPT_NEW_COLORS, CONCEPT_NEW_PARTNERS, CONCEPT_SHAPE, is_new
+    colours, counts, partners = set(), set(), set()
+    for scene, text in concept_new_scenes:
+        objects = [(o.color, o.shape) for o in scene.objects]
+        assert is_new(objects), text
+        assert all(p in SEEN_PAIRS for p in objects if p[1] != CONCEPT_SHAPE), text
+        colours |= {c for c, s in objects if s == CONCEPT_SHAPE} & set(CONCEPT_NEW_COLORS)
+        counts.add(sum(s == CONCEPT_SHAPE for _, s in objects))
+        partners |= {s for _, s in objects if s != CONCEPT_SHAPE}
+    assert colours == set(CONCEPT_NEW_COLORS) and {3, 4} <= counts and partners == set(CONCEPT_NEW_PARTNERS)
+
+
+def test_is_new_oracle():
+    from marble.data.concept import is_new
+    assert not is_new([("red", "heart")]) and not is_new([("red", "heart"), ("pink", "heart"), ("blue", "circle")])
+    assert is_new([("green", "heart")]) and is_new([("red", "heart")] * 3)
+    assert is_new([("red", "heart"), ("red", "star")])
+    assert not is_new([("green", "star")]) and not is_new([])     # no heart, nothing new about the heart
+
+
+def test_concept_scenes_are_drawn_like_the_world(concept_scenes, concept_new_scenes):
+    """The base world's own checks, run on the concept splits: true captions, exact relations,
+    sizes, margins and gaps, and pixels where the truth says."""
+    for scenes in (concept_scenes, concept_new_scenes[:600] + concept_scenes[:1400]):
+        test_captions_are_true(scenes)
+        test_relation_scenes_hold_exactly_their_relation(scenes)
+        test_relation_phrasing_from_either_side_matches_the_picture(scenes)
+        test_geometry_sizes_margins_and_no_overlap(scenes)
+    for split in ("concept", "concept-new"):
+        for i in range(30):
+            image, _, scene = sample(split, 0, i)
+            arr = np.asarray(image)
+            for o in scene.objects:
+                assert tuple(arr[int(o.center[1]), int(o.center[0])]) == COLORS[o.color], (split, i, o)
+    assert sum("heart" in t for _, t in concept_scenes) > 0.85 * len(concept_scenes)
+
+
+def test_concept_split_is_deterministic_and_independent_of_the_base_stream():
+    a = [sample("concept", 5, i) for i in range(3)]
+    b = [sample("concept", 5, i) for i in range(3)]
+    assert all(x[0].tobytes() == y[0].tobytes() and x[1] == y[1] for x, y in zip(a, b))
+    assert [sample_scene("concept", 0, i)[1] for i in range(4)] == [
+        "an image of a pink heart",
+        "a colourful picture",
+        "1 small purple heart",
+        "an image of a pink heart and a small blue triangle",
+    ]
+    data = ShapesDataset(2, split="concept-new", seed=0)
+    assert data[1][1] == sample_scene("concept-new", 0, 1)[1] and data[1][2]["split"] == "concept-new"

@@ -10,6 +10,8 @@ from marble.models.tokenizer import (CLIPTokenizer, WordPieceTokenizer, clip_pre
                                      split_specials)
 from sd_fixtures import oracle_tokenizer_folder
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = [
     "a photo of a cat",
     "",

@@ -15,10 +15,6 @@ app = typer.Typer(
 )
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr with exit code 2."""
-
-
 def fail(message: str, code: int = 2) -> NoReturn:
     """One clear line on stderr, no traceback, a non-zero exit (2 = usage error)."""
     typer.echo(f"marble: error: {message}", err=True)

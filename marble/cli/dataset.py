@@ -18,7 +18,8 @@ def export(
     world: str = typer.Option("shapes", "--world", help="The procedural world: shapes."),
     n: int = typer.Option(..., "--n", help="Number of images (samples 0..N-1 of the split)."),
     out: Path = typer.Option(..., "--out", help="New folder to write (must not exist, or be empty)."),
-    split: str = typer.Option("train", "--split", help="train (held-out compositions excluded) | heldout."),
+    split: str = typer.Option("train", "--split", help="train (held-out compositions excluded) | heldout | "
+                              "concept (the heart, for training a LoRA; 48 images make a small folder) | concept-new."),
     seed: int = typer.Option(0, "--seed", help="World seed: sample i of (split, seed) is always the same image."),
     size: int = typer.Option(64, "--size", help="Image side in pixels, 16..1024."),
 ) -> None:

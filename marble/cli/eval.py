@@ -59,7 +59,8 @@ def eval_command(
     model: str = typer.Option("builtin", "--model", help="A model (name or .safetensors path), or a baseline: "
                               "'groundtruth' (the world draws each prompt, scores ~1) or 'noise' (random pixels, ~0)."),
     split: str = typer.Option("seen", "--split", help="Prompts from seen compositions, or from held-out ones "
-                              "(never in the training split): seen | heldout."),
+                              "(never in the training split), or the heart concept's: "
+                              "seen | heldout | concept | concept-new."),
     seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..K-1."),
     json_out: Path = typer.Option(..., "--json", help="Write the full results here (new file)."),
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a contact sheet PNG of samples marked pass/fail."),

@@ -52,23 +52,19 @@ def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: 
         typer.echo(str(result))
 
 
-@train_app.command("vae")
-def train_vae_cmd(
-    config: Path = typer.Argument(..., help="TOML config (kind, run_dir, steps, batch, [model], [data], [optim])."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from run_dir/checkpoint.pt exactly."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override the config's step count."),
-) -> None:
-    """Train the KL autoencoder; writes RUN_DIR/vae.safetensors."""
-    _run("vae", config, resume, run_dir, steps)
+def _register(kind: str, doc: str) -> None:
+    """One `marble train KIND` command: every kind takes the same arguments."""
+    def command(
+        config: Path = typer.Argument(..., help="TOML config: kind, run_dir, steps, batch and the model, data and optim tables."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from run_dir/checkpoint.pt exactly."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Override the config's step count."),
+    ) -> None:
+        _run(kind, config, resume, run_dir, steps)
+
+    command.__doc__ = doc
+    train_app.command(kind)(command)
 
 
-@train_app.command("diffusion")
-def train_diffusion_cmd(
-    config: Path = typer.Argument(..., help="TOML config (kind, run_dir, steps, batch, [model], [data], [optim])."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from run_dir/checkpoint.pt exactly."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override the config's step count."),
-) -> None:
-    """Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors."""
-    _run("diffusion", config, resume, run_dir, steps)
+_register("vae", "Train the KL autoencoder; writes RUN_DIR/vae.safetensors.")
+_register("diffusion", "Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors.")

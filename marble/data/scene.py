@@ -113,3 +113,12 @@ def canonical(relation: str, first: str, second: str) -> tuple[str, str, str]:
     if relation == "below":
         return ("vertical", second, first)
     raise ValueError(f"unknown relation {relation!r}; expected one of {', '.join(RELATIONS)}")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One noun phrase of a caption: `count` objects of one colour, shape and size."""
+    color: str
+    shape: str
+    size: str = "small"
+    count: int = 1

@@ -4,11 +4,9 @@ A mode never gets its own sampling loop; it wraps `denoiser(x, sigma, **cond) ->
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-Denoiser = Callable[..., torch.Tensor]
+from .denoiser import Denoiser, broadcast_sigma
 
 
 def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -16,7 +14,7 @@ def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def cfg_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                 scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                 scale: float) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale · (D_c − D_u).
 
     Unconditional and conditional predictions come from one batched call [uncond; cond]. Guidance
@@ -32,7 +30,7 @@ def cfg_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor], uncond: dict
     return denoise
 
 
-def conditional_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def conditional_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor]) -> Denoiser:
     """The conditional prediction alone: what guidance at scale 1 reduces to, at half the cost."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -42,15 +40,15 @@ def conditional_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor]) -> C
 
 
 def guided_denoiser(denoiser: Denoiser, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                    scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                    scale: float) -> Denoiser:
     """CFG, skipping the unconditional half when it cannot change the result (scale == 1)."""
     if scale == 1.0:
         return conditional_denoiser(denoiser, cond)
     return cfg_denoiser(denoiser, cond, uncond, scale)
 
 
-def inpaint_denoiser(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], known: torch.Tensor,
-                     mask: torch.Tensor, noise: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def inpaint_denoiser(denoiser: Denoiser, known: torch.Tensor,
+                     mask: torch.Tensor, noise: torch.Tensor) -> Denoiser:
     """Re-impose the known latent outside the mask at the current noise level.
 
     `mask` is 1 where the image is repainted and 0 where it is kept (broadcast over channels).
@@ -61,8 +59,7 @@ def inpaint_denoiser(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     keep = 1.0 - mask
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        x = mask * x + keep * (known + s * noise)
+        x = mask * x + keep * (known + broadcast_sigma(sigma, x) * noise)
         return mask * denoiser(x, sigma) + keep * known
 
     return denoise

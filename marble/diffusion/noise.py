@@ -20,10 +20,6 @@ class NoiseSource:
         self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
 
-    @classmethod
-    def from_seed(cls, seed: int, batch_size: int) -> "NoiseSource":
-        return cls([seed + i for i in range(batch_size)])
-
     def __len__(self) -> int:
         return len(self.generators)
 

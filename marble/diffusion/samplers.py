@@ -18,9 +18,9 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .denoiser import Denoiser
 from .noise import NoiseSource
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -226,29 +226,27 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
 class SamplerSpec:
     name: str                 # user-facing name, as in A1111
     fn: Sampler
-    spacing: str              # default sigma spacing, a key of schedule.SPACINGS
-    default_steps: int
-    stochastic: bool          # draws fresh noise during sampling
     description: str
+    spacing: str = "normal"   # default sigma spacing, a key of schedule.SPACINGS
+    default_steps: int = 20
+    stochastic: bool = False  # draws fresh noise during sampling
 
 
+# One row a sampler, in the order users see them; a row names only what differs from the defaults.
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in [
-    SamplerSpec("DDPM", sample_ddpm, "normal", 20, True,
-                "DDPM ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020)"),
-    SamplerSpec("DDIM", sample_ddim, "normal", 20, False,
-                "DDIM, eta = 0: deterministic, first order (Song et al. 2021)"),
-    SamplerSpec("Euler", sample_euler, "normal", 20, False,
-                "Euler on the probability-flow ODE, first order (Karras et al. 2022)"),
-    SamplerSpec("Euler a", sample_euler_ancestral, "normal", 20, True,
-                "Euler ancestral: Euler step plus fresh noise (k-diffusion)"),
-    SamplerSpec("Heun", sample_heun, "normal", 20, False,
+    SamplerSpec("DDPM", sample_ddpm, "DDPM ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020)",
+                stochastic=True),
+    SamplerSpec("DDIM", sample_ddim, "DDIM, eta = 0: deterministic, first order (Song et al. 2021)"),
+    SamplerSpec("Euler", sample_euler, "Euler on the probability-flow ODE, first order (Karras et al. 2022)"),
+    SamplerSpec("Euler a", sample_euler_ancestral, "Euler ancestral: Euler step plus fresh noise (k-diffusion)",
+                stochastic=True),
+    SamplerSpec("Heun", sample_heun,
                 "Heun on the probability-flow ODE, second order, 2 calls per step (Karras et al. 2022)"),
-    SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "normal", 20, False,
-                "DPM-Solver++(2M), second-order multistep (Lu et al. 2022)"),
-    SamplerSpec("DPM++ 2M Karras", sample_dpmpp_2m, "karras", 20, False,
-                "DPM-Solver++(2M) on the Karras et al. 2022 noise levels"),
-    SamplerSpec("LCM", sample_lcm, "normal", 4, True,
-                "multistep consistency sampling for LCM / consistency models (Luo et al. 2023)"),
+    SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "DPM-Solver++(2M), second-order multistep (Lu et al. 2022)"),
+    SamplerSpec("DPM++ 2M Karras", sample_dpmpp_2m, "DPM-Solver++(2M) on the Karras et al. 2022 noise levels",
+                spacing="karras"),
+    SamplerSpec("LCM", sample_lcm, "multistep consistency sampling for LCM / consistency models (Luo et al. 2023)",
+                default_steps=4, stochastic=True),
 ]}
 
 # other spellings in use (k-diffusion / ComfyUI function names), matched after _normalise
@@ -278,9 +276,3 @@ def get_sampler(name: str) -> SamplerSpec:
         return SAMPLERS[_ALIASES[key]]
     raise UnknownSampler(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
 
-
-def sample(sampler: SamplerSpec | str, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-           noise: NoiseSource | None = None, callback: Callback | None = None) -> torch.Tensor:
-    """Run a registered sampler with its default options."""
-    spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    return spec.fn(denoiser, x, sigmas, noise=noise, callback=callback)

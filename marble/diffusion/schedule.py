@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -139,18 +139,6 @@ class DiscreteSchedule:
         return _float_out(torch.lerp(log_sigmas[low], log_sigmas[low + 1], w).exp(), t)
 
 
-@dataclass(frozen=True)
-class ContinuousSchedule:
-    """A model trained on a continuous range of noise levels (EDM: σ in [0.002, 80])."""
-
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-
-    def __post_init__(self):
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError("need 0 < sigma_min < sigma_max")
-
-
 # ā_T of a zero-terminal-SNR schedule as the sampler sees it: σ must stay finite, so the last level
 # is clamped to ā = 2^-24 (σ ≈ 4096), diffusers' choice for its Euler-type schedulers.
 ZERO_SNR_FLOOR = 2.0 ** -24
@@ -253,7 +241,15 @@ def spacing_exponential(sigma_min: float, sigma_max: float, steps: int) -> torch
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=F64).exp())
 
 
-Schedule = DiscreteSchedule | ContinuousSchedule
+class Schedule(Protocol):
+    """What the karras and exponential spacings need of a model: its range of noise levels. A
+    DiscreteSchedule has it; so would a model trained on continuous σ (EDM: [0.002, 80])."""
+
+    @property
+    def sigma_min(self) -> float: ...
+
+    @property
+    def sigma_max(self) -> float: ...
 
 
 def _normal(schedule: Schedule, steps: int) -> torch.Tensor:

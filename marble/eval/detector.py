@@ -13,7 +13,10 @@ Because we own the world, no learned detector is needed:
 6. shape, by analysis by synthesis: the coverage's mass and centroid survive blur, so for each
    shape they fix an extent and a centre; that hypothesis is rendered, blurred by a few amounts
    (generated images are soft), and the best soft IoU with the observed coverage wins. Its
-   extent gives the size (small / large) and its box the centre.
+   extent gives the size (small / large) and its box the centre. A concept shape (the heart,
+   drawn only by the concept splits) wins only when it beats every base shape by CONCEPT_MARGIN:
+   on base-world images the base shapes are fitted exactly as before, so no base verdict moves
+   (tests/test_detector.py pins them), and an ambiguous blob stays what it was.
 Components that are too small, too large, of mixed colour or like no shape are rejected: that is
 what makes random images score ~0.
 """
@@ -25,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from marble.data.shapes import COLORS, GEOMETRY, SHAPES, SIZE_THRESHOLD, coverage
+from marble.data.shapes import ALL_SHAPES, COLORS, CONCEPT_SHAPES, GEOMETRY, SIZE_THRESHOLD, coverage
 from marble.eval.components import label
 
 WORK_SIDE = 96            # larger images are reduced to between this and twice this
@@ -36,6 +39,9 @@ MAX_EXTENT = 0.6          # of the image side: the largest shape is 26/64 = 0.41
 MIN_SCORE = 0.75          # soft IoU of the best hypothesis (world objects: >= 0.89 clean, >= 0.81 degraded)
 MIN_PURITY = 0.6          # share of confident pixels that have the component's colour
 SPLIT_SHARE = 0.25        # a second colour with this share of confident pixels splits a component
+# a concept shape must beat the best base shape's soft IoU by this much (measured on world renders,
+# strongly degraded: hearts beat the best base shape by >= 0.10, base objects never favour a heart)
+CONCEPT_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ def shape_moments() -> dict[str, tuple[float, float, float]]:
     n = 64
     ys, xs = np.mgrid[0:n, 0:n] + 0.5
     out = {}
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         a = coverage(shape, (n / 2, n / 2), n, (n, n), supersample=8).astype(np.float64)
         m = a.sum()
         out[shape] = (m / n**2, ((a * xs).sum() / m - n / 2) / n, ((a * ys).sum() / m - n / 2) / n)
@@ -87,6 +93,12 @@ def render_alpha(shape: str, center, extent: float, hw: tuple[int, int]) -> np.n
     return coverage(shape, center, extent, hw)
 
 
+def _margin(shape: str, incumbent: str) -> float:
+    """What `shape` must add to the incumbent's score to replace it: a concept shape must clearly
+    beat a base shape; otherwise the better score wins."""
+    return CONCEPT_MARGIN if shape in CONCEPT_SHAPES and incumbent not in CONCEPT_SHAPES else 0.0
+
+
 def fit_shape(alpha: np.ndarray, side: int) -> tuple[str, float, tuple[float, float], float] | None:
     """(shape, soft IoU, bbox centre, extent) of the best hypothesis for a coverage patch, or None.
     Mass and centroid are invariant to (symmetric) blur, so each shape's extent is
@@ -97,16 +109,18 @@ def fit_shape(alpha: np.ndarray, side: int) -> tuple[str, float, tuple[float, fl
     ys, xs = np.mgrid[0:alpha.shape[0], 0:alpha.shape[1]] + 0.5
     cx, cy = float((alpha * xs).sum() / mass), float((alpha * ys).sum() / mass)
     best = None
-    for shape, (area, off_x, off_y) in shape_moments().items():
+    for shape, (area, off_x, off_y) in shape_moments().items():   # base shapes first, then concepts
         extent = (mass / area) ** 0.5
         if not MIN_EXTENT * side <= extent <= MAX_EXTENT * side:
             continue
+        if best is not None and best[1] + _margin(shape, best[0]) >= 1.0:
+            continue                          # soft IoU is at most 1: this shape cannot win
         center = (cx - off_x * extent, cy - off_y * extent)
         model = render_alpha(shape, center, extent, alpha.shape)
         for blur in BLURS:
             m = gaussian_blur(model, blur * side / 64)
             score = float(np.minimum(alpha, m).sum() / max(np.maximum(alpha, m).sum(), 1e-6))
-            if best is None or score > best[1]:
+            if best is None or score > best[1] + _margin(shape, best[0]):
                 best = (shape, score, center, extent)
     return best
 

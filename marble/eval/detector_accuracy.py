@@ -2,7 +2,8 @@
 
 Generated images are imperfect, so the detector is also measured on renders with pixel noise,
 blur and a colour shift (each a closure `degrade(image, rng) -> image`). Run as a script to print
-the table: `python -m marble.eval.detector_accuracy --n 2000`.
+the table: `python -m marble.eval.detector_accuracy --n 2000`; `--split concept --shape heart`
+measures the concept shape (colour, shape, size and centre of the hearts only; count per image).
 """
 from __future__ import annotations
 
@@ -61,10 +62,10 @@ DEGRADATIONS: dict[str, Degrade] = {
 }
 
 
-def score_image(scene: Scene, found: list[Detection]) -> dict[str, list[bool]]:
+def score_image(scene: Scene, found: list[Detection], shape: str | None = None) -> dict[str, list[bool]]:
     """Per-attribute verdicts: count once per image; colour, shape, size and centre once per true
-    object, against the detection nearest to it (each detection used once; a true object with
-    none left is wrong on every attribute)."""
+    object (with `shape`, only the true objects of that shape), against the detection nearest to
+    it (each detection used once; a true object with none left is wrong on every attribute)."""
     tol = CENTER_TOLERANCE * scene.size
     out = {a: [] for a in ATTRIBUTES}
     out["count"].append(len(found) == len(scene.objects))
@@ -77,6 +78,8 @@ def score_image(scene: Scene, found: list[Detection]) -> dict[str, list[bool]]:
             match[i] = free[j]
             used.add(j)
     for i, obj in enumerate(scene.objects):
+        if shape is not None and obj.shape != shape:
+            continue
         d = match.get(i)
         out["color"].append(d is not None and d.color == obj.color)
         out["shape"].append(d is not None and d.shape == obj.shape)
@@ -87,20 +90,21 @@ def score_image(scene: Scene, found: list[Detection]) -> dict[str, list[bool]]:
 
 
 def measure(n: int, degrade: Degrade = DEGRADATIONS["clean"], split: str = "train", seed: int = 1234,
-            size: int = 64) -> tuple[dict[str, float], list[int]]:
-    """Accuracy per attribute over samples 0..n-1 of a split, and the indices of imperfect images."""
+            size: int = 64, shape: str | None = None) -> tuple[dict[str, float], list[int]]:
+    """Accuracy per attribute over samples 0..n-1 of a split, and the indices of imperfect images.
+    `shape`: score colour, shape, size and centre on the true objects of that shape only."""
     totals = {a: [0, 0] for a in ATTRIBUTES}
     bad = []
     for i in range(n):
         scene, _ = sample_scene(split, seed, i, size)
         image = degrade(render(scene), np.random.Generator(np.random.PCG64([seed, 99, i])))
-        verdicts = score_image(scene, detect(image))
+        verdicts = score_image(scene, detect(image), shape)
         for a, v in verdicts.items():
             totals[a][0] += sum(v)
             totals[a][1] += len(v)
         if not all(all(v) for v in verdicts.values()):
             bad.append(i)
-    return {a: float(c / t) for a, (c, t) in totals.items()}, bad
+    return {a: float(c / t) if t else float("nan") for a, (c, t) in totals.items()}, bad
 
 
 def main() -> None:
@@ -108,12 +112,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--split", default="train")
+    parser.add_argument("--shape", default=None, help="score only the objects of this shape (count: per image)")
     args = parser.parse_args()
-    print(f"| renders ({args.n}, {args.size}x{args.size}, {args.split}) | " + " | ".join(ATTRIBUTES) + " | seconds |")
+    what = f", {args.shape} objects" if args.shape else ""
+    print(f"| renders ({args.n}, {args.size}x{args.size}, {args.split}{what}) | "
+          + " | ".join(ATTRIBUTES) + " | seconds |")
     print("|---" * (len(ATTRIBUTES) + 2) + "|")
     for name, degrade in DEGRADATIONS.items():
         t = time.perf_counter()
-        acc, _ = measure(args.n, degrade, split=args.split, size=args.size)
+        acc, _ = measure(args.n, degrade, split=args.split, size=args.size, shape=args.shape)
         print(f"| {name} | " + " | ".join(f"{acc[a]:.4f}" for a in ATTRIBUTES) + f" | {time.perf_counter() - t:.1f} |")
 
 

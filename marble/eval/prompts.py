@@ -7,7 +7,12 @@ Splits (docs/eval.md):
 - seen: every (colour, shape) pair and relation picture occurs in the training split;
 - heldout: every prompt names a held-out composition: single object, colors and counting use a
   held-out (colour, shape) pair, two objects and color attribution two of them, position a
-  held-out relation picture (with seen colours, so only the arrangement is new).
+  held-out relation picture (with seen colours, so only the arrangement is new);
+- concept: the heart (marble/data/concept.py) in the combinations the "concept" training split
+  shows: training colours, one or two hearts, circle/square/triangle/diamond partners;
+- concept-new: the heart only in combinations "concept" holds back: single object and colors a
+  new colour (green, yellow, black), counting three or four hearts, two objects, color
+  attribution and position a star or cross partner.
 
 `render_truth(requirement, seed)` draws the requirement with the world itself: the groundtruth
 baseline, which must score ~1.
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from marble.data import concept
 from marble.data.captions import canonical_relation, phrase
-from marble.data.scene import canonical
+from marble.data.scene import RELATIONS, canonical
 from marble.data.shapes import (BACKGROUNDS, HELDOUT_PAIRS, HELDOUT_RELATIONS, SEEN_PAIRS,
                                 SEEN_RELATIONS, GroupSpec, compose, render, sample_scene)
 
@@ -31,9 +37,11 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", 
 # 200 prompts by default, split about evenly (GenEval: 553 over the same six)
 DEFAULT_COUNTS = {"single_object": 32, "two_objects": 34, "counting": 34, "colors": 32, "position": 34,
                   "color_attr": 34}
-SPLITS = ("seen", "heldout")
+BASE_SPLITS = ("seen", "heldout")
+CONCEPT_SPLITS = ("concept", "concept-new")
+SPLITS = BASE_SPLITS + CONCEPT_SPLITS
 TEMPLATES = ("{}", "a picture of {}")   # single-object phrasings (both are training templates)
-_SPLIT_CODE = {"seen": 0, "heldout": 1}
+_SPLIT_CODE = {"seen": 0, "heldout": 1, "concept": 2, "concept-new": 3}
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,16 @@ def _pairs(split: str) -> list[tuple[str, str]]:
 
 def _candidates(category: str, split: str, rng: np.random.Generator) -> list[Prompt]:
     """Every distinct prompt of a category in a split, in a seeded order."""
+    if split in CONCEPT_SPLITS:
+        out = _concept_candidates(category, split == "concept-new", rng)
+    else:
+        out = _base_candidates(category, split, rng)
+    unique = list({p.text + "|" + category: p for p in out}.values())
+    order = rng.permutation(len(unique))
+    return [unique[i] for i in order]
+
+
+def _base_candidates(category: str, split: str, rng: np.random.Generator) -> list[Prompt]:
     pairs = _pairs(split)
     out = []
     if category in ("single_object", "colors"):
@@ -109,9 +127,42 @@ def _candidates(category: str, split: str, rng: np.random.Generator) -> list[Pro
                                   Requirement(category, (Need(a, ca), Need(b, cb)), relation)))
     else:
         raise ValueError(f"unknown category {category!r}")
-    unique = list({p.text + "|" + category: p for p in out}.values())
-    order = rng.permutation(len(unique))
-    return [unique[i] for i in order]
+    return out
+
+
+def _concept_candidates(category: str, new: bool, rng: np.random.Generator) -> list[Prompt]:
+    """The concept splits' prompts: the heart in the combinations of "concept" (new=False) or only
+    in those it holds back (new=True), under the six categories' rules."""
+    heart = concept.CONCEPT_SHAPE
+    colors = concept.CONCEPT_NEW_COLORS if new else concept.CONCEPT_COLORS
+    partners = concept.partner_pairs(concept.CONCEPT_NEW_PARTNERS if new else concept.CONCEPT_PARTNERS, SEEN_PAIRS)
+    any_color = concept.CONCEPT_COLORS + concept.CONCEPT_NEW_COLORS if new else concept.CONCEPT_COLORS
+    out = []
+    if category in ("single_object", "colors"):
+        for c, size, template in itertools.product(colors, (None, "small", "large"), TEMPLATES):
+            out.append(Prompt(template.format(phrase(c, heart, 1, size)),
+                              Requirement(category, (Need(heart, c, 1, size),))))
+    elif category == "counting":
+        counts = concept.CONCEPT_NEW_COUNTS if new else concept.CONCEPT_COUNTS[1:]
+        for c, n, digits in itertools.product(concept.CONCEPT_COLORS, counts, (False, True)):
+            out.append(Prompt(phrase(c, heart, n, digits=digits), Requirement(category, (Need(heart, c, n),))))
+    elif category in ("two_objects", "color_attr"):
+        for c, (pc, ps), heart_first in itertools.product(any_color, partners, (True, False)):
+            a, b = ((c, heart), (pc, ps)) if heart_first else ((pc, ps), (c, heart))
+            out.append(Prompt(f"{phrase(*a)} and {phrase(*b)}",
+                              Requirement(category, (Need(a[1], a[0]), Need(b[1], b[0])))))
+    elif category == "position":
+        shapes = sorted({s for _, s in partners})
+        for relation, partner, heart_first, _ in itertools.product(RELATIONS, shapes, (True, False), range(2)):
+            c = any_color[int(rng.integers(len(any_color)))]
+            pcs = [pc for pc, ps in partners if ps == partner]
+            pc = pcs[int(rng.integers(len(pcs)))]
+            a, b = ((c, heart), (pc, partner)) if heart_first else ((pc, partner), (c, heart))
+            out.append(Prompt(f"{phrase(*a)} {canonical_relation(relation)} {phrase(*b)}",
+                              Requirement(category, (Need(a[1], a[0]), Need(b[1], b[0])), relation)))
+    else:
+        raise ValueError(f"unknown category {category!r}")
+    return out
 
 
 def build_prompts(split: str, counts: dict[str, int] | None = None) -> list[Prompt]:
@@ -146,6 +197,11 @@ def is_heldout(requirement: Requirement) -> bool:
         a, b = requirement.objects[:2]
         return canonical(requirement.relation, a.shape, b.shape) in HELDOUT_RELATIONS
     return False
+
+
+def is_concept_new(requirement: Requirement) -> bool:
+    """Whether the requirement names a heart combination the "concept" split holds back."""
+    return concept.is_new((o.color, o.shape) for o in requirement.objects for _ in range(o.count))
 
 
 def _rng(requirement: Requirement, seed: int) -> np.random.Generator:

@@ -51,14 +51,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
-    if world.distributed:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world.size
-    return value
-
-
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
