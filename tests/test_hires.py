@@ -17,10 +17,12 @@ from marble.hires import (UPSCALERS, HiresError, HiresSize, hires_size, upscale_
     (dict(resize_y=768), HiresSize(768, 768, 768, 768)),
     (dict(resize_x=1024, resize_y=768), HiresSize(1024, 1024, 1024, 768)),   # cover, then crop the height
 ])
+@pytest.mark.unit
 def test_square_first_pass(kwargs, expected):
     assert hires_size(512, 512, **kwargs) == expected
 
 
+@pytest.mark.unit
 def test_wide_first_pass_and_both_sides():
     assert hires_size(768, 512, scale=2) == HiresSize(1536, 1024, 1536, 1024)
     assert hires_size(768, 512, resize_x=1024) == HiresSize(1024, 680, 1024, 680)    # 1024·512//768 = 682
@@ -30,12 +32,14 @@ def test_wide_first_pass_and_both_sides():
 
 @pytest.mark.parametrize("kwargs", [dict(scale=0.5), dict(scale=9), dict(scale=float("nan")), dict(resize_x=-8),
                                     dict(resize_x=3, resize_y=3), dict(resize_x=1.5)])
+@pytest.mark.unit
 def test_bad_sizes_are_one_line(kwargs):
     with pytest.raises(HiresError) as e:
         hires_size(512, 512, **kwargs)
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_upscaler_names():
     assert upscaler_name(None) == "Latent" and upscaler_name("lanczos") == "Lanczos"
     assert upscaler_name("LATENT (bicubic)") == "Latent (bicubic)"
@@ -44,6 +48,7 @@ def test_upscaler_names():
     assert "Lanczos" in UPSCALERS and "Latent" in UPSCALERS
 
 
+@pytest.mark.unit
 def test_latent_upscale_is_interpolation_then_centre_crop():
     latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))
     size = hires_size(96, 64, resize_x=128, resize_y=128)      # cover 192x128, crop the width to 128
@@ -54,6 +59,7 @@ def test_latent_upscale_is_interpolation_then_centre_crop():
     assert torch.equal(nearest, latent.repeat_interleave(2, 2).repeat_interleave(2, 3))
 
 
+@pytest.mark.unit
 def test_image_upscale_crops_whole_latent_cells():
     image = Image.new("RGB", (96, 64), (10, 20, 30))
     size = hires_size(96, 64, resize_x=136, resize_y=128)      # cover 192x128 -> 136 wide: 7 cells cut
@@ -63,6 +69,7 @@ def test_image_upscale_crops_whole_latent_cells():
     assert out.tobytes() == full.crop((24, 0, 160, 128)).tobytes()      # 3 cells before, 4 after
 
 
+@pytest.mark.unit
 def test_record_writes_a1111s_hires_fields_in_a1111s_order():
     from marble.record import GenerationRecord, parse_parameters
     base = GenerationRecord(prompt="a (red:1.3) hat BREAK forest", negative_prompt="", seed=7, steps=20,

@@ -40,6 +40,7 @@ def frags(text):
     ("[unbalanced", [("unbalanced", 0.9090909090909091)]),
     ("", [("", 1.0)]),
 ])
+@pytest.mark.unit
 def test_attention_doctests(text, expected):
     assert frags(text) == expected
 
@@ -59,10 +60,12 @@ def test_attention_doctests(text, expected):
     ("(a BREAK b)", [("a", 1.1), ("BREAK",), ("b", 1.1)]),            # marble: BREAK in brackets still breaks
     ("((a)", [("a", 1.1 * 1.1)]),
 ])
+@pytest.mark.unit
 def test_attention_readings(text, expected):
     assert frags(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["(a:1.2.3)", "(a:.)", "(a:+.)", "(a:" + "9" * 400 + ")", "(" * 8000 + "a"])
 def test_attention_errors_are_one_clean_line(text):
     with pytest.raises(PromptSyntaxError) as e:
@@ -98,6 +101,7 @@ def test_attention_errors_are_one_clean_line(text):
     ("[a::4] [c:5]", [(4, "a "), (5, " "), (10, " c")]),
     ("(a:1.2) [\\[x\\]:3]", [(3, "(a:1.2) "), (10, "(a:1.2) \\[x\\]")]),
 ])
+@pytest.mark.unit
 def test_schedule_doctests(prompt, expected):
     assert schedule_prompt(prompt, 10) == expected
 
@@ -107,10 +111,12 @@ def test_schedule_doctests(prompt, expected):
     ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),        # 1.5: halfway through the hires pass
     ("a [b:15] c", [(5, "a  c"), (10, "a b c")]),         # step 15 = 5 into the second pass
 ])
+@pytest.mark.unit
 def test_hires_schedule_doctests(prompt, expected):
     assert schedule_prompt(prompt, 10, hires_steps=10) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prompt", ["[a:b:-1]", "[a:b:1e999]", "[a:b:-0.5]"])
 def test_bad_when_is_one_clean_line(prompt):
     with pytest.raises(PromptSyntaxError) as e:
@@ -118,6 +124,7 @@ def test_bad_when_is_one_clean_line(prompt):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_prompt_at_step_counts_from_zero_as_a1111():
     schedule = schedule_prompt("a [b:3]", 10)
     assert [prompt_at_step(schedule, k) for k in range(10)] == ["a "] * 4 + ["a b"] * 6
@@ -130,6 +137,7 @@ SYNTAX = st.lists(st.sampled_from(list("ab ,:|()[]\\.0123-+e\n\t") + ["BREAK", "
                   max_size=60).map("".join)
 
 
+@pytest.mark.unit
 @settings(max_examples=400, deadline=None)
 @given(SYNTAX, st.integers(1, 60))
 def test_any_prompt_parses_or_raises_the_clean_error(prompt, steps):
@@ -144,6 +152,7 @@ def test_any_prompt_parses_or_raises_the_clean_error(prompt, steps):
     assert ends == sorted(set(ends)) and ends[-1] == steps and ends[0] >= 1
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_any_unicode_text_parses_or_raises_the_clean_error(prompt):
@@ -153,6 +162,7 @@ def test_any_unicode_text_parses_or_raises_the_clean_error(prompt):
         assert "\n" not in str(e)
 
 
+@pytest.mark.unit
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_characters="\\()[]:|"), max_size=100))
 def test_text_without_syntax_is_itself(prompt):
@@ -163,6 +173,7 @@ def test_text_without_syntax_is_itself(prompt):
 
 @pytest.mark.parametrize("unit", ["(", "[", ")", "]", "(a", "[a:", "[a|", "(a:", "[[a:b:0.5]", "(a:1.1)", "\\(",
                                   "BREAK ", "[a:b:3]", ":", "|"])
+@pytest.mark.unit
 def test_ten_kilobytes_of_brackets_in_bounded_time(unit):
     text = unit * (10_000 // len(unit))
     start = time.perf_counter()
@@ -247,6 +258,7 @@ def test_rows_are_transformers_padded_windows(hf_clip, tmp_path, pad):
         assert encoder.chunk_row(encoder.text_ids(text)) == expected
 
 
+@pytest.mark.unit
 def test_chunking_rule_on_ids():
     """The window rule on bare ids (comma = 0): the boundary follows the comma only within 20 tokens."""
     ids = lambda text: [int(t) for t in text.split()]
@@ -407,6 +419,7 @@ def test_emphasis_none_reads_brackets_and_break_as_text(clip):
     assert [len(c.ids) for c in prompt_chunks(clip, text, "none")] == [len(clip.text_ids(text))]
 
 
+@pytest.mark.unit
 def test_emphasis_names():
     from marble.prompts.encode import check_emphasis
     assert [check_emphasis(n) for n in ("Original", "no norm", "ComfyUI", "none", "a1111")] == \
