@@ -78,7 +78,7 @@ class PromptConditioning:
 def step_index(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
     """The sampler step a denoiser call belongs to: the last i with sigmas[i] ≥ sigma. A call at
     sigmas[i] is step i; calls between sigmas[i] and sigmas[i+1] (midpoints of second-order
-    samplers) stay in step i."""
+    samplers) stay in step i, and Heun's second call, at sigmas[i+1], reads step i+1's contexts."""
     s = float(sigma.reshape(-1)[0])
     above = int((sigmas[:-1] >= s * (1 - 1e-6)).sum())
     return max(above - 1, 0)

@@ -123,8 +123,9 @@ def check_emphasis(emphasis: str) -> str:
 
 @torch.inference_mode()
 def encode_prompts(encoder, prompts: list[str], emphasis: str = "a1111") -> list[torch.Tensor]:
-    """Context (1, chunks · max_tokens, D) float32 for each plain prompt, all windows encoded in
-    one batch (so a list of one-window prompts gives exactly the rows `encoder.encode` gives)."""
+    """Context (1, chunks · max_tokens, D) float32 for each plain prompt, the windows encoded together
+    in batches of ENCODE_BATCH (so a short list of one-window prompts gives exactly the rows
+    `encoder.encode` gives for it)."""
     emphasis = check_emphasis(emphasis)
     per_prompt = [prompt_chunks(encoder, p, emphasis) for p in prompts]
     rows, weights = [], []
