@@ -17,7 +17,8 @@ from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
 from marble.hires import HiresError, HiresFix, check_hires
 from marble.prompts.encode import check_emphasis
-from marble.prompts.parse import PromptSyntaxError, check_prompt
+from marble.prompts.attention import PromptSyntaxError
+from marble.prompts.schedule import check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -118,7 +119,7 @@ def _check_text(request: GenerationRequest) -> None:
 
 
 def _check_syntax(request: GenerationRequest, steps: int) -> None:
-    """Prompt syntax (marble.prompts.parse): what A1111 reads literally passes, what it cannot read does not."""
+    """Prompt syntax (marble.prompts): what A1111 reads literally passes, what it cannot read does not."""
     for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
         try:
             check_prompt(text, steps)

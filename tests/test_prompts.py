@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from marble.models.text import build_text_encoder, load_minilm
 from marble.prompts.conditioning import PromptConditioning, window_count
 from marble.prompts.encode import Chunk, chunk_fragments, encode_prompts, prompt_chunks
-from marble.prompts.parse import (BREAK, Fragment, PromptSyntaxError, check_prompt, parse_attention, prompt_at_step,
-                                  schedule_prompt)
+from marble.prompts.attention import BREAK, Fragment, PromptSyntaxError, parse_attention
+from marble.prompts.schedule import check_prompt, prompt_at_step, schedule_prompt
 from sd_fixtures import oracle_tokenizer_folder
 
 W11 = 1.1

@@ -1,6 +1,6 @@
 """Per-step contexts of a prompt and a negative prompt, and the denoiser closure that uses them.
 
-A prompt and a negative prompt are scheduled (marble.prompts.parse: `[from:to:when]`, `[a|b]`), every
+A prompt and a negative prompt are scheduled (marble.prompts.schedule: `[from:to:when]`, `[a|b]`), every
 distinct text of the schedules is encoded once with its weights, windows and BREAKs
 (marble.prompts.encode), and `PromptConditioning.at(step)` hands the sampler's denoiser closure the
 (cond, uncond) contexts of that step, padded to the same length with the empty prompt's window as
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from marble.prompts.encode import check_emphasis, encode_prompts, prompt_chunks
-from marble.prompts.parse import prompt_at_step, schedule_prompt
+from marble.prompts.schedule import prompt_at_step, schedule_prompt
 
 
 def window_count(encoder, prompt: str, emphasis: str = "a1111") -> int:

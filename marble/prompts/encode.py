@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from marble.prompts.parse import Fragment, PromptSyntaxError, parse_attention
+from marble.prompts.attention import Fragment, PromptSyntaxError, parse_attention
 from marble.record import EMPHASIS_NAMES      # A1111's names for them, as its infotext writes them
 
 EMPHASIS = ("a1111", "no-norm", "comfy", "none")

@@ -4,7 +4,7 @@ txt2img/img2img answer {images: [base64 PNG], parameters: <the request>, info: <
 seeds and infotexts>}. Fields A1111 has and marble does not (restore_faces, scripts, a separate
 hires prompt, sampler or checkpoint, ...) are ignored, as A1111 ignores what its scripts do not
 read. `denoising_strength` is img2img's strength, and in txt2img with `enable_hr` the hires pass's.
-Prompts are read with A1111's syntax (weights, BREAK, editing; marble.prompts.parse). Differences
+Prompts are read with A1111's syntax (weights, BREAK, editing; marble.prompts). Differences
 from A1111:
   - the mask must have the init image's size (A1111 resizes it); mask_blur is not applied;
   - an interrupted job answers 200 with no images and `"interrupted": true` in info, since marble

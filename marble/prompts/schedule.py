@@ -1,197 +1,22 @@
-"""Prompt syntax as A1111 (stable-diffusion-webui, modules/prompt_parser.py) reads it.
+"""Prompt editing and alternation as A1111 (stable-diffusion-webui, modules/prompt_parser.py's
+`get_learned_conditioning_prompt_schedules`) reads them: `[from:to:when]`, `[to:when]`,
+`[from::when]` and `[a|b|...]` turn one prompt into a list of (last step, plain prompt text).
+A prompt the grammar cannot read (a `|` outside brackets, a lone trailing backslash) is used as it
+is for every step, as A1111 does.
 
-Two passes, as there:
-1. Scheduling (`schedule_prompt`): `[from:to:when]`, `[to:when]`, `[from::when]` and `[a|b|...]`
-   turn one prompt into a list of (last step, plain prompt text). A prompt the grammar cannot read
-   (a `|` outside brackets, a lone trailing backslash) is used as it is for every step, as A1111 does.
-2. Attention (`parse_attention`): `(x)` ×1.1, `[x]` ÷1.1, `(x:1.3)`, escapes `\\(` `\\)` `\\[` `\\]` `\\\\`
-   and `BREAK` turn one plain prompt into (text, weight) fragments. Unbalanced brackets are read as
-   A1111 reads them: an unclosed opener weights everything after it, a stray closer is text.
-
-Both are hand-written scanners that do a bounded amount of work per character (no regular
-expressions that could backtrack), so any string parses in time linear-ish in its length; the one
-error they raise is `PromptSyntaxError`, for text A1111 itself would crash on (a weight such as
-`(x:1.2.3)`, a weight or step that overflows, a negative step).
-
-Where marble differs from A1111 on purpose:
-- `BREAK` inside brackets still breaks (A1111 scales its -1 marker and then reads it as the word).
-- A negative or non-finite `when` is an error (A1111 ignores the edit or crashes).
+A hand-written recursive descent over A1111's grammar, memoised per position, so any string parses
+in time linear-ish in its length. Where marble differs from A1111 on purpose: a negative or
+non-finite `when` is an error (A1111 ignores the edit or crashes), and nesting deeper than
+MAX_NESTING reads the prompt literally (A1111's parser has no such limit).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-ROUND_MULTIPLIER = 1.1          # (text)
-SQUARE_MULTIPLIER = 1 / 1.1     # [text]
-MAX_NESTING = 100               # deeper bracket nesting than this is read as literal text by the scheduler
+from marble.prompts.attention import PromptSyntaxError, parse_attention, parse_number
 
+MAX_NESTING = 100               # deeper bracket nesting than this is read as literal text
 
-class PromptSyntaxError(ValueError):
-    """A prompt that cannot be read; the message is one line for the user."""
-
-
-# ---------------------------------------------------------------------------------------------
-# attention: (text) [text] (text:w) BREAK
-
-@dataclass(frozen=True)
-class Fragment:
-    """A run of prompt text with one attention weight; `is_break` marks a BREAK (text is empty)."""
-    text: str
-    weight: float = 1.0
-    is_break: bool = False
-
-
-BREAK = Fragment("", 1.0, True)
-
-
-def _is_word(c: str) -> bool:
-    """A character of Python's `\\w` (what `\\b` in A1111's BREAK pattern looks at)."""
-    return c.isalnum() or c == "_"
-
-
-def split_break(text: str) -> list[str]:
-    """Split at every `BREAK` standing as a whole word, dropping the whitespace around it
-    (A1111's `re.split(r"\\s*\\bBREAK\\b\\s*", text)`)."""
-    parts, start, i, n = [], 0, 0, len(text)
-    while True:
-        i = text.find("BREAK", i)
-        if i < 0:
-            break
-        end = i + 5
-        if (i == 0 or not _is_word(text[i - 1])) and (end == n or not _is_word(text[end])):
-            left = i
-            while left > start and text[left - 1].isspace():
-                left -= 1
-            right = end
-            while right < n and text[right].isspace():
-                right += 1
-            parts.append(text[start:left])
-            start = i = right
-        else:
-            i += 1
-    parts.append(text[start:])
-    return parts
-
-
-def _weight_token(text: str, i: int) -> tuple[int, str] | None:
-    """At a ':' that starts `:\\s*([+-]?[.\\d]+)\\s*\\)`: (index after ')', the number text), or None."""
-    n, j = len(text), i + 1
-    while j < n and text[j].isspace():
-        j += 1
-    start = j
-    if j < n and text[j] in "+-":
-        j += 1
-    digits = j
-    while j < n and (text[j] == "." or text[j].isdecimal()):
-        j += 1
-    if j == digits:
-        return None
-    number = text[start:j]
-    while j < n and text[j].isspace():
-        j += 1
-    if j < n and text[j] == ")":
-        return j + 1, number
-    return None
-
-
-def _number(text: str, context: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise PromptSyntaxError(f"{context}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise PromptSyntaxError(f"{context}: {text!r} is out of range")
-    return value
-
-
-def _close_all(weights: list[float], starts: list[int], m: float) -> None:
-    """Multiply weights[start:] by m for every start in order (the brackets left open at the end),
-    in time linear in len(weights) + len(starts): entry k is multiplied once per start <= k, one
-    multiplication after another (so the floats are those of the one-by-one loop), and the chain of
-    products from one base weight is computed once."""
-    chains: dict[float, list[float]] = {}
-    s = 0
-    for k, w in enumerate(weights):
-        while s < len(starts) and starts[s] <= k:
-            s += 1
-        chain = chains.setdefault(w, [w])
-        while len(chain) <= s:
-            chain.append(chain[-1] * m)
-        weights[k] = chain[s]
-
-
-def parse_attention(text: str) -> list[Fragment]:
-    """(text, weight) fragments of a prompt, runs of equal weight merged, as A1111's
-    `parse_prompt_attention`; BREAK as `BREAK` fragments. An empty prompt gives [("", 1.0)]."""
-    texts: list[str] = []
-    weights: list[float] = []
-    breaks: list[bool] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def multiply(start: int, m: float) -> None:
-        weights[start:] = [w * m for w in weights[start:]]
-
-    def add_text(s: str) -> None:
-        for k, part in enumerate(split_break(s)):
-            if k:
-                texts.append("")
-                weights.append(1.0)
-                breaks.append(True)
-            texts.append(part)
-            weights.append(1.0)
-            breaks.append(False)
-
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            # \( \) \[ \] \\ are the character; a backslash before anything else vanishes
-            escaped = i + 1 < n and text[i + 1] in "()[]\\"
-            add_text(text[i + 1] if escaped else "")
-            i += 2 if escaped else 1
-            continue
-        if c == "(":
-            round_open.append(len(texts))
-        elif c == "[":
-            square_open.append(len(texts))
-        elif c == ":" and round_open and (hit := _weight_token(text, i)):
-            i, number = hit
-            multiply(round_open.pop(), _number(number, "attention weight"))
-            continue
-        elif c == ")" and round_open:
-            multiply(round_open.pop(), ROUND_MULTIPLIER)
-        elif c == "]" and square_open:
-            multiply(square_open.pop(), SQUARE_MULTIPLIER)
-        elif c in "()[]:":
-            add_text(c)
-        else:
-            j = i + 1
-            while j < n and text[j] not in "\\()[]:":
-                j += 1
-            add_text(text[i:j])
-            i = j
-            continue
-        i += 1
-    _close_all(weights, round_open, ROUND_MULTIPLIER)
-    _close_all(weights, square_open, SQUARE_MULTIPLIER)
-    if any(not math.isfinite(w) for w in weights):
-        raise PromptSyntaxError("attention weights multiply beyond the range of numbers (too many nested brackets)")
-
-    out: list[Fragment] = []
-    for t, w, b in zip(texts, weights, breaks):
-        if b:
-            out.append(BREAK)
-        elif out and not out[-1].is_break and out[-1].weight == w:
-            out[-1] = Fragment(out[-1].text + t, w)
-        else:
-            out.append(Fragment(t, w))
-    return out or [Fragment("", 1.0)]
-
-
-# ---------------------------------------------------------------------------------------------
-# scheduling: [from:to:when] [to:when] [from::when] [a|b]
 
 @dataclass(frozen=True)
 class _Edit:
@@ -362,7 +187,7 @@ class _ScheduleParser:
 def _edit_step(when: str, steps: int, int_offset: int, fraction_offset: float) -> int:
     """The last step of an edit's first part, as A1111's (new) scheduling counts it: a number with
     a '.' is a fraction of the steps, one without is a step number; both clamp at `steps`."""
-    v = _number(when, "prompt editing step")
+    v = parse_number(when, "prompt editing step")
     if v < 0:
         raise PromptSyntaxError(f"prompt editing step {when!r} is negative")
     v = (v - fraction_offset) * steps if "." in when else v - int_offset
