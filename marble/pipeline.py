@@ -24,6 +24,8 @@ from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
+from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
+from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -102,40 +104,88 @@ class Pipeline:
                              width=c.default_width, height=c.default_height,
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels)
 
-    def prompt_warnings(self, req: ResolvedRequest) -> list[str]:
-        text = self.model.text_encoder
-        out = []
-        for label, prompt in (("prompt", req.text_prompt), ("negative prompt", req.negative_prompt)):
-            n = text.count_tokens(prompt)
-            if n > text.max_tokens:
-                out.append(f"the {label} is {n} tokens; the text encoder reads the first {text.max_tokens} "
-                           f"and ignores the rest")
-        return out
+    def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None) -> PromptConditioning:
+        """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
+        read from the prompt with its <lora:...> tags cut out."""
+        m = self.model
+        return PromptConditioning(m.text_encoder, req.text_prompt, req.negative_prompt, req.steps,
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
 
-    @torch.inference_mode()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.text_encoder.encode(prompts).to(self.model.device, self.model.dtype)
+    def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
+                 extra: dict[str, torch.Tensor]):
+        """Guidance around the network, with each step's contexts picked inside the closure."""
+        def guided(cond_context: torch.Tensor, uncond_context: torch.Tensor):
+            return guided_denoiser(self.model.denoiser, {"context": cond_context, **extra},
+                                   {"context": uncond_context, **extra}, cfg)
+        return scheduled_denoiser(guided, conditioning, sigmas)
+
+    def sigmas(self, sampler: str, steps: int, strength: float | None = None) -> torch.Tensor:
+        """The sampler's schedule of `steps` steps; with `strength`, its last int(steps · strength)
+        steps (img2img: strength of the schedule is re-run, as diffusers)."""
+        m = self.model
+        sigmas = spacing(get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
+        return sigmas if strength is None else sigmas[steps - int(steps * strength):]
+
+    def extra_conditioning(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
+                           height: int) -> dict[str, torch.Tensor]:
+        m = self.model
+        if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
+            return {"concat": inpaint_concat(m.vae, pixels, mask, width, height)}
+        return {}
+
+    def sample(self, sampler: str, denoiser, sigmas: torch.Tensor, seed: int, shape: tuple[int, ...],
+               known: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+               callback=None) -> torch.Tensor:
+        """One image's latent: from seeded noise (txt2img) or from `known` noised to sigmas[0]
+        (img2img), with the known latent re-imposed outside `latent_mask` (inpainting)."""
+        device = self.model.device
+        noise = NoiseSource([seed])
+        if known is None:
+            x = noise.randn(shape, device) * prior_std(sigmas[0])
+        else:
+            x = known + noise.randn(shape, device) * sigmas[0]
+            if latent_mask is not None:
+                denoiser = inpaint_denoiser(denoiser, known, latent_mask, noise.randn(shape, device))
+        if len(sigmas) > 1:
+            x = get_sampler(sampler).fn(denoiser, x, sigmas, noise=noise, callback=callback)
+        return x
+
+    def hires_start(self, req: ResolvedRequest, latent: torch.Tensor) -> torch.Tensor:
+        """The first pass's latent upscaled, as the second pass's known latent: interpolated in latent
+        space, or decoded, resized as an image and encoded again (the img2img path's own encode)."""
+        m, h = self.model, req.hires
+        size = hires_size(req.width, req.height, scale=h.scale, resize_x=h.resize_x, resize_y=h.resize_y,
+                          factor=m.latent_factor)
+        if h.upscaler in LATENT_UPSCALERS:
+            return upscale_latent(latent, size, m.latent_factor, h.upscaler)
+        first = pixels_to_pil(m.vae.decode(latent.to(m.dtype)))[0]
+        image = upscale_image(first, size, m.latent_factor, h.upscaler)
+        return m.vae.encode(pil_to_pixels(image, size.width, size.height).to(m.device, m.dtype)).float()
 
     @torch.inference_mode()
     def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
         """Images seed, seed+1, ... one after another. Each is computed exactly as a single run
         with its seed would be: batching images through the network changes the reduction order
         inside CPU kernels (oneDNN/MKL pick blockings by batch size) and so the last bits.
-        The request is resolved by the caller (`resolve(request, pipe.defaults)`), once."""
+        The request is resolved by the caller (`resolve(request, pipe.defaults)`), once.
+        With a hires fix, each image's second pass is img2img on its upscaled first pass, with the
+        same seed, prompts, sampler and CFG (prompt editing counts on into the second pass)."""
         if not isinstance(req, ResolvedRequest):
             raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
         uses = self.lora_uses(req)   # LoraError before any work
         with overlay(self.model, uses, self.loras.table):   # this request's LoRAs, gone when it ends
             images = self._images(req, callback)
+        h = req.hires
         base = GenerationRecord(
             prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
             sampler=req.sampler, cfg=req.cfg, width=req.width, height=req.height, model_name=self.name,
             model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
-            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
+            hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
+            emphasis=req.emphasis, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
-        warnings = self.prompt_warnings(req) + [f"LoRA {use.lora.name}: skipped {why}"
-                                                for use in uses for why in use.lora.skipped]
+        warnings = [f"LoRA {use.lora.name}: skipped {why}" for use in uses for why in use.lora.skipped]
         return GenerationResult(images, records, req, warnings)
 
     def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
@@ -146,8 +196,6 @@ class Pipeline:
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
         device, dtype = m.device, m.dtype
-        spec = get_sampler(req.sampler)
-        context = self.encode_text([req.text_prompt, req.negative_prompt])
 
         init_pixels = known = mask = latent_mask = None
         if req.init_image is not None:
@@ -156,33 +204,33 @@ class Pipeline:
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
-        cond, uncond = {"context": context[:1]}, {"context": context[1:]}
-        if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
-            cond["concat"] = uncond["concat"] = inpaint_concat(m.vae, init_pixels, mask, req.width, req.height)
-        denoiser = guided_denoiser(m.denoiser, cond, uncond, req.cfg)
-
-        sigmas = spacing(spec.spacing, m.schedule, req.steps).to(device)
-        if known is not None:
-            # strength of the schedule is re-run: keep the last int(steps · strength) steps (as diffusers)
-            sigmas = sigmas[req.steps - int(req.steps * req.strength):]
-        per_image = len(sigmas) - 1
+        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None)
+        denoiser = self.denoiser(self.conditioning(req), sigmas, req.cfg,
+                                 self.extra_conditioning(init_pixels, mask, req.width, req.height))
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
+
+        hires_sigmas = hires_denoiser = None
+        if req.hires is not None:
+            hires_steps = req.hires.steps or req.steps
+            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise)
+            size = hires_size(req.width, req.height, scale=req.hires.scale, resize_x=req.hires.resize_x,
+                              resize_y=req.hires.resize_y, factor=m.latent_factor)
+            hires_denoiser = self.denoiser(self.conditioning(req, hires_steps), hires_sigmas, req.cfg,
+                                           self.extra_conditioning(None, None, size.width, size.height))
+        per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
+
+        def progress(i: int, offset: int):
+            if callback is None:
+                return None
+            return lambda j, _total, x0: callback(i * per_image + offset + j, req.n * per_image, x0)
 
         images = []
         for i in range(req.n):
-            noise = NoiseSource([req.seed + i])
-            if known is None:
-                x = noise.randn(shape, device) * prior_std(sigmas[0])
-                image_denoiser = denoiser
-            else:
-                x = known + noise.randn(shape, device) * sigmas[0]
-                image_denoiser = denoiser if mask is None else \
-                    inpaint_denoiser(denoiser, known, latent_mask, noise.randn(shape, device))
-            if per_image:
-                step_cb = None
-                if callback is not None:
-                    step_cb = (lambda j, _total, x0, i=i: callback(i * per_image + j, req.n * per_image, x0))
-                x = spec.fn(image_denoiser, x, sigmas, noise=noise, callback=step_cb)
+            x = self.sample(req.sampler, denoiser, sigmas, req.seed + i, shape, known, latent_mask, progress(i, 0))
+            if req.hires is not None:
+                start = self.hires_start(req, x)
+                x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
+                                callback=progress(i, len(sigmas) - 1))
             images.extend(pixels_to_pil(m.vae.decode(x.to(dtype))))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]

@@ -17,6 +17,10 @@ from marble.adapters.lora_loader import LoraSpec
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
+from marble.hires import HiresError, HiresFix, check_hires
+from marble.prompts.encode import check_emphasis
+from marble.prompts.attention import PromptSyntaxError
+from marble.prompts.schedule import check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -45,6 +49,8 @@ class GenerationRequest:
     init_image_sha256: str | None = None
     mask_path: str | None = None
     mask_sha256: str | None = None
+    hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
+    emphasis: str | None = None                 # how prompt weights act (marble.prompts.encode.EMPHASIS); None: a1111
     loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
 
     @property
@@ -96,9 +102,15 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
         raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {request.n}")
     width, height = _size(request, defaults)
     strength = _strength(request)
+    _check_syntax(request, steps)
+    hires = _hires(request, width, height, defaults)
+    try:
+        emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
+    except PromptSyntaxError as e:
+        raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
-                   strength=strength)
+                   strength=strength, hires=hires, emphasis=emphasis)
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs)
 
 
@@ -127,6 +139,26 @@ def _check_text(request: GenerationRequest) -> None:
         except UnicodeEncodeError as e:  # lone surrogates: bad bytes on a command line, "\ud800" in JSON
             raise RequestError(f"the {label} is not valid Unicode text "
                                f"(a lone surrogate at position {e.start})") from None
+
+
+def _check_syntax(request: GenerationRequest, steps: int) -> None:
+    """Prompt syntax (marble.prompts): what A1111 reads literally passes, what it cannot read does not."""
+    for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        try:
+            check_prompt(text, steps)
+        except PromptSyntaxError as e:
+            raise RequestError(f"the {label}: {e}") from None
+
+
+def _hires(request: GenerationRequest, width: int, height: int, defaults: ModelDefaults) -> HiresFix | None:
+    if request.hires is None:
+        return None
+    if request.init_image is not None:
+        raise RequestError("the hires fix applies to txt2img only, not with an init image")
+    try:
+        return check_hires(request.hires, width, height, defaults.latent_factor, defaults.max_pixels, MAX_STEPS)
+    except HiresError as e:
+        raise RequestError(str(e)) from None
 
 
 def _seed(seed: int | None) -> int:
