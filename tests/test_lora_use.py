@@ -311,3 +311,17 @@ def test_builtin_model_takes_loras_on_its_minilm_text_encoder(tmp_path):
                  f"{folder / 'unet.safetensors'}:0.5")
     assert merged.exit_code == 0, merged.output
     assert open_checkpoint(tmp_path / "m.safetensors").state["unet.time_embed.0.weight"].dtype == torch.float16
+
+
+def test_tags_mix_with_prompt_syntax(pipe, folder):
+    """A1111 weights and a hires pass around a tag: the same image as the tag-free prompt with the
+    LoRA given as a path (the tag is cut before the prompt syntax is read, and both passes use it)."""
+    from marble.hires import HiresFix
+    params = dict(seed=4, steps=3, width=32, height=32, hires=HiresFix(scale=2.0, steps=2, denoise=0.6))
+    tagged = GenerationRequest(prompt="(a red:1.3) circle <lora:a:0.8>, [blue] square", **params)
+    plain = GenerationRequest(prompt="(a red:1.3) circle , [blue] square", **params,
+                              loras=(LoraSpec(str(folder / "a.safetensors"), 0.8, 0.8, is_path=True),))
+    x = pipe.generate(resolve(tagged, pipe.defaults))
+    y = pipe.generate(resolve(plain, pipe.defaults))
+    assert x.images[0].size == (64, 64) and np.array_equal(np.asarray(x.images[0]), np.asarray(y.images[0]))
+    assert x.records[0].loras[0]["name"] == "a" and y.records[0].loras[0]["path"].endswith("a.safetensors")
