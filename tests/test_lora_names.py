@@ -10,6 +10,8 @@ from marble.adapters.lora_tags import LoraTag, LoraTagError, split_lora_tags
 from marble.tensor_file import safetensors_writer
 from marble.fileio import write_new
 
+pytestmark = pytest.mark.unit   # parsing and path checks on small files: pure and fast
+
 
 @pytest.mark.parametrize("prompt, text, tags", [
     ("a cat", "a cat", []),
