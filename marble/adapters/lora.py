@@ -91,7 +91,8 @@ def overlay(model: nn.Module, uses: Sequence[LoraUse], table: ModuleTable | None
     all LoRAs on a layer stacked into one down (Σr, in) and one up (out, Σr), multipliers folded
     into up. Layers where that branch would cost more than `copy_above` of the layer run with a
     patched copy W + ΔW instead, the original Parameter put back on exit (see _materialise;
-    math.inf: hooks only, 0: copies only)."""
+    math.inf: hooks only, 0: copies only). The patch is on the model object itself, so one model
+    runs one request at a time (the server's one worker per model does)."""
     table = _table(model, table)
     handles, swapped = [], []
     try:
