@@ -7,9 +7,10 @@ as two tags do in A1111.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+
+from marble.prompts.attention import parse_number
 
 _TAG = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
 
@@ -26,13 +27,7 @@ class LoraTag:
 
 
 def _number(text: str, tag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LoraTagError(f"LoRA tag <lora:{tag}>: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise LoraTagError(f"LoRA tag <lora:{tag}>: {text.strip()!r} is not a finite number")
-    return value
+    return parse_number(text.strip(), f"LoRA tag <lora:{tag}>", LoraTagError)
 
 
 def _parse(body: str) -> LoraTag:

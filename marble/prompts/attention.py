@@ -22,14 +22,14 @@ class PromptSyntaxError(ValueError):
     """A prompt that cannot be read; the message is one line for the user."""
 
 
-def parse_number(text: str, context: str) -> float:
-    """float(text), finite, or PromptSyntaxError naming `context`."""
+def parse_number(text: str, context: str, error: type[ValueError] = PromptSyntaxError) -> float:
+    """float(text), finite, or `error` naming `context` (one line)."""
     try:
         value = float(text)
     except ValueError:
-        raise PromptSyntaxError(f"{context}: {text!r} is not a number") from None
+        raise error(f"{context}: {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise PromptSyntaxError(f"{context}: {text!r} is out of range")
+        raise error(f"{context}: {text!r} is not a finite number")
     return value
 
 
