@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 
 class ModelLoadError(ValueError):
     """A model file or name that cannot be used."""
+
+
+class LoraError(ModelLoadError):
+    """A LoRA file or name that cannot be used (a 400 on the server)."""

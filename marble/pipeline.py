@@ -8,6 +8,7 @@ unmasked pixels. Guidance is a closure too (marble.diffusion.guidance).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marble import __version__
+from marble.adapters.lora import LoraUse, overlay
+from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.errors import ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
@@ -23,7 +26,10 @@ from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
-from marble.models.conditioning import SizeConditioning, condition_pair
+from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
+from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
+from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
+from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -84,15 +90,18 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
 
 
 class Pipeline:
-    """`refiner`: a second model that takes over the last (1 − refiner_switch) of the schedule
-    (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
+    """`refiner`: a second model that takes over the last (1 − refiner_switch) of the (last pass's)
+    schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
 
-    def __init__(self, loaded: LoadedModel, refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
+    def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
+                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
+        # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
+        self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 
     @property
     def name(self) -> str:
@@ -106,54 +115,142 @@ class Pipeline:
                              width=c.default_width, height=c.default_height,
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels)
 
-    def prompt_warnings(self, req: ResolvedRequest) -> list[str]:
-        text = self.model.text_encoder
-        out = []
-        for label, prompt in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
-            n = text.count_tokens(prompt)
-            if n > text.max_tokens:
-                out.append(f"the {label} is {n} tokens; the text encoder reads the first {text.max_tokens} "
-                           f"and ignores the rest")
-        return out
+    def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None, model=None) -> PromptConditioning:
+        """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
+        read from the prompt with its <lora:...> tags cut out; `model`: another than the pipeline's
+        (the refiner)."""
+        m = model or self.model
+        return PromptConditioning(m.text_encoder, req.text_prompt, req.negative_prompt, req.steps,
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
 
-    @torch.inference_mode()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.text_encoder.encode(prompts).to(self.model.device, self.model.dtype)
+    def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
+                 extra: dict[str, torch.Tensor], vectors=None, model=None):
+        """Guidance around the network, with each step's contexts picked inside the closure.
+        `vectors` (from `vector_conditioning`) adds SDXL's y to each branch, and zeros the
+        unconditional context where the model conditions an empty negative prompt on zeros."""
+        model = model or self.model
+        y_cond, y_uncond, zero_uncond = vectors or ({}, {}, False)
 
-    @torch.inference_mode()
-    def conditioning(self, req: ResolvedRequest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(cond, uncond) for the request's prompt and negative prompt, as the model's family wants
-        them (marble.models.conditioning): {"context"}, plus SDXL's vector "y" with diffusers'
-        default size conditioning (original = target = the image size, no crop)."""
-        m = self.model
-        pair = condition_pair(m.text_encoder, m.config.vector, req.prompt, req.negative_prompt,
-                              SizeConditioning.of_image(req.width, req.height))
-        return tuple({k: v.to(m.device, m.dtype) for k, v in c.items()} for c in pair)
+        def guided(cond_context: torch.Tensor, uncond_context: torch.Tensor):
+            if zero_uncond:
+                uncond_context = torch.zeros_like(uncond_context)
+            return guided_denoiser(model.denoiser, {"context": cond_context, **extra, **y_cond},
+                                   {"context": uncond_context, **extra, **y_uncond}, cfg)
+        return scheduled_denoiser(guided, conditioning, sigmas)
 
-    @torch.inference_mode()
-    def hand_off(self, denoiser, req: ResolvedRequest, sigmas: torch.Tensor):
-        """The base's guided denoiser, then the refiner's below the switch σ."""
+    def vector_conditioning(self, model, conditioning: PromptConditioning, req: ResolvedRequest, width: int,
+                            height: int):
+        """SDXL's vector conditioning ({"y"} for cond and uncond, and whether the unconditional
+        context is zeros), or None for models without it. The pooled text comes from the first
+        window of the step-0 prompt texts (as A1111 pools SDXL prompts; weights do not act on it);
+        sizes are diffusers' defaults for a width × height image (marble.models.conditioning)."""
+        vector = model.config.vector
+        if vector is None:
+            return None
+        encoder = model.text_encoder
+        rows = []
+        for text in conditioning.texts_at(0):
+            chunks = prompt_chunks(encoder, text, req.emphasis)
+            rows.append(encoder.chunk_row(list(chunks[0].ids) if chunks else []))
+        pooled = encoder.pooled_from_rows(torch.tensor(rows, device=model.device))
+        zero = zeroes_negative(vector, req.negative_prompt)
+        if zero:
+            pooled[1:] = 0.0
+        size = SizeConditioning.of_image(width, height)
+        y = [vector_y(vector, pooled[i:i + 1], size, negative=i == 1).to(model.device, model.dtype) for i in (0, 1)]
+        return {"y": y[0]}, {"y": y[1]}, zero
+
+    def hand_off(self, denoiser, req: ResolvedRequest, sigmas: torch.Tensor, width: int, height: int,
+                 hires_steps: int | None = None):
+        """The base's guided denoiser, then the refiner's (its own conditioning) below the switch σ."""
         r = self.refiner.model
-        pair = condition_pair(r.text_encoder, r.config.vector, req.prompt, req.negative_prompt,
-                              SizeConditioning.of_image(req.width, req.height))
-        cond, uncond = ({k: v.to(r.device, r.dtype) for k, v in c.items()} for c in pair)
-        refined = guided_denoiser(r.denoiser, cond, uncond, req.cfg)
+        conditioning = self.conditioning(req, hires_steps, model=r)
+        refined = self.denoiser(conditioning, sigmas, req.cfg, {},
+                                self.vector_conditioning(r, conditioning, req, width, height), model=r)
         schedule = self.model.schedule
-        sigma = switch_sigma(sigmas, schedule.sigma_to_t, self.refiner_switch, len(schedule.sigmas))
-        return handoff_denoiser(denoiser, refined, sigma)
+        return handoff_denoiser(denoiser, refined,
+                                switch_sigma(sigmas, schedule.sigma_to_t, self.refiner_switch, len(schedule.sigmas)))
+
+    def sigmas(self, sampler: str, steps: int, strength: float | None = None) -> torch.Tensor:
+        """The sampler's schedule of `steps` steps; with `strength`, its last int(steps · strength)
+        steps (img2img: strength of the schedule is re-run, as diffusers)."""
+        m = self.model
+        sigmas = spacing(get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
+        return sigmas if strength is None else sigmas[steps - int(steps * strength):]
+
+    def extra_conditioning(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
+                           height: int) -> dict[str, torch.Tensor]:
+        m = self.model
+        if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
+            return {"concat": inpaint_concat(m.vae, pixels, mask, width, height)}
+        return {}
+
+    def sample(self, sampler: str, denoiser, sigmas: torch.Tensor, seed: int, shape: tuple[int, ...],
+               known: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+               callback=None) -> torch.Tensor:
+        """One image's latent: from seeded noise (txt2img) or from `known` noised to sigmas[0]
+        (img2img), with the known latent re-imposed outside `latent_mask` (inpainting)."""
+        device = self.model.device
+        noise = NoiseSource([seed])
+        if known is None:
+            x = noise.randn(shape, device) * prior_std(sigmas[0])
+        else:
+            x = known + noise.randn(shape, device) * sigmas[0]
+            if latent_mask is not None:
+                denoiser = inpaint_denoiser(denoiser, known, latent_mask, noise.randn(shape, device))
+        if len(sigmas) > 1:
+            x = get_sampler(sampler).fn(denoiser, x, sigmas, noise=noise, callback=callback)
+        return x
+
+    def hires_start(self, req: ResolvedRequest, latent: torch.Tensor) -> torch.Tensor:
+        """The first pass's latent upscaled, as the second pass's known latent: interpolated in latent
+        space, or decoded, resized as an image and encoded again (the img2img path's own encode)."""
+        m, h = self.model, req.hires
+        size = hires_size(req.width, req.height, scale=h.scale, resize_x=h.resize_x, resize_y=h.resize_y,
+                          factor=m.latent_factor)
+        if h.upscaler in LATENT_UPSCALERS:
+            return upscale_latent(latent, size, m.latent_factor, h.upscaler)
+        first = pixels_to_pil(m.vae.decode(latent.to(m.dtype)))[0]
+        image = upscale_image(first, size, m.latent_factor, h.upscaler)
+        return m.vae.encode(pil_to_pixels(image, size.width, size.height).to(m.device, m.dtype)).float()
 
     @torch.inference_mode()
     def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
         """Images seed, seed+1, ... one after another. Each is computed exactly as a single run
         with its seed would be: batching images through the network changes the reduction order
         inside CPU kernels (oneDNN/MKL pick blockings by batch size) and so the last bits.
-        The request is resolved by the caller (`resolve(request, pipe.defaults)`), once."""
+        The request is resolved by the caller (`resolve(request, pipe.defaults)`), once.
+        With a hires fix, each image's second pass is img2img on its upscaled first pass, with the
+        same seed, prompts, sampler and CFG (prompt editing counts on into the second pass)."""
         if not isinstance(req, ResolvedRequest):
             raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
+        uses = self.lora_uses(req)   # LoraError before any work
+        with overlay(self.model, uses, self.loras.table):   # this request's LoRAs, gone when it ends
+            images = self._images(req, callback)
+        h = req.hires
+        base = GenerationRecord(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
+            sampler=req.sampler, cfg=req.cfg, width=req.width, height=req.height, model_name=self.name,
+            model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
+            init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
+            hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
+            hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
+            emphasis=req.emphasis, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+        if self.refiner is not None:
+            base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
+                           refiner_switch=self.refiner_switch)
+        records = [replace(base, seed=req.seed + i) for i in range(req.n)]
+        warnings = [f"LoRA {use.lora.name}: skipped {why}" for use in uses for why in use.lora.skipped]
+        return GenerationResult(images, records, req, warnings)
+
+    def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
+        """The request's LoRAs, read (cached) and checked against this model: a LoraError (one line)
+        for a missing, corrupt or mismatched file or a name outside the LoRA folder."""
+        return self.loras.uses(req.lora_specs)
+
+    def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
         device, dtype = m.device, m.dtype
-        spec = get_sampler(req.sampler)
-        cond, uncond = self.conditioning(req)
 
         init_pixels = known = mask = latent_mask = None
         if req.init_image is not None:
@@ -162,52 +259,48 @@ class Pipeline:
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
-        if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
-            cond["concat"] = uncond["concat"] = inpaint_concat(m.vae, init_pixels, mask, req.width, req.height)
-        denoiser = guided_denoiser(m.denoiser, cond, uncond, req.cfg)
-
-        sigmas = spacing(spec.spacing, m.schedule, req.steps).to(device)
-        if known is not None:
-            # strength of the schedule is re-run: keep the last int(steps · strength) steps (as diffusers)
-            sigmas = sigmas[req.steps - int(req.steps * req.strength):]
-        if self.refiner is not None:
-            denoiser = self.hand_off(denoiser, req, sigmas)
-        decoder = (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE decodes
-        per_image = len(sigmas) - 1
+        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None)
+        conditioning = self.conditioning(req)
+        denoiser = self.denoiser(conditioning, sigmas, req.cfg,
+                                 self.extra_conditioning(init_pixels, mask, req.width, req.height),
+                                 self.vector_conditioning(m, conditioning, req, req.width, req.height))
+        if self.refiner is not None and req.hires is None:
+            denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
+
+        hires_sigmas = hires_denoiser = None
+        if req.hires is not None:
+            hires_steps = req.hires.steps or req.steps
+            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise)
+            size = hires_size(req.width, req.height, scale=req.hires.scale, resize_x=req.hires.resize_x,
+                              resize_y=req.hires.resize_y, factor=m.latent_factor)
+            hires_conditioning = self.conditioning(req, hires_steps)
+            hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
+                                           self.extra_conditioning(None, None, size.width, size.height),
+                                           self.vector_conditioning(m, hires_conditioning, req, size.width, size.height))
+            if self.refiner is not None:   # the refiner takes over the end of the last pass
+                hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
+        decoder = (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE decodes
+        per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
+
+        def progress(i: int, offset: int):
+            if callback is None:
+                return None
+            return lambda j, _total, x0: callback(i * per_image + offset + j, req.n * per_image, x0)
 
         images = []
         for i in range(req.n):
-            noise = NoiseSource([req.seed + i])
-            if known is None:
-                x = noise.randn(shape, device) * prior_std(sigmas[0])
-                image_denoiser = denoiser
-            else:
-                x = known + noise.randn(shape, device) * sigmas[0]
-                image_denoiser = denoiser if mask is None else \
-                    inpaint_denoiser(denoiser, known, latent_mask, noise.randn(shape, device))
-            if per_image:
-                step_cb = None
-                if callback is not None:
-                    step_cb = (lambda j, _total, x0, i=i: callback(i * per_image + j, req.n * per_image, x0))
-                x = spec.fn(image_denoiser, x, sigmas, noise=noise, callback=step_cb)
+            x = self.sample(req.sampler, denoiser, sigmas, req.seed + i, shape, known, latent_mask, progress(i, 0))
+            if req.hires is not None:
+                start = self.hires_start(req, x)
+                x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
+                                callback=progress(i, len(sigmas) - 1))
             images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]
             mask_l = Image.fromarray((mask[0, 0].float().cpu().numpy() * 255).round().astype(np.uint8))
             images = [Image.composite(im, init_rgb, mask_l) for im in images]  # unmasked pixels exactly the init's
-
-        base = GenerationRecord(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
-            sampler=req.sampler, cfg=req.cfg, width=req.width, height=req.height, model_name=self.name,
-            model_hash=self.loaded.hash, mode=req.mode, strength=req.strength, init_image=req.init_image_path,
-            init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
-            marble_version=__version__)
-        if self.refiner is not None:
-            base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
-                           refiner_switch=self.refiner_switch)
-        records = [replace(base, seed=req.seed + i) for i in range(req.n)]
-        return GenerationResult(images, records, req, self.prompt_warnings(req))
+        return images
 
     def generate_image(self, prompt: str, seed: int, **options) -> Image.Image:
         """One image for one (prompt, seed): the adapter the benchmark uses."""
@@ -229,7 +322,8 @@ def check_refiner(base, refiner, switch: float) -> None:
 
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-                  allow_pickle: bool = False, refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
+                  allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
+                  refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
     second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
-    return Pipeline(base, second, refiner_switch)
+    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch)

@@ -54,7 +54,13 @@ def read_text_chunks(path: Path) -> dict[str, str]:
 
 
 def read_record(path: Path) -> GenerationRecord:
+    """The PNG's marble record, or one read from A1111's `parameters` text when it has only that."""
     chunks = read_text_chunks(path)
+    if "marble" not in chunks and "parameters" in chunks:
+        try:
+            return GenerationRecord.from_parameters(chunks["parameters"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     if "marble" not in chunks:
         raise ValueError(f"{path} carries no marble record")
     try:

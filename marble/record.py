@@ -9,6 +9,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
+EMPHASIS_NAMES = {"a1111": "Original", "no-norm": "No norm", "comfy": "ComfyUI", "none": "None"}  # A1111's names
+
 RECORD_VERSION = 1
 
 
@@ -30,22 +32,47 @@ class GenerationRecord:
     init_image_sha256: str | None = None
     mask: str | None = None
     mask_sha256: str | None = None
+    hires_upscaler: str | None = None     # hires fix (txt2img): None = no second pass; else marble.hires.UPSCALERS
+    hires_scale: float | None = None      # upscale of the first pass (width x height), when no resize is given
+    hires_resize_x: int = 0               # or the size asked for (0: from the other side / unused)
+    hires_resize_y: int = 0
+    hires_steps: int = 0                  # steps of the second pass; 0 = the first pass's steps
+    hires_denoise: float | None = None    # strength of the second pass, (0, 1]
+    emphasis: str = "a1111"               # how prompt weights act (marble.prompts.encode.EMPHASIS)
     refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
     refiner_hash: str | None = None
     refiner_switch: float | None = None   # fraction of the schedule the base ran
     marble_version: str = ""
     record_version: int = RECORD_VERSION
+    # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
+    # given as a file (--lora) rather than by a prompt tag, which the prompt itself keeps
+    loras: tuple[dict, ...] = ()
 
     def to_parameters(self) -> str:
-        """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs."""
+        """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs in A1111's
+        order (Size is the first pass's; a hires fix adds its fields after Denoising strength)."""
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         pairs = [("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", _num(self.cfg)),
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"),
                  ("Model hash", self.model_hash), ("Model", self.model_name)]
-        if self.strength is not None:
-            pairs.append(("Denoising strength", _num(self.strength)))
+        denoise = self.hires_denoise if self.hires_upscaler is not None else self.strength
+        if denoise is not None:
+            pairs.append(("Denoising strength", _num(denoise)))
+        if self.hires_upscaler is not None:   # A1111's order: upscale or resize, steps (when set), upscaler
+            if self.hires_resize_x or self.hires_resize_y:
+                pairs.append(("Hires resize", f"{self.hires_resize_x}x{self.hires_resize_y}"))
+            else:
+                pairs.append(("Hires upscale", _num(self.hires_scale)))
+            if self.hires_steps:
+                pairs.append(("Hires steps", self.hires_steps))
+            pairs.append(("Hires upscaler", self.hires_upscaler))
+        # A1111 writes it when not its default ("Original") and a prompt has brackets for it to act on
+        if self.emphasis != "a1111" and any(c in self.prompt + self.negative_prompt for c in "(["):
+            pairs.append(("Emphasis", EMPHASIS_NAMES.get(self.emphasis, self.emphasis)))
+        if self.loras:
+            pairs.append(("Lora hashes", lora_hashes(self.loras)))
         if self.refiner is not None:   # A1111's names for its refiner
             pairs += [("Refiner", f"{self.refiner} [{self.refiner_hash}]"),
                       ("Refiner switch at", _num(self.refiner_switch))]
@@ -57,6 +84,38 @@ class GenerationRecord:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
+    def from_parameters(cls, text: str) -> "GenerationRecord":
+        """A record from A1111's infotext (a PNG that another tool wrote): prompt, negative prompt,
+        steps, sampler, CFG, seed, size, denoising strength, the hires fields and emphasis. The
+        model is left unnamed (A1111's model names mean nothing here). ValueError for a text that
+        lacks one of the required fields or has an unreadable number."""
+        p = parse_parameters(text)
+        missing = [k for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if k not in p]
+        if missing:
+            raise ValueError(f"the A1111 parameters lack {', '.join(missing)}")
+        try:
+            width, height = (int(v) for v in p["Size"].lower().split("x"))
+            sampler = p["Sampler"]
+            if p.get("Schedule type", "").lower() == "karras" and not sampler.endswith("Karras"):
+                sampler += " Karras"   # A1111 >= 1.9 writes the spacing apart from the sampler
+            hires = "Hires upscaler" in p or "Hires upscale" in p or "Hires resize" in p
+            resize_x, resize_y = (int(v) for v in p["Hires resize"].lower().split("x")) \
+                if "Hires resize" in p else (0, 0)
+            denoise = float(p["Denoising strength"]) if "Denoising strength" in p else None
+            names = {v.lower(): k for k, v in EMPHASIS_NAMES.items()}
+            return cls(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], seed=int(p["Seed"]),
+                       steps=int(p["Steps"]), sampler=sampler, cfg=float(p["CFG scale"]), width=width, height=height,
+                       model_name="", model_hash=p.get("Model hash", ""),
+                       mode="txt2img", strength=None if hires else denoise,
+                       hires_upscaler=(p.get("Hires upscaler") or "Latent") if hires else None,
+                       hires_scale=float(p.get("Hires upscale", 2)) if hires else None,
+                       hires_resize_x=resize_x, hires_resize_y=resize_y,
+                       hires_steps=int(p.get("Hires steps", 0)), hires_denoise=denoise if hires else None,
+                       emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"))
+        except ValueError as e:
+            raise ValueError(f"the A1111 parameters have an unreadable value ({e})") from None
+
+    @classmethod
     def from_json(cls, text: str) -> "GenerationRecord":
         data = json.loads(text)
         if not isinstance(data, dict):
@@ -66,7 +125,26 @@ class GenerationRecord:
                    and f.name in ("prompt", "seed", "steps", "sampler", "cfg", "width", "height")]
         if missing:
             raise ValueError(f"the marble record lacks {', '.join(missing)}")
+        data["loras"] = _read_loras(data.get("loras", []))
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _read_loras(loras) -> tuple[dict, ...]:
+    ok = isinstance(loras, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("hash"), str)
+        and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in ("te", "unet"))
+        and isinstance(e.get("path", ""), str) for e in loras)
+    if not ok:
+        raise ValueError("the marble record's loras are malformed")
+    return tuple(loras)
+
+
+def lora_hashes(loras) -> str:
+    """A1111's "Lora hashes" value: `name: hash, name: hash`, each name once."""
+    seen: dict[str, str] = {}
+    for entry in loras:
+        seen.setdefault(entry["name"], entry["hash"])
+    return ", ".join(f"{name}: {h}" for name, h in seen.items())
 
 
 def _num(x: float) -> str:

@@ -13,8 +13,14 @@ from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
+from marble.adapters.lora_loader import LoraSpec
+from marble.adapters.lora_tags import LoraTagError, split_lora_tags
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
+from marble.hires import HiresError, HiresFix, check_hires
+from marble.prompts.encode import check_emphasis
+from marble.prompts.attention import PromptSyntaxError
+from marble.prompts.schedule import check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -43,6 +49,9 @@ class GenerationRequest:
     init_image_sha256: str | None = None
     mask_path: str | None = None
     mask_sha256: str | None = None
+    hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
+    emphasis: str | None = None                 # how prompt weights act (marble.prompts.encode.EMPHASIS); None: a1111
+    loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
 
     @property
     def mode(self) -> str:
@@ -67,13 +76,17 @@ class ModelDefaults:
 class ResolvedRequest(GenerationRequest):
     """A request with the model's defaults filled in and every check passed: seed, steps, sampler,
     cfg, width and height are set (strength too for img2img/inpaint). Made by `resolve` only;
-    the pipeline and the server's queue take nothing else."""
+    the pipeline and the server's queue take nothing else. `prompt` stays as typed (the record
+    keeps its <lora:...> tags, as A1111's does); the text encoder reads `text_prompt`."""
+    text_prompt: str = ""                       # the prompt with its LoRA tags cut out
+    lora_specs: tuple[LoraSpec, ...] = ()       # `loras`, then the prompt's tags in order
 
 
 def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequest:
     """The one place that fills defaults and validates; RequestError (one line) for bad input.
     Resolving a resolved request again gives the same request."""
     _check_text(request)
+    text_prompt, lora_specs = _loras(request)
     seed = _seed(request.seed)
     steps = defaults.steps if request.steps is None else request.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
@@ -89,10 +102,32 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
         raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {request.n}")
     width, height = _size(request, defaults)
     strength = _strength(request)
+    _check_syntax(request, steps)
+    hires = _hires(request, width, height, defaults)
+    try:
+        emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
+    except PromptSyntaxError as e:
+        raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
-                   strength=strength)
-    return ResolvedRequest(**fields_)
+                   strength=strength, hires=hires, emphasis=emphasis)
+    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs)
+
+
+def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:
+    """The prompt without its A1111 LoRA tags, and every LoRA the request names (not yet read:
+    files are the pipeline's, which refuses names outside its LoRA folder)."""
+    try:
+        text, tags = split_lora_tags(request.prompt)
+        if split_lora_tags(request.negative_prompt)[1]:
+            raise RequestError("LoRA tags go in the prompt, not the negative prompt")
+    except LoraTagError as e:
+        raise RequestError(str(e)) from None
+    for spec in request.loras:
+        for value in (spec.te, spec.unet):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"LoRA {spec.ref}: weight {value!r} is not a finite number")
+    return text, tuple(request.loras) + tuple(LoraSpec(t.name, t.te, t.unet) for t in tags)
 
 
 def _check_text(request: GenerationRequest) -> None:
@@ -104,6 +139,26 @@ def _check_text(request: GenerationRequest) -> None:
         except UnicodeEncodeError as e:  # lone surrogates: bad bytes on a command line, "\ud800" in JSON
             raise RequestError(f"the {label} is not valid Unicode text "
                                f"(a lone surrogate at position {e.start})") from None
+
+
+def _check_syntax(request: GenerationRequest, steps: int) -> None:
+    """Prompt syntax (marble.prompts): what A1111 reads literally passes, what it cannot read does not."""
+    for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        try:
+            check_prompt(text, steps)
+        except PromptSyntaxError as e:
+            raise RequestError(f"the {label}: {e}") from None
+
+
+def _hires(request: GenerationRequest, width: int, height: int, defaults: ModelDefaults) -> HiresFix | None:
+    if request.hires is None:
+        return None
+    if request.init_image is not None:
+        raise RequestError("the hires fix applies to txt2img only, not with an init image")
+    try:
+        return check_hires(request.hires, width, height, defaults.latent_factor, defaults.max_pixels, MAX_STEPS)
+    except HiresError as e:
+        raise RequestError(str(e)) from None
 
 
 def _seed(seed: int | None) -> int:

@@ -19,7 +19,7 @@ LAYERS = {
     "marble.diffusion": 0,
     "marble.models": 1,
     "marble.checkpoints": 2, "marble.data": 2,
-    "marble.adapters": 3, "marble.prompts": 3, "marble.record": 3, "marble.request": 3,
+    "marble.adapters": 3, "marble.prompts": 3, "marble.hires": 3, "marble.record": 3, "marble.request": 3,
     "marble.png": 4, "marble.pipeline": 4,
     "marble.eval": 5, "marble.train": 5,
     "marble.server": 6,

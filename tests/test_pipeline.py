@@ -150,10 +150,14 @@ def test_empty_prompt_is_unconditional_generation(tiny_pipe):
     assert res.records[0].prompt == "" and res.images[0].size == (32, 32)
 
 
-def test_long_prompt_warns(tiny_pipe):
-    res = gen(tiny_pipe, prompt=" ".join(["red circle"] * 60), seed=1, steps=1)
-    assert any("tokens" in w for w in res.warnings)
-    assert not gen(tiny_pipe, seed=1, steps=1).warnings
+def test_long_prompt_is_read_whole_without_a_warning(tiny_pipe):
+    """Past 75 tokens a prompt takes more windows (marble.prompts.encode) instead of being cut: text
+    after the first window changes the image, and nothing warns."""
+    long = " ".join(["red circle"] * 60)
+    res = gen(tiny_pipe, prompt=long, seed=1, steps=1)
+    more = gen(tiny_pipe, prompt=long + " blue square" * 10, seed=1, steps=1)
+    assert not res.warnings and not more.warnings
+    assert np.asarray(res.images[0]).tobytes() != np.asarray(more.images[0]).tobytes()
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -643,7 +643,8 @@ def test_base_to_refiner_hand_off_matches_diffusers_denoising_end_and_start(tmp_
     theirs = refiner_pipe(PROMPTS[0], image=latents, num_inference_steps=steps, denoising_start=switch,
                           guidance_scale=5.0).images[0]
     theirs = np.asarray(theirs).astype(int)
-    ours = Pipeline(LoadedModel(base, "base", "h"), LoadedModel(refiner, "refiner", "h2"), refiner_switch=switch)
+    ours = Pipeline(LoadedModel(base, "base", "h"), refiner=LoadedModel(refiner, "refiner", "h2"),
+                    refiner_switch=switch)
     request = GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps, sampler="Euler", cfg=5.0,
                                 width=width, height=height)
     image = np.asarray(ours.generate(resolve(request, ours.defaults)).images[0]).astype(int)

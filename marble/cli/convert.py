@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from marble.cli.app import app, fail, info
+from marble.cli.app import app, fail, info, warn
 
 
 class Target(str, Enum):
@@ -42,10 +42,14 @@ def convert(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .ckpt/.pt/.bin pickles (tensors only, torch.load weights_only=True)."),
     prediction: Optional[Prediction] = typer.Option(None, "--prediction", help="Override what the model predicts (eps | v | x0)."),
     dtype: Optional[DType] = typer.Option(None, "--dtype", help="Cast floating tensors (default: keep them as stored, bit for bit)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="Fuse a LoRA file into the weights: PATH[:WEIGHT] (weight 1 by default). Repeatable."),
+    lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA this model lacks, instead of refusing it."),
 ) -> None:
     """Convert a model between marble's file, a diffusers folder and an SD single file.
 
-    Tensors are copied bit for bit unless --dtype asks for a cast. Prints the path written.
+    Tensors are copied bit for bit unless --dtype asks for a cast, or --lora fuses LoRAs into the
+    weights (W + weight·(α/r)·up·down, computed in float32, stored in the model's dtype). Prints the
+    path written.
     """
     import torch
 
@@ -56,10 +60,20 @@ def convert(
         fail(f"{dst} exists; marble never overwrites a model")
     if not src.exists():
         fail(f"no model at {src}")
+    options = dict(allow_pickle=allow_pickle, prediction=prediction.value if prediction else None,
+                   dtype=getattr(torch, DTYPES[dtype.value]) if dtype else None)
     try:
-        ckpt = run_convert(src, dst, to.value, allow_pickle=allow_pickle,
-                           prediction=prediction.value if prediction else None,
-                           dtype=getattr(torch, DTYPES[dtype.value]) if dtype else None)
+        if lora:
+            from marble.adapters.lora_folder import parse_lora_arg
+            from marble.adapters.lora_merge import merge_loras
+            ckpt, uses = merge_loras(src, dst, to.value, [parse_lora_arg(v) for v in lora], lenient=lora_lenient,
+                                     **options)
+            for use in uses:
+                for why in use.lora.skipped:
+                    warn(f"LoRA {use.lora.name}: skipped {why}")
+                info(f"fused LoRA {use.lora.name} [{use.lora.hash}] × {use.unet:g}: {len(use.lora.layers)} layers")
+        else:
+            ckpt = run_convert(src, dst, to.value, **options)
     except (ModelLoadError, FileExistsError, ValueError) as e:
         fail(str(e))
     size = sum(t.numel() * t.element_size() for t in ckpt.state.values())

@@ -64,23 +64,86 @@ class Flags:
     mask: Path | None
     init_sha: str | None = None     # with --from: the sha256 the record gives for each image
     mask_sha: str | None = None
+    loras: tuple | None = None      # LoraSpecs from --lora PATH[:WEIGHT] (or a record's); tags stay in the prompt
+    hires_scale: float | None = None    # any hires flag asks for the hires fix
+    hires_resize: str | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None
+    emphasis: str | None = None
+
+    @property
+    def hires(self) -> bool:
+        return any(v is not None for v in (self.hires_scale, self.hires_resize, self.hires_steps,
+                                           self.hires_denoise, self.hires_upscaler))
 
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
-                "sampler": "sampler", "strength": "strength", "model": "model_name"}   # flag -> record field
+                "sampler": "sampler", "strength": "strength", "model": "model_name",
+                "emphasis": "emphasis"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
     """--from: the record's value for every flag not given. Its images are taken with their hashes,
     so that reading them checks they did not change."""
     merged = {flag: getattr(record, key) for flag, key in _FROM_RECORD.items() if getattr(flags, flag) is None}
+    if not record.model_name:      # read from A1111's text: its model is not one of ours; --model or the default
+        merged.pop("model", None)
     if flags.size is None:
         merged["size"] = f"{record.width}x{record.height}"
     if flags.init_image is None and record.init_image:
         merged.update(init_image=Path(record.init_image), init_sha=record.init_image_sha256)
     if flags.mask is None and record.mask:
         merged.update(mask=Path(record.mask), mask_sha=record.mask_sha256)
+    if record.hires_upscaler is not None:
+        resize = f"{record.hires_resize_x}x{record.hires_resize_y}" \
+            if record.hires_resize_x or record.hires_resize_y else None
+        ours = {"hires_scale": None if resize else record.hires_scale, "hires_resize": resize,
+                "hires_steps": record.hires_steps, "hires_denoise": record.hires_denoise,
+                "hires_upscaler": record.hires_upscaler}
+        given_size = flags.hires_scale is not None or flags.hires_resize is not None
+        merged.update({k: v for k, v in ours.items() if getattr(flags, k) is None
+                       and not (given_size and k in ("hires_scale", "hires_resize"))})
+    if flags.loras is None and any("path" in e for e in record.loras):
+        from marble.adapters.lora_loader import LoraSpec
+        merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
+                                if "path" in e)
     return replace(flags, **merged)
+
+
+def read_hires(flags: Flags):
+    """The hires fix the flags ask for (A1111's defaults for the rest), or None."""
+    from marble.hires import DEFAULT_DENOISE, HiresFix
+    if not flags.hires:
+        return None
+    resize_x, resize_y = 0, 0
+    if flags.hires_resize is not None:
+        try:
+            resize_x, resize_y = (int(v) for v in flags.hires_resize.lower().split("x"))
+        except ValueError:
+            fail(f"--hires-resize must look like WIDTHxHEIGHT (0 for a side keeps the aspect ratio), "
+                 f"got {flags.hires_resize!r}")
+    return HiresFix(scale=2.0 if flags.hires_scale is None else flags.hires_scale, resize_x=resize_x,
+                    resize_y=resize_y, steps=flags.hires_steps or 0,
+                    denoise=DEFAULT_DENOISE if flags.hires_denoise is None else flags.hires_denoise,
+                    upscaler=flags.hires_upscaler)
+
+
+def parse_loras(values: list[str] | None) -> tuple | None:
+    """--lora PATH[:WEIGHT], repeatable -> LoraSpecs (the weight applies to text encoder and U-Net)."""
+    if not values:
+        return None
+    from marble.adapters.lora_folder import parse_lora_arg
+    from marble.adapters.lora_loader import LoraSpec
+    from marble.errors import LoraError
+    specs = []
+    for value in values:
+        try:
+            path, weight = parse_lora_arg(value)
+        except LoraError as e:
+            fail(str(e))
+        specs.append(LoraSpec(path, weight, weight, is_path=True))
+    return tuple(specs)
 
 
 def read_request(flags: Flags, n: int) -> GenerationRequest:
@@ -100,22 +163,26 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         prompt=flags.prompt, negative_prompt=flags.negative or "", seed=flags.seed, steps=flags.steps,
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
-        init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha)
+        init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
+        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or ())
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
-                  allow_pickle: bool, refiner: str | None = None,
-                  refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
-    """Load the model and resolve the request against it: every error before any work."""
+                  allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
+                  refiner: str | None = None, refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
+    """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
+    error before any work."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import RequestError, resolve
     if prediction not in (None, "eps", "v", "x0"):
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
-        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, refiner=refiner,
-                             refiner_switch=refiner_switch)
-        return pipe, resolve(request, pipe.defaults)
+        pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
+        resolved = resolve(request, pipe.defaults)
+        pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
+        return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
 
@@ -158,20 +225,33 @@ def generate(
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="img2img: start from this image."),
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img/inpaint: fraction of the schedule to re-run, (0, 1]. Default 0.75 (inpaint 1.0)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask, same size as --init-image; white = repaint, black = keep."),
+    hires_scale: Optional[float] = typer.Option(None, "--hires-scale", help="Hires fix: generate at --size, upscale by this factor (1..8, default 2), then img2img at the larger size. Any --hires-* flag turns it on."),
+    hires_resize: Optional[str] = typer.Option(None, "--hires-resize", help="Hires fix: upscale to WIDTHxHEIGHT instead (0 for one side keeps the aspect ratio; both: cover and crop the centre)."),
+    hires_steps: Optional[int] = typer.Option(None, "--hires-steps", help="Hires fix: steps of the second pass's schedule (default: --steps)."),
+    hires_denoise: Optional[float] = typer.Option(None, "--hires-denoise", help="Hires fix: fraction of the second pass's schedule to run, (0, 1] (default 0.7)."),
+    hires_upscaler: Optional[str] = typer.Option(None, "--hires-upscaler", help="Hires fix: latent (default; also 'Latent (bicubic)', ...), lanczos or nearest. See docs/prompts.md."),
+    emphasis: Optional[str] = typer.Option(None, "--emphasis", help="How (word:1.3) weights act: a1111 (default: scale, keep the mean), no-norm, comfy (ComfyUI's lerp from the empty prompt) or none (brackets are text)."),
     from_png: Optional[Path] = typer.Option(None, "--from", help="Regenerate from a marble PNG's record; other flags override its values."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="Override what the model predicts: eps | v | x0 (e.g. v for SD 2.x-768 files without a config)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.pt models (tensors only, torch.load weights_only=True)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="Apply a LoRA file: PATH[:WEIGHT] (weight 1 by default). Repeatable. In the prompt, <lora:NAME:WEIGHT> (or <lora:NAME:TE:UNET>) applies NAME from --lora-dir."),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
+    lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
-    Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
+    Prompts read as A1111 reads them: (word:1.3) weights, [word], BREAK, [from:to:when] and [a|b]
+    editing, any length (docs/prompts.md). Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
     from marble.png import read_record
 
-    flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask)
+    flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
+                  hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
+                  hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
+                  loras=parse_loras(lora))
     record = None
     if from_png is not None:
         try:
@@ -180,9 +260,16 @@ def generate(
             fail(str(e))
         flags = merge_record(flags, record)
     request = read_request(flags, n)
-    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, refiner, refiner_switch)
+    pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
+                                   refiner, refiner_switch)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
+    if record is not None:
+        recorded = {e["name"]: e["hash"] for e in record.loras}
+        for use in pipe.lora_uses(resolved):
+            if recorded.get(use.lora.name, use.lora.hash) != use.lora.hash:
+                warn(f"the record was made with LoRA {use.lora.name} hash {recorded[use.lora.name]}, "
+                     f"this file's is {use.lora.hash}")
     if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
     run_and_save(pipe, resolved, out)

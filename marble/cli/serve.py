@@ -34,6 +34,8 @@ def serve(
     max_n: int = typer.Option(8, "--max-n", help="Most images per request."),
     max_prompt_chars: int = typer.Option(4000, "--max-prompt-chars", help="Longest prompt (and negative prompt), in characters."),
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
+    lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
@@ -74,7 +76,7 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec))
+            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))

@@ -95,6 +95,11 @@ class CLIPConcatEncoder(nn.Module):
         after = torch.arange(tokens.shape[1], device=tokens.device)[None] > first_end
         return torch.where(after, torch.full_like(tokens, pad_id), tokens)
 
+    def pooled_from_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, pooled_dim) float32 pooled embedding of the first tower's rows."""
+        last = self.encoders[-1]
+        return last.context_and_pooled(self._repad(tokens, last.pad_id))[1].float()
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) rows of the first tower -> (B, T, dim) context, each tower reading its own padding."""
         return torch.cat([e(self._repad(tokens, e.pad_id)) for e in self.encoders], dim=-1)

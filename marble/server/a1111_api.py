@@ -1,9 +1,11 @@
 """The AUTOMATIC1111 web UI API, the subset its clients (e.g. `webuiapi`) use.
 
 txt2img/img2img answer {images: [base64 PNG], parameters: <the request>, info: <JSON string with
-seeds and infotexts>}. Fields A1111 has and marble does not (hires fix, restore_faces, scripts,
-...) are ignored, as A1111 ignores what its scripts do not read. `denoising_strength` applies to
-img2img only (A1111's txt2img uses it for hires fix). Differences from A1111:
+seeds and infotexts>}. Fields A1111 has and marble does not (restore_faces, scripts, a separate
+hires prompt, sampler or checkpoint, ...) are ignored, as A1111 ignores what its scripts do not
+read. `denoising_strength` is img2img's strength, and in txt2img with `enable_hr` the hires pass's.
+Prompts are read with A1111's syntax (weights, BREAK, editing; marble.prompts). Differences
+from A1111:
   - the mask must have the init image's size (A1111 resizes it); mask_blur is not applied;
   - an interrupted job answers 200 with no images and `"interrupted": true` in info, since marble
     keeps no half-denoised images (A1111 returns them).
@@ -21,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from marble import __version__
 from marble.diffusion.samplers import SAMPLERS
+from marble.hires import DEFAULT_DENOISE, IMAGE_UPSCALERS, LATENT_UPSCALERS, HiresFix
 from marble.record import parse_parameters
+from marble.adapters.lora_folder import list_loras
 from marble.request import GenerationRequest, RequestError, ResolvedRequest
 from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
@@ -44,9 +48,19 @@ class Txt2ImgParams(BaseModel):
     sampler_index: str | None = Field(None, description="Old name for sampler_name.")
     batch_size: int = 1
     n_iter: int = 1
-    denoising_strength: float | None = Field(None, description="img2img only: fraction of the schedule to re-run.")
+    denoising_strength: float | None = Field(
+        None, description="img2img: fraction of the schedule to re-run; txt2img with enable_hr: the hires pass's "
+                          "(default 0.7).")
+    enable_hr: bool = Field(False, description="txt2img: hires fix, a second img2img pass at a larger size.")
+    hr_scale: float = Field(2.0, description="Hires fix: upscale factor of width x height (when no hr_resize).")
+    hr_upscaler: str | None = Field(None, description="Hires fix: Latent (default), Latent (bicubic), ..., Lanczos, "
+                                                      "Nearest, None; see /sdapi/v1/upscalers.")
+    hr_second_pass_steps: int = Field(0, description="Hires fix: steps of the second pass (0: steps).")
+    hr_resize_x: int = Field(0, description="Hires fix: target width instead of hr_scale (0: from the height).")
+    hr_resize_y: int = Field(0, description="Hires fix: target height instead of hr_scale (0: from the width).")
     override_settings: dict[str, Any] | None = Field(
-        None, description="Only sd_model_checkpoint is read: the model to use.")
+        None, description="Read: sd_model_checkpoint (the model to use) and emphasis (Original, No norm, None; "
+                          "marble also takes ComfyUI).")
     send_images: bool = True
 
 
@@ -76,11 +90,26 @@ def _count(params: Txt2ImgParams) -> int:
     return params.batch_size * params.n_iter
 
 
+def _hires(params: Txt2ImgParams) -> HiresFix | None:
+    if not params.enable_hr:
+        return None
+    denoise = DEFAULT_DENOISE if params.denoising_strength is None else params.denoising_strength
+    return HiresFix(scale=params.hr_scale, resize_x=params.hr_resize_x, resize_y=params.hr_resize_y,
+                    steps=params.hr_second_pass_steps, denoise=denoise, upscaler=params.hr_upscaler)
+
+
 def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
-        height=params.height, n=_count(params), **images)
+        height=params.height, n=_count(params), emphasis=_emphasis(params), **images)
+
+
+def _emphasis(params: Txt2ImgParams) -> str | None:
+    value = (params.override_settings or {}).get("emphasis")
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"override_settings.emphasis must be text, got {value!r}")
+    return value
 
 
 def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | None, model: str,
@@ -92,7 +121,7 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
         "seed": resolved.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
         "subseed_strength": 0, "width": resolved.width, "height": resolved.height,
         "sampler_name": resolved.sampler, "cfg_scale": resolved.cfg, "steps": resolved.steps,
-        "batch_size": params.batch_size, "n_iter": params.n_iter, "denoising_strength": resolved.strength,
+        "batch_size": params.batch_size, "n_iter": params.n_iter, "denoising_strength": resolved.hires.denoise if resolved.hires else resolved.strength,
         "sd_model_name": model, "sd_model_hash": model_hash,
         "infotexts": [r.to_parameters() for r in result.records] if result else [],
         "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "version": f"marble {__version__}",
@@ -102,7 +131,7 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
 
 async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
     worker = state.worker(_model_name(params))
-    resolved = state.prepare(worker, _request(params, **images))
+    resolved = await state.prepare(worker, _request(params, **images))
     try:
         result = await state.run(worker, resolved, request)
     except Cancelled as e:
@@ -118,7 +147,7 @@ async def _generate(state: ServerState, params: Txt2ImgParams, request: Request,
 
 @router.post("/txt2img", summary="Text to image (A1111)")
 async def txt2img(params: Txt2ImgParams, request: Request) -> dict:
-    return await _generate(state_of(request), params, request, params.model_dump())
+    return await _generate(state_of(request), params, request, params.model_dump(), hires=_hires(params))
 
 
 @router.post("/img2img", summary="Image to image, and inpainting with a mask (A1111)")
@@ -174,6 +203,28 @@ async def sd_models(request: Request) -> list[dict]:
         out.append({"title": f"{name} [{model_hash}]", "model_name": name, "hash": model_hash,
                     "sha256": None, "filename": name, "config": None})
     return out
+
+
+@router.get("/upscalers", summary="Image upscalers marble can run for the hires fix (A1111)")
+async def upscalers() -> list[dict]:
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name in IMAGE_UPSCALERS]
+
+
+@router.get("/latent-upscale-modes", summary="Latent upscale modes for the hires fix (A1111)")
+async def latent_upscale_modes() -> list[dict]:
+    return [{"name": name} for name in LATENT_UPSCALERS]
+
+
+@router.get("/loras", summary="The LoRA folder: what <lora:NAME:WEIGHT> tags can name (A1111)")
+async def loras(request: Request) -> list[dict]:
+    state = state_of(request)
+    return await state.offload(list_loras, state.worker(None).pipe.loras.folder)
+
+
+@router.post("/refresh-loras", summary="Re-read the LoRA folder (A1111); marble lists it live", include_in_schema=False)
+async def refresh_loras() -> dict:
+    return {}
 
 
 @router.get("/scripts", summary="Scripts (A1111): marble has none", include_in_schema=False)

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from marble import __version__
+from marble.errors import LoraError
 from marble.pipeline import Pipeline
 from marble.request import RequestError
 from marble.server import a1111_api, openai_api, ui
@@ -44,6 +45,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return error_response(request.url.path, 400, str(exc))
+
+    @app.exception_handler(LoraError)
+    async def _lora_error(request: Request, exc: LoraError):
+        return error_response(request.url.path, 400, str(exc), code="lora_error", param="prompt")
 
     @app.exception_handler(ModelNotFound)
     async def _model_not_found(request: Request, exc: ModelNotFound):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from marble.hires import hires_size
 from marble.request import RequestError, ResolvedRequest
 
 MiB = 1024 * 1024
@@ -45,6 +46,15 @@ def check_limits(request: ResolvedRequest, limits: ServerLimits) -> None:
     if request.width * request.height > limits.max_pixels:
         raise LimitError(f"size {request.width}x{request.height} is over this server's limit of "
                          f"{limits.max_pixels} pixels")
+    if request.hires is not None:
+        h = request.hires
+        size = hires_size(request.width, request.height, scale=h.scale, resize_x=h.resize_x, resize_y=h.resize_y,
+                          factor=1)
+        if size.width * size.height > limits.max_pixels:
+            raise LimitError(f"the hires size {size.width}x{size.height} is over this server's limit of "
+                             f"{limits.max_pixels} pixels")
+        if h.steps > limits.max_steps:
+            raise LimitError(f"hires steps {h.steps} is over this server's limit of {limits.max_steps}")
 
 
 ErrorResponder = Callable[[str, int, str], Callable]   # (path, status, message) -> an ASGI response

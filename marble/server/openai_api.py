@@ -89,7 +89,7 @@ async def _respond(state: ServerState, result: JobResult, response_format: str |
 
 async def _generate(state: ServerState, params: _Common, request: Request, **images) -> dict:
     worker = state.worker(params.model)
-    resolved = state.prepare(worker, _request(params, **images))
+    resolved = await state.prepare(worker, _request(params, **images))
     result = await state.run(worker, resolved, request)
     return await _respond(state, result, params.response_format, request)
 

@@ -77,10 +77,14 @@ class ServerState:
                 return worker
         raise ModelNotFound(f"the model {name!r} is not loaded here; this server has: {', '.join(self.workers)}")
 
-    def prepare(self, worker: Worker, request: GenerationRequest) -> ResolvedRequest:
-        """Resolve (marble's own validation) then check this server's limits: 4xx before queueing."""
+    async def prepare(self, worker: Worker, request: GenerationRequest) -> ResolvedRequest:
+        """Resolve (marble's own validation), check this server's limits, then read the prompt's
+        LoRAs (names inside the model's LoRA folder only; off the event loop, cached after the first
+        read): 4xx before queueing."""
         resolved = resolve(request, worker.pipe.defaults)
         check_limits(resolved, self.limits)
+        if resolved.lora_specs:
+            await self.offload(worker.pipe.lora_uses, resolved)
         return resolved
 
     async def run(self, worker: Worker, resolved: ResolvedRequest, http_request: Request) -> JobResult:
