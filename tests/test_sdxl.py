@@ -709,3 +709,21 @@ def test_sdxl_text_takes_token_rows_like_the_single_tower_encoders():
     assert torch.equal(ours._repad(rows, 0), ours.encoders[1].tokenize(PROMPTS))
     ids = ours.text_ids(PROMPTS[0])
     assert ours.chunk_row(ids) == rows[0].tolist() and ours.comma_id == ours.text_ids(",")[0]
+
+
+@torch.no_grad()
+def test_weighted_sdxl_prompts_weight_the_context_and_pool_the_first_window_unweighted():
+    """A1111 prompt syntax on SDXL: weights act on the joined context; y pools the first window of
+    the text with its weights taken off (A1111's SDXL pooling), so it equals the plain prompt's y."""
+    model = random_model(tiny_sdxl, seed=5)
+    pipe = Pipeline(LoadedModel(model, "m", "h"))
+    weighted = resolve(GenerationRequest(prompt="a (red:1.3) cat", seed=1, steps=2, width=32, height=32), pipe.defaults)
+    plain = resolve(GenerationRequest(prompt="a red cat", seed=1, steps=2, width=32, height=32), pipe.defaults)
+    cw, cp = pipe.conditioning(weighted), pipe.conditioning(plain)
+    yw = pipe.vector_conditioning(model, cw, weighted, 32, 32)
+    yp = pipe.vector_conditioning(model, cp, plain, 32, 32)
+    assert torch.equal(yw[0]["y"], yp[0]["y"]) and torch.equal(yw[1]["y"], yp[1]["y"]) and yw[2] is True
+    cond, _ = condition_pair(model.text_encoder, model.config.vector, "a red cat", "", SizeConditioning.of_image(32, 32))
+    assert torch.allclose(yp[0]["y"], cond["y"], atol=1e-6, rtol=0)
+    assert torch.allclose(cp.at(0)[0], cond["context"], atol=1e-6, rtol=0)
+    assert (cw.at(0)[0] - cp.at(0)[0]).abs().max() > 1e-3   # the weight acts on the context
