@@ -727,3 +727,27 @@ def test_weighted_sdxl_prompts_weight_the_context_and_pool_the_first_window_unwe
     assert torch.allclose(yp[0]["y"], cond["y"], atol=1e-6, rtol=0)
     assert torch.allclose(cp.at(0)[0], cond["context"], atol=1e-6, rtol=0)
     assert (cw.at(0)[0] - cp.at(0)[0]).abs().max() > 1e-3   # the weight acts on the context
+
+
+def test_with_a_hires_fix_the_refiner_takes_over_the_end_of_the_second_pass():
+    """With a hires fix the hand-off is built once, for the second pass (its sigmas and size), and
+    the refiner changes the image."""
+    from marble.request import HiresFix
+    base, refiner = random_model(tiny_sdxl, seed=5), random_model(lambda: tiny_sdxl(True), seed=6)
+    alone = Pipeline(LoadedModel(base, "base", "h"))
+    both = Pipeline(LoadedModel(base, "base", "h"), refiner=LoadedModel(refiner, "ref", "h2"), refiner_switch=0.5)
+    calls = []
+    original = both.hand_off
+
+    def spy(denoiser, req, sigmas, width, height, hires_steps=None):
+        calls.append((len(sigmas), width, height, hires_steps))
+        return original(denoiser, req, sigmas, width, height, hires_steps)
+
+    both.hand_off = spy
+    request = GenerationRequest(prompt="a red cat", seed=3, steps=4, sampler="Euler", width=32, height=32,
+                                hires=HiresFix(scale=2, steps=4, denoise=0.5, upscaler="Latent (bicubic)"))
+    resolved = resolve(request, alone.defaults)
+    a = np.asarray(alone.generate(resolved).images[0]).astype(int)
+    b = np.asarray(both.generate(resolved).images[0]).astype(int)
+    assert calls == [(3, 64, 64, 4)]           # once, on the second pass (2 of its 4 steps re-run, at 64²)
+    assert a.shape == b.shape == (64, 64, 3) and np.abs(a - b).max() > 10
