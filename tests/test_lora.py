@@ -23,7 +23,7 @@ from marble.adapters.lora_files import LoraError, lora_hash, read_lora, save_koh
 from marble.adapters.lora_table import module_table
 from marble.checkpoints.checkpoint import to_model
 from marble.checkpoints.detect import open_checkpoint
-from marble.checkpoints.tensor_file import safetensors_writer
+from marble.tensor_file import safetensors_writer
 from marble.fileio import write_new
 from sd_fixtures import (clip_text_kwargs, diffusers_oracle, diffusers_unet_kwargs, diffusers_vae_kwargs,
                          oracle_tokenizer_folder, randomize_)

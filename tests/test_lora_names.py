@@ -7,7 +7,7 @@ import torch
 from marble.adapters.lora_files import LoraError
 from marble.adapters.lora_folder import default_lora_dir, list_loras, parse_lora_arg, resolve_lora
 from marble.adapters.lora_tags import LoraTag, LoraTagError, split_lora_tags
-from marble.checkpoints.tensor_file import safetensors_writer
+from marble.tensor_file import safetensors_writer
 from marble.fileio import write_new
 
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from marble.adapters.lora_table import ModuleTable
-from marble.checkpoints.errors import ModelLoadError
-from marble.checkpoints.tensor_file import read_header, read_tensors, safetensors_writer
+from marble.errors import ModelLoadError
+from marble.tensor_file import read_header, read_tensors, safetensors_writer
 from marble.fileio import write_new
 
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")

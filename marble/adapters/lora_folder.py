@@ -13,7 +13,7 @@ from pathlib import Path
 
 from marble.adapters.lora_files import LoraError
 from marble.checkpoints.resolve import models_dir
-from marble.checkpoints.tensor_file import read_header
+from marble.tensor_file import read_header
 
 SUFFIX = ".safetensors"
 
