@@ -256,3 +256,43 @@ def test_a_lora_table_on_another_kind_and_an_existing_output_are_refused(folder,
     p = marble_cli("train", "lora", str(write_config(tmp_path, "taken", folder, steps=2)))
     assert p.returncode == 2 and "never overwrites" in p.stderr and "Traceback" not in p.stderr
     assert (tmp_path / "taken" / "lora.safetensors").read_bytes() == b"mine"
+
+
+@pytest.fixture(scope="module")
+def random_lora_file(tmp_path_factory):
+    """A random attention + conv LoRA for tiny-random, written as marble writes them."""
+    from marble.adapters.lora import attach_trainable
+    from marble.adapters.lora_files import save_kohya
+    model = load_model("tiny-random").model
+    trainable = attach_trainable(model, ("attention", "conv"), rank=2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for up in trainable.up:
+            up.copy_(torch.randn(up.shape, generator=g))
+    trainable.detach()
+    return save_kohya(tmp_path_factory.mktemp("lora") / "rnd.safetensors", trainable.to_lora("rnd"), module_table(model))
+
+
+def test_eval_applies_a_lora_and_reports_it(random_lora_file, tmp_path):
+    from marble.cli.eval import model_source
+    base, _ = model_source("tiny-random", None, 2, None)
+    with_lora, extra = model_source("tiny-random", None, 2, None, [f"{random_lora_file}:0.7"])
+    assert extra["loras"] == [{"name": "rnd", "hash": read_lora(random_lora_file, module_table(
+        load_model("tiny-random").model)).hash, "weight": 0.7, "path": str(random_lora_file)}]
+    assert np.abs(np.asarray(base("a red heart", 0), np.int16) - np.asarray(with_lora("a red heart", 0), np.int16)).max() > 0
+    again, _ = model_source("tiny-random", None, 2, None, [f"{random_lora_file}:0"])
+    assert np.array_equal(np.asarray(again("a red heart", 0)), np.asarray(base("a red heart", 0)))
+
+
+@pytest.mark.parametrize("arg, message", [("{f}:abc", "not a number"), ("/nonexistent.safetensors", "no such file"),
+                                          ("{f}", "another model architecture")])
+def test_eval_refuses_a_bad_lora_with_one_line(random_lora_file, tmp_path, arg, message):
+    # the third case: a LoRA made for tiny-random, used on the built-in model
+    model = "tiny-random" if "arch" not in message else "builtin"
+    p = marble_cli("eval", "--model", model, "--prompts", "1", "--steps", "1", "--lora", arg.format(f=random_lora_file),
+                   "--json", str(tmp_path / "out.json"))
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "out.json").exists()
+    p = marble_cli("eval", "--model", "groundtruth", "--prompts", "1", "--lora", str(random_lora_file),
+                   "--json", str(tmp_path / "out.json"))
+    assert p.returncode == 2 and "baseline" in p.stderr
