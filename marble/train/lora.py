@@ -104,7 +104,6 @@ def train_lora(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     loaded = load_base(cfg)
     model = loaded.model.to(world.device).eval().requires_grad_(False)
     table = module_table(model)
-    torch.manual_seed(cfg.seed)
     trainable = attach_trainable(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, table,
                                  torch.Generator(device=world.device).manual_seed(cfg.seed))
     train_text = "text" in cfg.lora.targets
