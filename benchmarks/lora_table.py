@@ -17,7 +17,8 @@ from marble.eval.prompts import CATEGORIES  # noqa: E402
 
 def row(label: str, report: dict) -> str:
     cats = report["categories"]
-    heart = f"{heart_score(report):.3f}" if report["split"].startswith("concept") else ""
+    concept = report["split"].startswith("concept")
+    heart = f"{heart_score(report):.3f} | {heart_score(report, False):.3f}" if concept else " | "
     lora = ", ".join(f"{x['name']}:{x['weight']:g}" for x in report.get("loras", [])) or "—"
     cells = [f"{cats[c]['accuracy']:.3f}" if c in cats else "" for c in CATEGORIES]
     return (f"| {label} | {report['split']} | {lora} | {heart} | " + " | ".join(cells)
@@ -25,8 +26,8 @@ def row(label: str, report: dict) -> str:
 
 
 def main() -> None:
-    print("| run | split | LoRA | heart drawn | " + " | ".join(CATEGORIES) + " | overall | images |")
-    print("|---|---|---|---:|" + "---:|" * len(CATEGORIES) + "---:|---:|")
+    print("| run | split | LoRA | heart as asked | heart, any colour | " + " | ".join(CATEGORIES) + " | overall | images |")
+    print("|---|---|---|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|---:|")
     for arg in sys.argv[1:]:
         label, _, path = arg.partition("=")
         print(row(label, json.loads(Path(path).read_text())))
