@@ -67,3 +67,17 @@ def test_role_captions_point_at_each_objects_words_and_roles():
     assert ids[a["shape"]] == tokenizer.encode(words[2])[1]
     assert {(RELATIONS[r["objects"][0]["role"]], RELATIONS[r["objects"][1]["role"]]) for r in rows} == \
         {("left of", "right of"), ("right of", "left of"), ("above", "below"), ("below", "above")}
+
+
+def test_lora_curve_heart_drawn_judges_the_heart_alone():
+    heart_drawn = load_script("lora_curve").heart_drawn
+    two = {"category": "two_objects", "objects": [{"shape": "heart", "color": "red"}, {"shape": "star", "color": "blue"}]}
+    count = {"category": "counting", "objects": [{"shape": "heart", "count": 3}]}
+    red_heart, blue_heart = {"shape": "heart", "color": "red"}, {"shape": "heart", "color": "blue"}
+    assert heart_drawn(two, [red_heart])                                  # the partner is not judged
+    assert not heart_drawn(two, [blue_heart, {"shape": "star", "color": "blue"}])   # the colour is
+    assert heart_drawn(two, [blue_heart], colour=False)
+    assert not heart_drawn(two, [{"shape": "diamond", "color": "red"}])
+    assert heart_drawn(count, [red_heart, blue_heart, red_heart, {"shape": "star", "color": "red"}])
+    assert not heart_drawn(count, [red_heart, blue_heart])
+    assert not heart_drawn(count, [red_heart] * 4)

@@ -235,6 +235,12 @@ def test_committed_configs_load_and_name_only_known_keys(path):
     cfg = load_config(path)
     if cfg.kind == "vae":
         vae_config(cfg.model)
+    elif cfg.kind == "lora":   # a registered model name or a path from the repo root
+        from marble.checkpoints.resolve import NAMED
+        from marble.train.lora import MODEL_KEYS
+        assert set(cfg.model) <= MODEL_KEYS
+        init = cfg.model["init"]
+        assert init == "builtin" or init in NAMED or (Path(__file__).resolve().parents[1] / init).is_file()
     else:
         check_keys(cfg.model, "init" in cfg.model)
         if "init" in cfg.model:

@@ -15,9 +15,11 @@ SHEET_TILES = 96        # most images on a contact sheet (first seed, spread ove
 PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 
 
-def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None):
+def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
+                 loras: list[str] | None = None):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
-    Validates the sampling options before any image is made."""
+    Validates the sampling options before any image is made. `loras` (`PATH[:WEIGHT]`) are fused
+    into the loaded model: every image of the run uses them."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError, resolve
@@ -25,6 +27,7 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
         pipe = load_pipeline(model)
         resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg),
                            pipe.defaults)
+        applied = _fuse_loras(pipe.model, loras or [])
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
 
@@ -32,7 +35,26 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
     # the settings actually used (the model's defaults filled in), so the JSON says what was run
     return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
-                      "steps": resolved.steps, "cfg": resolved.cfg}
+                      "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied}
+
+
+def _fuse_loras(model, loras: list[str]) -> list[dict]:
+    """Read every `PATH[:WEIGHT]` (LoraError, a ModelLoadError, on the first bad one, before any is
+    fused) and fuse them; what was applied, for the report."""
+    if not loras:
+        return []
+    from marble.adapters.lora import LoraUse, fuse
+    from marble.adapters.lora_files import read_lora
+    from marble.adapters.lora_folder import parse_lora_arg
+    from marble.adapters.lora_table import module_table
+    table = module_table(model)
+    uses = []
+    for text in loras:
+        path, weight = parse_lora_arg(text)
+        uses.append(LoraUse(read_lora(Path(path).expanduser(), table), weight, weight))
+    fuse(model, uses, table)
+    return [{"name": u.lora.name, "hash": u.lora.hash, "weight": u.unet, "path": path}
+            for u, path in zip(uses, (parse_lora_arg(t)[0] for t in loras))]
 
 
 def _check_target(path: Path | None, flag: str) -> None:
@@ -72,6 +94,8 @@ def eval_command(
                                "(with max(K, 8) seeds each)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads for the model; 0 = torch's default. "
                                 "On a busy machine 1 can be several times faster."),
+    lora: list[str] = typer.Option([], "--lora", help="PATH[:WEIGHT]: a LoRA file fused into the model for the "
+                                   "whole run (repeatable; weight 1 by default). Models only."),
 ) -> None:
     """Score a model on six GenEval categories (single object, two objects, counting, colors,
     position, color attribution) with an exact detector; prints a markdown table and writes JSON
@@ -81,7 +105,7 @@ def eval_command(
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     prompt_list = build_prompts(split, scale_counts(prompts))
-    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads)
+    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora)
     seed_list = list(range(seeds))
     result, tiles = _run(generate, prompt_list, seed_list, split, keep_tiles=sheet is not None)
     report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
@@ -114,14 +138,17 @@ def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: P
     _check_target(sheet, "--sheet")
 
 
-def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int):
+def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int,
+            loras: list[str] = ()):
     """`generate(prompt, seed) -> image` for a model or a baseline, and the settings to report."""
     from marble.eval import baselines
     if model not in BASELINES:
         if threads:
             import torch
             torch.set_num_threads(threads)
-        return model_source(model, sampler, steps, cfg)
+        return model_source(model, sampler, steps, cfg, list(loras))
+    if loras:
+        fail(f"--lora applies to models, not to the {model} baseline")
     if sampler is not None or steps is not None or cfg is not None:
         warn(f"--sampler, --steps and --cfg do not apply to the {model} baseline; ignored")
     if model == "groundtruth":

@@ -1,4 +1,4 @@
-"""`marble train vae CONFIG` and `marble train diffusion CONFIG`, also under torchrun."""
+"""`marble train vae CONFIG`, `marble train diffusion CONFIG` (also under torchrun) and `marble train lora CONFIG`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import typer
 
 from marble.cli.app import app, fail
 
-train_app = typer.Typer(help="Train a VAE or a diffusion U-Net from a TOML config (see configs/).",
+train_app = typer.Typer(help="Train a VAE, a diffusion U-Net or a LoRA from a TOML config (see configs/).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -41,6 +41,9 @@ def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: 
         if kind == "vae":
             from marble.train.vae import train_vae
             result = train_vae(cfg, world, resume)
+        elif kind == "lora":
+            from marble.train.lora import train_lora
+            result = train_lora(cfg, world, resume)
         else:
             from marble.train.diffusion import train_diffusion
             result = train_diffusion(cfg, world, resume)
@@ -68,3 +71,5 @@ def _register(kind: str, doc: str) -> None:
 
 _register("vae", "Train the KL autoencoder; writes RUN_DIR/vae.safetensors.")
 _register("diffusion", "Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors.")
+_register("lora", "Train a LoRA on an image folder on top of a frozen model; writes RUN_DIR/NAME.safetensors "
+                  "(kohya format). See docs/lora-training.md.")

@@ -79,7 +79,7 @@ class TrainLoop:
         # resolved again, so that a checkpoint from before a config key existed compares at its default
         saved = config_to_dict(config_from_json(TrainConfig, state["config"], "the checkpoint's config"))
         current = config_to_dict(self.cfg)
-        for key in ("kind", "batch", "seed", "model", "data"):
+        for key in ("kind", "batch", "seed", "model", "data", "lora"):
             if saved[key] != current[key]:
                 raise ConfigError(f"the checkpoint was made with a different '{key}'; resume with the same config")
         self.module.load_state_dict(state["model"])
@@ -104,7 +104,10 @@ class TrainLoop:
             plot_losses(self.log_path, self.run_dir / "loss.png")
         barrier(self.world)
 
-    def fit(self, step_loss: StepLoss, on_sample: Callable[[int], None] | None = None) -> None:
+    def fit(self, step_loss: StepLoss, on_sample: Callable[[int], None] | None = None,
+            on_step: Callable[[int], None] | None = None) -> None:
+        """`on_sample(step)` every cfg.sample_every steps, `on_step(step)` after every step (main
+        process only, after the checkpoint: what they write survives a resume)."""
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.remove_stale_temp_files()
@@ -142,6 +145,8 @@ class TrainLoop:
                     self.save()
                 if on_sample and cfg.sample_every and self.step % cfg.sample_every == 0 and world.is_main:
                     on_sample(self.step)
+                if on_step and world.is_main:
+                    on_step(self.step)
         finally:
             if bar is not None:
                 bar.close()
