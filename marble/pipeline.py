@@ -202,12 +202,11 @@ class Pipeline:
             x = get_sampler(sampler).fn(denoiser, x, sigmas, noise=noise, callback=callback)
         return x
 
-    def hires_start(self, req: ResolvedRequest, latent: torch.Tensor) -> torch.Tensor:
-        """The first pass's latent upscaled, as the second pass's known latent: interpolated in latent
-        space, or decoded, resized as an image and encoded again (the img2img path's own encode)."""
+    def hires_start(self, req: ResolvedRequest, latent: torch.Tensor, size) -> torch.Tensor:
+        """The first pass's latent upscaled to `size` (hires_size), as the second pass's known latent:
+        interpolated in latent space, or decoded, resized as an image and encoded again (the img2img
+        path's own encode)."""
         m, h = self.model, req.hires
-        size = hires_size(req.width, req.height, scale=h.scale, resize_x=h.resize_x, resize_y=h.resize_y,
-                          factor=m.latent_factor)
         if h.upscaler in LATENT_UPSCALERS:
             return upscale_latent(latent, size, m.latent_factor, h.upscaler)
         first = pixels_to_pil(m.vae.decode(latent.to(m.dtype)))[0]
@@ -292,7 +291,7 @@ class Pipeline:
         for i in range(req.n):
             x = self.sample(req.sampler, denoiser, sigmas, req.seed + i, shape, known, latent_mask, progress(i, 0))
             if req.hires is not None:
-                start = self.hires_start(req, x)
+                start = self.hires_start(req, x, size)
                 x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
                                 callback=progress(i, len(sigmas) - 1))
             images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
