@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import json
 import math
 
 import pytest
@@ -24,8 +23,7 @@ from marble.errors import LoraError
 from marble.adapters.lora_table import module_table
 from marble.checkpoints.checkpoint import to_model
 from marble.checkpoints.detect import open_checkpoint
-from marble.tensor_file import safetensors_writer
-from marble.fileio import write_new
+from kohya_files import random_kohya, write_safetensors
 from sd_fixtures import (clip_text_kwargs, diffusers_oracle, diffusers_unet_kwargs, diffusers_vae_kwargs,
                          oracle_tokenizer_folder, randomize_)
 
@@ -37,11 +35,6 @@ diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
 PROMPTS = ["a red cat on a blue chair", ""]
-
-
-def write_safetensors(path, tensors, metadata=None):
-    write_new(path, safetensors_writer({k: v.contiguous() for k, v in tensors.items()}, metadata))
-    return path
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -69,56 +62,6 @@ def diffusers_pipe(folder):
 
 def marble_model(folder):
     return to_model(open_checkpoint(folder))
-
-
-# --- random LoRA files, written from diffusers' own module names ----------------------------------
-
-def kohya_targets(pipe) -> list[tuple[str, torch.nn.Module]]:
-    return [(name, module) for name, _, module in kohya_paths(pipe)]
-
-
-def kohya_paths(pipe) -> list[tuple[str, str, torch.nn.Module]]:
-    """(kohya name, module) for what kohya's sd-scripts patches with conv_dim set (LoCon): Linear and
-    Conv2d layers in Transformer2DModel, ResnetBlock2D, Downsample2D and Upsample2D, and the text
-    encoder's CLIPAttention / CLIPMLP linears."""
-    out = []
-    for prefix, root, owners in (("lora_unet", pipe.unet, ("Transformer2DModel", "ResnetBlock2D", "Downsample2D",
-                                                             "Upsample2D")),
-                                 ("lora_te", pipe.text_encoder, ("CLIPAttention", "CLIPMLP"))):
-        for owner_name, owner in root.named_modules():
-            if type(owner).__name__ in owners:
-                if prefix == "lora_te" and not owner_name.startswith("text_model."):
-                    owner_name = f"text_model.{owner_name}"   # as files from transformers < 5 name it
-                for child_name, child in owner.named_modules():
-                    if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) and child_name:
-                        path = f"{owner_name}.{child_name}"
-                        out.append((f"{prefix}_{path}".replace(".", "_"), f"{prefix}.{path}", child))
-    return out
-
-
-def random_kohya(pipe, seed: int, alpha: float | None = None, ranks=(4, 2)) -> tuple[dict, dict]:
-    """Tensors of a kohya LoCon file: 3×3 down + 1×1 up on 3×3 convolutions; ranks alternate.
-    `alpha`: one α for every layer (≠ every rank), as kohya's network_alpha; None: a random α per
-    layer, absent on every third one (then α = r). Also returns name -> (module, α).
-    diffusers' kohya converter reads only the first kind right: its alpha_pattern keys keep the old
-    `processor.to_q_lora` names, which peft ignores (with a warning), so per-layer alphas are checked
-    against the closed form instead."""
-    g = torch.Generator().manual_seed(seed)
-    tensors, meta = {}, {}
-    for i, (name, module) in enumerate(kohya_targets(pipe)):
-        r = ranks[i % len(ranks)]
-        w = module.weight
-        down_shape = (r, *w.shape[1:]) if w.ndim == 4 else (r, w.shape[1])
-        up_shape = (w.shape[0], r, 1, 1) if w.ndim == 4 else (w.shape[0], r)
-        tensors[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=g) / math.prod(down_shape[1:]) ** 0.5
-        tensors[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=g) * 0.3 / r ** 0.5
-        layer_alpha = alpha
-        if alpha is None and i % 3:
-            layer_alpha = float(torch.empty(()).uniform_(0.5, 3 * r, generator=g))
-        if layer_alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(layer_alpha)
-        meta[name] = (module, layer_alpha if layer_alpha is not None else float(r))
-    return tensors, meta
 
 
 # --- parity with diffusers ---------------------------------------------------------------------------
@@ -547,60 +490,3 @@ def test_lora_hash_is_a1111s_addnet_hash(tmp_path):
     raw = a.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert lora_hash(a) == hashlib.sha256(raw[8 + n:]).hexdigest()[:12]
-
-
-# --- full size ------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_sd15_sized_fused_weights_equal_diffusers(tmp_path):
-    """SD1.5's shapes (U-Net 860M, CLIP ViT-L/14 text), random weights, a random rank-8 LoRA (α = 4)
-    on every kohya target (attention, LoCon convolutions, text encoder): every weight marble fuses
-    equals diffusers' fused weight within 1e-6 relative; every other weight is untouched on both
-    sides. Memory: one copy of the weights per side (~8 GB); the VAE stays unbuilt on marble's side."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from marble.checkpoints.diffusers_keys import inverse, rename, unet_table
-    from marble.models.latent_diffusion import LatentDiffusion
-    from marble.models.skeleton import skeleton
-    from marble.models.stable_diffusion import sd_config
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**diffusers_vae_kwargs()), text_encoder=text, unet=unet, scheduler=EulerDiscreteScheduler(),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(oracle_tokenizer_folder(tmp_path / "vocab")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    config = sd_config("sd15")
-    with skeleton():
-        model = LatentDiffusion(config)
-    to_marble = inverse(unet_table(config.unet))
-    model.unet.load_state_dict({rename(k, to_marble): v.clone() for k, v in unet.state_dict().items()},
-                               strict=True, assign=True)
-    model.text_encoder.load_state_dict({f"text_model.{k}": v.clone() for k, v in text.state_dict().items()
-                                        if k != "embeddings.position_ids"}, strict=True, assign=True)
-
-    paths = {name: path for name, path, _ in kohya_paths(pipe)}
-    tensors, _ = random_kohya(pipe, seed=3, alpha=4.0, ranks=(8,))
-    lora_path = write_safetensors(tmp_path / "sd15.safetensors", tensors)
-    table = module_table(model)
-    lora = read_lora(lora_path, table)
-    assert len(lora.layers) == len(paths) > 300, len(paths)
-    fuse(model, [LoraUse(lora)], table)
-    pipe.load_lora_weights(str(lora_path))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-
-    ours = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    ours.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
-    theirs = {f"unet.{rename(k, to_marble)}": v for k, v in pipe.unet.state_dict().items()}
-    theirs.update({f"text_encoder.text_model.{k}": v for k, v in pipe.text_encoder.state_dict().items()
-                   if k != "embeddings.position_ids"})
-    assert ours.keys() == theirs.keys()
-    patched = {table.find(name).name + ".weight" for name in paths}
-    for key, want in theirs.items():
-        if key in patched:
-            assert (ours[key] - want).abs().max() <= 1e-6 * want.abs().max(), key
-        else:
-            assert torch.equal(ours[key], want), key
