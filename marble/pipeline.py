@@ -113,7 +113,7 @@ class Pipeline:
         c = self.model.config
         return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
                              width=c.default_width, height=c.default_height,
-                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels)
+                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step)
 
     def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None, model=None) -> PromptConditioning:
         """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
@@ -171,11 +171,12 @@ class Pipeline:
         return handoff_denoiser(denoiser, refined,
                                 switch_sigma(sigmas, schedule.sigma_to_t, self.refiner_switch, len(schedule.sigmas)))
 
-    def sigmas(self, sampler: str, steps: int, strength: float | None = None) -> torch.Tensor:
-        """The sampler's schedule of `steps` steps; with `strength`, its last int(steps · strength)
-        steps (img2img: strength of the schedule is re-run, as diffusers)."""
+    def sigmas(self, sampler: str, steps: int, strength: float | None = None, spacing_name: str | None = None
+               ) -> torch.Tensor:
+        """The schedule of `steps` steps in `spacing_name` (None: the sampler's own); with `strength`,
+        its last int(steps · strength) steps (img2img: strength of the schedule is re-run, as diffusers)."""
         m = self.model
-        sigmas = spacing(get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
+        sigmas = spacing(spacing_name or get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
         return sigmas if strength is None else sigmas[steps - int(steps * strength):]
 
     def extra_conditioning(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
@@ -234,12 +235,13 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, spacing=req.spacing, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
-        warnings = [f"LoRA {use.lora.name}: skipped {why}" for use in uses for why in use.lora.skipped]
+        warnings = list(req.warnings) + [f"LoRA {use.lora.name}: skipped {why}" for use in uses
+                                         for why in use.lora.skipped]
         return GenerationResult(images, records, req, warnings)
 
     def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
@@ -258,7 +260,7 @@ class Pipeline:
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
-        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None)
+        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None, req.spacing)
         conditioning = self.conditioning(req)
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(init_pixels, mask, req.width, req.height),
@@ -270,7 +272,7 @@ class Pipeline:
         hires_sigmas = hires_denoiser = None
         if req.hires is not None:
             hires_steps = req.hires.steps or req.steps
-            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise)
+            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise, req.spacing)
             size = hires_size(req.width, req.height, scale=req.hires.scale, resize_x=req.hires.resize_x,
                               resize_y=req.hires.resize_y, factor=m.latent_factor)
             hires_conditioning = self.conditioning(req, hires_steps)

@@ -46,6 +46,11 @@ class Txt2ImgParams(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = Field(None, description="Old name for sampler_name.")
+    scheduler: str | None = Field(None, description="A1111 >= 1.9's schedule type: a marble spacing name (normal, "
+                                                    "karras, exponential, leading, trailing, linspace, lcm). "
+                                                    "Default: the sampler's.")
+    preset: str | None = Field(None, description="marble: few-step settings by name (sd-turbo, lcm-lora); "
+                                                 "fields given override them.")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -102,7 +107,9 @@ def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
-        height=params.height, n=_count(params), emphasis=_emphasis(params), **images)
+        height=params.height, n=_count(params), emphasis=_emphasis(params),
+        spacing=None if params.scheduler in (None, "", "Automatic") else params.scheduler, preset=params.preset,
+        **images)
 
 
 def _emphasis(params: Txt2ImgParams) -> str | None:
