@@ -20,6 +20,7 @@ from marble import __version__
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
+from marble.checkpoints.taesd_file import read_taesd
 from marble.errors import ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
@@ -28,6 +29,7 @@ from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
 from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
+from marble.models.latent_preview import latent_rgb_for
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
@@ -94,18 +96,37 @@ class Pipeline:
     schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
-                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
+                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8,
+                 preview_decoder=None, decoder=None, decoder_name: str | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
+        for codec in (preview_decoder, decoder):
+            if codec is not None:
+                check_decoder(self.model, codec)
+        # the final decode: a user's fast decoder (TAESD, `decoder_name` recorded) or the VAE
+        self.decoder, self.decoder_name = decoder, decoder_name
+        # a step's preview: the user's preview decoder, else the VAE's linear latent→RGB map, else the VAE
+        linear = latent_rgb_for(self.model.config.vae)
+        self.previewer = preview_decoder.decode if preview_decoder is not None else \
+            linear if linear is not None else self.model.vae.decode
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 
     @property
     def name(self) -> str:
         return self.loaded.name
+
+    @torch.inference_mode()
+    def preview(self, x0: torch.Tensor) -> Image.Image:
+        """A cheap picture of a step's x0 estimate (the first image of the batch), at the image's
+        size: the previewer's pixels, enlarged with nearest neighbours when it works at latent size."""
+        m = self.model
+        image = pixels_to_pil(self.previewer(x0[:1].to(m.dtype)).float())[0]
+        size = (x0.shape[-1] * m.latent_factor, x0.shape[-2] * m.latent_factor)
+        return image if image.size == size else image.resize(size, Image.NEAREST)
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -235,7 +256,7 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, spacing=req.spacing, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)
@@ -281,7 +302,7 @@ class Pipeline:
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        decoder = (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE decodes
+        decoder = self.decoder or (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):
@@ -310,6 +331,16 @@ class Pipeline:
         return self.generate(request).images[0]
 
 
+def check_decoder(model, codec) -> None:
+    """A replacement decoder must read this model's latents: same channels and downsampling."""
+    ours = (model.latent_channels, model.latent_factor)
+    theirs = (codec.config.latent_channels, codec.downsampling_factor)
+    if ours != theirs:
+        raise ModelLoadError(f"the decoder reads {theirs[0]}-channel latents at 1/{theirs[1]} of the image size; "
+                             f"this model's are {ours[0]}-channel at 1/{ours[1]} (TAESD is for SD1.x/2.x, "
+                             "TAESDXL for SDXL)")
+
+
 def check_refiner(base, refiner, switch: float) -> None:
     """A refiner continues the base's latent on the base's schedule: same latent space and schedule."""
     if not 0.0 < switch < 1.0:
@@ -324,7 +355,13 @@ def check_refiner(base, refiner, switch: float) -> None:
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
+                  refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
+                  decoder: Path | None = None) -> Pipeline:
+    """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
+    and for the final decode instead of the VAE."""
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
     second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
-    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch)
+    preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
+    final = read_taesd(decoder).to(base.model.device) if decoder else None
+    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,
+                    preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None)

@@ -43,6 +43,7 @@ class GenerationRecord:
     hires_denoise: float | None = None    # strength of the second pass, (0, 1]
     emphasis: str = "a1111"               # how prompt weights act (marble.prompts.encode.EMPHASIS)
     spacing: str | None = None            # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
+    vae: str | None = None                # a replacement final decoder's name (--decoder, TAESD); None: the model's VAE
     refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
     refiner_hash: str | None = None
     refiner_switch: float | None = None   # fraction of the schedule the base ran
@@ -77,6 +78,8 @@ class GenerationRecord:
             pairs.append(("Emphasis", EMPHASIS_NAMES.get(self.emphasis, self.emphasis)))
         if self.spacing is not None and self.spacing != _sampler_spacing(self.sampler):
             pairs.append(("Schedule type", self.spacing))   # A1111 >= 1.9's key; marble's spacing name
+        if self.vae is not None:
+            pairs.append(("VAE", self.vae))   # A1111's key for a separate VAE
         if self.loras:
             pairs.append(("Lora hashes", lora_hashes(self.loras)))
         if self.refiner is not None:   # A1111's names for its refiner

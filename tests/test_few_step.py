@@ -132,3 +132,11 @@ def test_the_few_step_key_round_trips_through_a_marble_file(tmp_path):
     config = model.config.replace(few_step=PRESETS["lcm-lora"])
     path = write_marble(Checkpoint(config, model.state_dict(), tmp_path / "x", "", "marble"), tmp_path / "few.safetensors")
     assert read_marble(path).config.few_step == PRESETS["lcm-lora"]
+
+
+def test_a1111_schedule_types():
+    from marble.server.a1111_api import _spacing
+    assert [_spacing(v) for v in (None, "", "Automatic", "automatic", "Uniform", "Karras", "trailing")] == \
+        [None, None, None, None, "normal", "karras", "trailing"]
+    with pytest.raises(RequestError, match="unknown spacing 'sgm uniform'"):
+        res(spacing=_spacing("SGM Uniform"))

@@ -172,7 +172,8 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
+                  refiner: str | None = None, refiner_switch: float = 0.8,
+                  decoder: Path | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -182,7 +183,8 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
+                             decoder=decoder)
         resolved = resolve(request, pipe.defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
         return pipe, resolved
@@ -243,6 +245,7 @@ def generate(
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that decodes the image instead of the VAE: faster, softer. See docs/few-step.md."),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
@@ -266,7 +269,7 @@ def generate(
         flags = merge_record(flags, record)
     request = read_request(flags, n)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch)
+                                   refiner, refiner_switch, decoder)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None:
