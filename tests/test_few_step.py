@@ -140,3 +140,22 @@ def test_a1111_schedule_types():
         [None, None, None, None, "normal", "karras", "trailing"]
     with pytest.raises(RequestError, match="unknown spacing 'sgm uniform'"):
         res(spacing=_spacing("SGM Uniform"))
+
+
+def test_cli_preset_spacing_and_warning(tmp_path):
+    from typer.testing import CliRunner
+
+    from marble.cli.app import app
+    from marble.png import read_record
+    r = CliRunner().invoke(app, ["generate", "x", "--model", "tiny-random", "--preset", "sd-turbo", "--steps", "6",
+                                 "--seed", "1", "--size", "32x32", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "warning: 6 steps is outside what this few-step model supports; the SD-Turbo model card" in r.stderr
+    record = read_record(Path(r.stdout.strip()))
+    assert (record.sampler, record.spacing, record.steps, record.cfg) == ("Euler a", "trailing", 6, 1.0)
+    again = CliRunner().invoke(app, ["generate", "--from", r.stdout.strip(), "--out", str(tmp_path)])
+    assert again.exit_code == 0 and read_record(Path(again.stdout.strip())).spacing == "trailing"
+    from PIL import Image
+    assert Image.open(r.stdout.strip()).tobytes() == Image.open(again.stdout.strip()).tobytes()
+    bad = CliRunner().invoke(app, ["generate", "x", "--model", "tiny-random", "--spacing", "sgm", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown spacing 'sgm'" in bad.stderr
