@@ -15,8 +15,10 @@ from PIL import Image
 
 from marble.adapters.lora_loader import LoraSpec
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
+from marble.diffusion.few_step import FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
+from marble.diffusion.schedule import LCM_ORIGINAL_STEPS, SPACINGS
 from marble.hires import HiresError, HiresFix, check_hires
 from marble.prompts.encode import check_emphasis
 from marble.prompts.attention import PromptSyntaxError
@@ -52,6 +54,8 @@ class GenerationRequest:
     hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
     emphasis: str | None = None                 # how prompt weights act (marble.prompts.encode.EMPHASIS); None: a1111
     loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
+    spacing: str | None = None                  # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
+    preset: str | None = None                   # few-step settings by name (marble.diffusion.few_step.PRESETS)
 
     @property
     def mode(self) -> str:
@@ -70,6 +74,7 @@ class ModelDefaults:
     height: int
     latent_factor: int          # width and height must be multiples of it
     max_pixels: int             # width·height the model accepts at most
+    few_step: FewStepSettings | None = None     # a few-step model's card settings: its defaults, and warnings
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ResolvedRequest(GenerationRequest):
     keeps its <lora:...> tags, as A1111's does); the text encoder reads `text_prompt`."""
     text_prompt: str = ""                       # the prompt with its LoRA tags cut out
     lora_specs: tuple[LoraSpec, ...] = ()       # `loras`, then the prompt's tags in order
+    warnings: tuple[str, ...] = ()              # settings allowed but outside a few-step model's card
 
 
 def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequest:
@@ -88,16 +94,18 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     _check_text(request)
     text_prompt, lora_specs = _loras(request)
     seed = _seed(request.seed)
-    steps = defaults.steps if request.steps is None else request.steps
+    few = _few_step(request, defaults)   # a preset, else the model's card: defaults in place of the model's
+    steps = (few.default_steps if few else defaults.steps) if request.steps is None else request.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
         raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps}")
     try:
-        sampler = get_sampler(request.sampler or defaults.sampler).name
+        sampler = get_sampler(request.sampler or (few.sampler if few else defaults.sampler))
     except KeyError as e:
         raise RequestError(str(e.args[0]) if e.args else f"unknown sampler {request.sampler!r}") from None
-    cfg = defaults.cfg if request.cfg is None else request.cfg
+    cfg = (few.default_cfg if few else defaults.cfg) if request.cfg is None else request.cfg
     if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
         raise RequestError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}")
+    spacing = _spacing(request.spacing or (few.spacing if few else sampler.spacing), steps)
     if not isinstance(request.n, int) or not 1 <= request.n <= MAX_BATCH:
         raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {request.n}")
     width, height = _size(request, defaults)
@@ -109,9 +117,30 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     except PromptSyntaxError as e:
         raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
-    fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
-                   strength=strength, hires=hires, emphasis=emphasis)
-    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs)
+    fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
+                   strength=strength, hires=hires, emphasis=emphasis, spacing=spacing)
+    warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
+    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
+
+
+def _few_step(request: GenerationRequest, defaults: ModelDefaults) -> FewStepSettings | None:
+    if request.preset is None:
+        return defaults.few_step
+    if not isinstance(request.preset, str):
+        raise RequestError("the preset must be a name")
+    try:
+        return get_preset(request.preset)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def _spacing(name, steps: int) -> str:
+    name = name.strip().lower() if isinstance(name, str) else name
+    if not isinstance(name, str) or name not in SPACINGS:
+        raise RequestError(f"unknown spacing {name!r}; choose from: {', '.join(SPACINGS)}")
+    if name == "lcm" and steps > LCM_ORIGINAL_STEPS:
+        raise RequestError(f"the lcm spacing takes at most {LCM_ORIGINAL_STEPS} steps, not {steps}")
+    return name
 
 
 def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:

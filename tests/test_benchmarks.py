@@ -81,3 +81,11 @@ def test_lora_curve_heart_drawn_judges_the_heart_alone():
     assert heart_drawn(count, [red_heart, blue_heart, red_heart, {"shape": "star", "color": "red"}])
     assert not heart_drawn(count, [red_heart, blue_heart])
     assert not heart_drawn(count, [red_heart] * 4)
+
+
+def test_preview_cost_measures_a_step_and_a_preview():
+    cost = load_script("preview_cost")
+    r = cost.measure("tiny-random", repeats=1)
+    assert r["model"] == "tiny-random" and r["previewer"] == "LatentRGB"
+    assert all(r[k] > 0 for k in ("step", "preview", "vae preview"))
+    assert cost.sd_sized_linear_preview(1) > 0

@@ -71,6 +71,8 @@ class Flags:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
     emphasis: str | None = None
+    spacing: str | None = None
+    preset: str | None = None
 
     @property
     def hires(self) -> bool:
@@ -80,7 +82,7 @@ class Flags:
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
                 "sampler": "sampler", "strength": "strength", "model": "model_name",
-                "emphasis": "emphasis"}   # flag -> record field
+                "emphasis": "emphasis", "spacing": "spacing"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -164,12 +166,14 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
-        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or ())
+        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
+        preset=flags.preset)
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
+                  refiner: str | None = None, refiner_switch: float = 0.8,
+                  decoder: Path | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -179,7 +183,8 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
+                             decoder=decoder)
         resolved = resolve(request, pipe.defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
         return pipe, resolved
@@ -218,6 +223,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps, 1..1000. Default: the model's."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, 0..100 (1 = no guidance). Default: the model's."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name, see `marble samplers`. Default: the model's."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Sigma spacing: normal, karras, exponential, leading, trailing, linspace or lcm (diffusers' timestep_spacing names). Default: the sampler's (a few-step model's: its card's)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Few-step settings by name: sd-turbo (Euler a, trailing, 1 step, CFG 1) or lcm-lora (LCM, lcm spacing, 4 steps, CFG 1); flags given override them. See docs/few-step.md."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of the model's latent factor. Default: the model's (or the init image's)."),
     n: int = typer.Option(1, "-n", "--n", help="Number of images (seeds seed..seed+n-1)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
@@ -238,6 +245,7 @@ def generate(
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that decodes the image instead of the VAE: faster, softer. See docs/few-step.md."),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
@@ -251,7 +259,7 @@ def generate(
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora))
+                  loras=parse_loras(lora), spacing=spacing, preset=preset)
     record = None
     if from_png is not None:
         try:
@@ -261,7 +269,7 @@ def generate(
         flags = merge_record(flags, record)
     request = read_request(flags, n)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch)
+                                   refiner, refiner_switch, decoder)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None:
@@ -304,9 +312,16 @@ def info(
 
 @app.command()
 def samplers() -> None:
-    """List the samplers with their default steps and sigma spacing."""
+    """List the samplers with their default steps and sigma spacing, then the spacings and the
+    few-step presets (--spacing, --preset)."""
+    from marble.diffusion.few_step import PRESETS
     from marble.diffusion.samplers import SAMPLERS
+    from marble.diffusion.schedule import SPACINGS
 
     width = max(len(name) for name in SAMPLERS)
     for name, spec in SAMPLERS.items():
         typer.echo(f"{name:<{width}}  steps {spec.default_steps:<3} spacing {spec.spacing:<8} {spec.description}")
+    typer.echo(f"\nspacings (--spacing): {', '.join(SPACINGS)}")
+    typer.echo("presets (--preset):")
+    for name, settings in PRESETS.items():
+        typer.echo(f"  {name:<9} {settings.describe()}")

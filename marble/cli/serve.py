@@ -36,6 +36,8 @@ def serve(
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
+    preview_decoder: Optional[Path] = typer.Option(None, "--preview-decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that draws step previews. Default: a linear latent-to-RGB map (the VAE where none is known). docs/few-step.md."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
@@ -76,7 +78,8 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient))
+            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient,
+                                       preview_decoder=preview_decoder, decoder=decoder))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))

@@ -12,6 +12,7 @@ from torch import nn
 
 from marble.config import config_from_dict, config_to_dict
 from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.schedule import DiscreteSchedule, make_schedule
 from marble.models.conditioning import VectorConditioning
 from marble.models.text import build_text_encoder
@@ -37,6 +38,8 @@ class LatentDiffusionConfig:
     default_cfg: float = 7.0
     default_sampler: str = "Euler a"
     vector: VectorConditioning | None = None    # SDXL's vector conditioning y (marble.models.conditioning); None for SD1/SD2
+    few_step: FewStepSettings | None = None     # a few-step model's card settings (marble.diffusion.few_step): the
+                                                # defaults of its requests, and warnings outside them
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:

@@ -46,6 +46,11 @@ class Txt2ImgParams(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = Field(None, description="Old name for sampler_name.")
+    scheduler: str | None = Field(None, description="A1111 >= 1.9's schedule type: Automatic (the sampler's), "
+                                                    "Uniform, Karras, Exponential, or a marble spacing name "
+                                                    "(normal, leading, trailing, linspace, lcm).")
+    preset: str | None = Field(None, description="marble: few-step settings by name (sd-turbo, lcm-lora); "
+                                                 "fields given override them.")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -102,7 +107,16 @@ def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
-        height=params.height, n=_count(params), emphasis=_emphasis(params), **images)
+        height=params.height, n=_count(params), emphasis=_emphasis(params),
+        spacing=_spacing(params.scheduler), preset=params.preset,
+        **images)
+
+
+def _spacing(scheduler: str | None) -> str | None:
+    """A1111's schedule type as a marble spacing: Automatic is the sampler's own, Uniform is
+    k-diffusion's model timesteps (marble's normal); other names are marble's (checked by resolve)."""
+    name = (scheduler or "").strip().lower()
+    return {"": None, "automatic": None, "uniform": "normal"}.get(name, name)
 
 
 def _emphasis(params: Txt2ImgParams) -> str | None:

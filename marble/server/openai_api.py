@@ -44,6 +44,9 @@ class _Common(BaseModel):
     steps: int | None = None
     cfg_scale: float | None = None
     sampler: str | None = Field(None, description="A sampler name, see /sdapi/v1/samplers.")
+    spacing: str | None = Field(None, description="Sigma spacing (normal, karras, exponential, leading, trailing, "
+                                                  "linspace, lcm). Default: the sampler's.")
+    preset: str | None = Field(None, description="Few-step settings by name (sd-turbo, lcm-lora).")
 
 
 class ImageGenerationParams(_Common):
@@ -73,7 +76,7 @@ def _request(params: _Common, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt, negative_prompt=params.negative_prompt or "", seed=params.seed,
         steps=params.steps, sampler=params.sampler, cfg=params.cfg_scale, width=width, height=height,
-        n=1 if params.n is None else params.n, **images)
+        n=1 if params.n is None else params.n, spacing=params.spacing, preset=params.preset, **images)
 
 
 async def _respond(state: ServerState, result: JobResult, response_format: str | None, request: Request) -> dict:

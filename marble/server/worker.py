@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 import torch
 from PIL import Image
 
-from marble.pipeline import Pipeline, pixels_to_pil
+from marble.pipeline import Pipeline
 from marble.record import GenerationRecord
 from marble.request import ResolvedRequest
 from marble.server.outputs import OutputStore
@@ -99,7 +99,7 @@ class Worker:
         self.pipe = pipe
         self.store = store
         self.max_queue = max_queue              # jobs that may wait behind the running one
-        self.preview_interval = preview_interval  # seconds between preview decodes (each costs a VAE call)
+        self.preview_interval = preview_interval  # seconds between preview decodes
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._current: Job | None = None
@@ -182,7 +182,7 @@ class Worker:
         now = time.monotonic()
         with self._cond:
             if want_preview:
-                # previews cost a VAE decode each, so they are made only while someone is watching
+                # previews cost a decode each (cheap by default), so they are made only while someone watches
                 self._preview_wanted_until = now + 5.0
             job = self._current
             preview = self._preview if job is not None else None
@@ -196,10 +196,9 @@ class Worker:
         if now > self._preview_wanted_until or now - self._last_preview < self.preview_interval:
             return
         self._last_preview = now
-        with torch.inference_mode():
-            image = pixels_to_pil(self.pipe.model.vae.decode(x0[:1]))[0]
+        image = self.pipe.preview(x0)   # a linear map or TAESD by default, not the VAE (pipeline.Pipeline)
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=1)   # a transient picture: 3x faster than level 6
         with self._cond:
             self._preview = (step + 1, buf.getvalue())
 
