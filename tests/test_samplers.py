@@ -412,7 +412,8 @@ def test_registry():
     assert list(SAMPLERS) == ["DDPM", "DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "LCM"]
     assert {n for n, s in SAMPLERS.items() if s.stochastic} == {"DDPM", "Euler a", "LCM"}
     assert SAMPLERS["DPM++ 2M Karras"].spacing == "karras"
-    assert all(s.spacing == "normal" for n, s in SAMPLERS.items() if n != "DPM++ 2M Karras")
+    assert SAMPLERS["LCM"].spacing == "trailing"
+    assert all(s.spacing == "normal" for n, s in SAMPLERS.items() if n not in ("DPM++ 2M Karras", "LCM"))
     assert SAMPLERS["LCM"].default_steps == 4 and SAMPLERS["Euler"].default_steps == 20
     assert all(s.name == n and s.description for n, s in SAMPLERS.items())
     for alias, canonical in [("euler a", "Euler a"), ("EULER_A", "Euler a"), ("dpm++ 2m karras", "DPM++ 2M Karras"),

@@ -25,6 +25,10 @@ def builtin_path() -> Path:
     return models_dir() / "builtin.safetensors"
 
 
+# models shipped in models/ by name: the built-in model and its few-step student (docs/few-step.md)
+SHIPPED = ("builtin", "builtin-lcm")
+
+
 def random_model(config_fn=tiny_config, seed: int = 0) -> LatentDiffusion:
     """A model with seeded random weights everywhere (zero-initialised layers included, so every
     path through the network matters): for tests and for demos without trained weights."""
@@ -62,11 +66,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
     if spec in NAMED:
         model = NAMED[spec]().to(dtype)
         return LoadedModel(model, spec, state_hash(model))
-    path = builtin_path() if spec == "builtin" else Path(spec).expanduser()
-    if spec == "builtin" and not path.is_file():
-        raise ModelLoadError(f"the built-in model is missing ({path}); pass --model tiny-random or a model file")
+    shipped = spec in SHIPPED
+    path = models_dir() / f"{spec}.safetensors" if shipped else Path(spec).expanduser()
+    if shipped and not path.is_file():
+        what = "built-in" if spec == "builtin" else spec
+        raise ModelLoadError(f"the {what} model is missing ({path}); pass --model tiny-random or a model file")
     if not path.exists():
-        names = ", ".join(["builtin", *NAMED])
+        names = ", ".join([*SHIPPED, *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
     ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-    return LoadedModel(to_model(ckpt, dtype), "builtin" if spec == "builtin" else ckpt.name, ckpt.hash)
+    return LoadedModel(to_model(ckpt, dtype), spec if shipped else ckpt.name, ckpt.hash)
