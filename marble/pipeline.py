@@ -20,6 +20,7 @@ from marble import __version__
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
+from marble.cpu_features import dtype_name
 from marble.errors import ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
@@ -234,7 +235,8 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, dtype=dtype_name(self.model.dtype), marble_version=__version__,
+            loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from marble.cli.app import app, fail, info, warn
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option
 
 MB = 1024 * 1024
 
@@ -37,6 +38,8 @@ def serve(
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
+    threads: int = threads_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
 
@@ -62,6 +65,8 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
+    compute_dtype = read_dtype(dtype)
+    apply_threads(threads)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
         fail("the same --model is given twice")
@@ -76,7 +81,7 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient))
+            pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))

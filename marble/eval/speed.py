@@ -5,27 +5,16 @@ Medians of repeated runs, measured side by side in one process (this machine is 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from marble.cpu_features import cpu_name
 
 PROMPT = "two red circles above a blue square"
-
-
-def cpu_name() -> str:
-    """The processor's model name: timings are only comparable on the same one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass
