@@ -22,6 +22,7 @@ from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.cpu_features import dtype_name
 from marble.errors import ModelLoadError
+from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
@@ -29,6 +30,7 @@ from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
 from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
+from marble.models.traced import TracedNetwork
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
@@ -95,12 +97,16 @@ class Pipeline:
     schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
-                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
+                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8, trace: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
+        if trace:   # same bits, less Python per U-Net call (marble.models.traced)
+            for m in (self.model, refiner and refiner.model):
+                if m is not None:
+                    m.denoiser = discrete_denoiser(TracedNetwork(m.unet), m.schedule, m.config.prediction)
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 
@@ -324,7 +330,7 @@ def check_refiner(base, refiner, switch: float) -> None:
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
+                  refiner: str | None = None, refiner_switch: float = 0.8, trace: bool = False) -> Pipeline:
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
     second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
-    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch)
+    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch, trace=trace)

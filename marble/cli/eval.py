@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from marble.cli.app import app, fail, info, warn
-from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option, trace_option
 from marble.cpu_features import dtype_name
 
 BASELINES = ("groundtruth", "noise")
@@ -18,7 +18,7 @@ PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 
 
 def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
-                 loras: list[str] | None = None, dtype=None):
+                 loras: list[str] | None = None, dtype=None, trace: bool = False):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made. `loras` (`PATH[:WEIGHT]`) are fused
     into the loaded model: every image of the run uses them."""
@@ -26,7 +26,7 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError, resolve
     try:
-        pipe = load_pipeline(model, **({} if dtype is None else {"dtype": dtype}))
+        pipe = load_pipeline(model, trace=trace, **({} if dtype is None else {"dtype": dtype}))
         resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg),
                            pipe.defaults)
         applied = _fuse_loras(pipe.model, loras or [])
@@ -108,7 +108,7 @@ def eval_command(
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     prompt_list = build_prompts(split, scale_counts(prompts))
-    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype)
+    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace)
     seed_list = list(range(seeds))
     result, tiles = _run(generate, prompt_list, seed_list, split, keep_tiles=sheet is not None)
     report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
@@ -142,13 +142,13 @@ def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: P
 
 
 def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int,
-            loras: list[str] = (), dtype: str = "auto"):
+            loras: list[str] = (), dtype: str = "auto", trace: bool = False):
     """`generate(prompt, seed) -> image` for a model or a baseline, and the settings to report."""
     from marble.eval import baselines
     if model not in BASELINES:
         compute_dtype = read_dtype(dtype)
         apply_threads(threads)
-        return model_source(model, sampler, steps, cfg, list(loras), compute_dtype)
+        return model_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace)
     if loras:
         fail(f"--lora applies to models, not to the {model} baseline")
     if sampler is not None or steps is not None or cfg is not None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from marble.cli.app import app, fail, info, warn
-from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option, trace_option
 
 MB = 1024 * 1024
 
@@ -40,6 +40,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
     threads: int = threads_option(),
     dtype: str = dtype_option(),
+    trace: bool = trace_option(),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
 
@@ -81,7 +82,8 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient))
+            pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
+                                       trace=trace))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
