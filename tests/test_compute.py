@@ -73,8 +73,8 @@ def caught_load(monkeypatch):
     """load_pipeline replaced by a stub that notes the dtype and torch's threads, then refuses."""
     seen = {}
 
-    def fake_load(model=None, dtype=torch.float32, **_):
-        seen.update(dtype=dtype, threads=torch.get_num_threads())
+    def fake_load(model=None, dtype=torch.float32, trace=False, **_):
+        seen.update(dtype=dtype, threads=torch.get_num_threads(), trace=trace)
         raise ModelLoadError("stub: not loading")
 
     monkeypatch.setattr("marble.pipeline.load_pipeline", fake_load)
@@ -92,13 +92,13 @@ COMMANDS = {
 @pytest.mark.parametrize("command", COMMANDS)
 def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, restore_threads, tmp_path):
     args = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
-    r = runner.invoke(app, args + ["--threads", "1", "--dtype", "bf16"])
+    r = runner.invoke(app, args + ["--threads", "1", "--dtype", "bf16"] + (["--trace"] if command != "generate" else []))
     assert r.exit_code == 2 and "stub: not loading" in r.output, r.output
-    assert caught_load == {"dtype": torch.bfloat16, "threads": 1}
+    assert caught_load == {"dtype": torch.bfloat16, "threads": 1, "trace": command != "generate"}
     assert r.output.count("no native bf16") == 1      # warned once, with the cost
     torch.set_num_threads(2)
     r = runner.invoke(app, args + ["--dtype", "auto"])
-    assert caught_load == {"dtype": torch.float32, "threads": 2}   # AVX2 only: fp32; 0 threads: left alone
+    assert caught_load == {"dtype": torch.float32, "threads": 2, "trace": False}   # AVX2: fp32; 0 threads: as it was
     assert "warning" not in r.output
 
 

@@ -97,6 +97,7 @@ def eval_command(
                                "(with max(K, 8) seeds each)."),
     threads: int = threads_option(),
     dtype: str = dtype_option(),
+    trace: bool = trace_option(),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:WEIGHT]: a LoRA file fused into the model for the "
                                    "whole run (repeatable; weight 1 by default). Models only."),
 ) -> None:
