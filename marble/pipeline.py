@@ -21,7 +21,9 @@ from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
+from marble.cpu_features import dtype_name
 from marble.errors import ModelLoadError
+from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
@@ -30,6 +32,7 @@ from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
 from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
 from marble.models.latent_preview import latent_rgb_for
+from marble.models.traced import TracedNetwork
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
@@ -97,7 +100,7 @@ class Pipeline:
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
                  refiner: LoadedModel | None = None, refiner_switch: float = 0.8,
-                 preview_decoder=None, decoder=None, decoder_name: str | None = None):
+                 preview_decoder=None, decoder=None, decoder_name: str | None = None, trace: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
@@ -112,6 +115,10 @@ class Pipeline:
         linear = latent_rgb_for(self.model.config.vae)
         self.previewer = preview_decoder.decode if preview_decoder is not None else \
             linear if linear is not None else self.model.vae.decode
+        if trace:   # same bits, less Python per U-Net call (marble.models.traced)
+            for m in (self.model, refiner and refiner.model):
+                if m is not None:
+                    m.denoiser = discrete_denoiser(TracedNetwork(m.unet), m.schedule, m.config.prediction)
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 
@@ -256,7 +263,8 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
+            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)
@@ -356,12 +364,13 @@ def check_refiner(base, refiner, switch: float) -> None:
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
-                  decoder: Path | None = None) -> Pipeline:
+                  decoder: Path | None = None, trace: bool = False) -> Pipeline:
     """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
-    and for the final decode instead of the VAE."""
+    and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace."""
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
     second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
     preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
     final = read_taesd(decoder).to(base.model.device) if decoder else None
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,
-                    preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None)
+                    preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None,
+                    trace=trace)

@@ -47,6 +47,7 @@ class GenerationRecord:
     refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
     refiner_hash: str | None = None
     refiner_switch: float | None = None   # fraction of the schedule the base ran
+    dtype: str = "fp32"                   # the compute dtype (fp32, bf16, fp16): bits differ between them
     marble_version: str = ""
     record_version: int = RECORD_VERSION
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one

@@ -28,6 +28,8 @@ def bench(
                                         "image and cold `marble generate` wall time."),
     runs: int = typer.Option(7, "--runs", help="With --model: timed warm images (median)."),
     cold_runs: int = typer.Option(3, "--cold-runs", help="With --model: timed cold CLI runs (median); 0 skips."),
+    trace: bool = typer.Option(False, "--trace", help="With --model: also time the traced U-Net (`--trace`), "
+                               "interleaved with the eager one."),
 ) -> None:
     """Time Stable Diffusion 1.5's architecture (random weights from the config, no download):
     seconds per U-Net step, per VAE decode and per image, peak RSS, against diffusers' pipeline on
@@ -45,7 +47,7 @@ def bench(
         from marble.eval.speed import measure
 
         try:
-            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads)
+            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads, trace=trace)
         except ModelLoadError as e:
             fail(str(e))
         typer.echo(speed.markdown())

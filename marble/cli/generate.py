@@ -12,6 +12,7 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from marble.cli.app import app, fail, warn
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option
 
 if TYPE_CHECKING:  # imported where used: `marble --help` should not load torch
     from marble.pipeline import Pipeline
@@ -173,7 +174,7 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8,
-                  decoder: Path | None = None) -> tuple[Pipeline, ResolvedRequest]:
+                  decoder: Path | None = None, dtype=None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -184,7 +185,7 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
                              lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
-                             decoder=decoder)
+                             decoder=decoder, **({} if dtype is None else {"dtype": dtype}))
         resolved = resolve(request, pipe.defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
         return pipe, resolved
@@ -247,6 +248,8 @@ def generate(
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that decodes the image instead of the VAE: faster, softer. See docs/few-step.md."),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
+    threads: int = threads_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -268,8 +271,10 @@ def generate(
             fail(str(e))
         flags = merge_record(flags, record)
     request = read_request(flags, n)
+    compute_dtype = read_dtype(dtype)
+    apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch, decoder)
+                                   refiner, refiner_switch, decoder, compute_dtype)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from marble.cli.app import app, fail, info, warn
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option, trace_option
 
 MB = 1024 * 1024
 
@@ -39,6 +40,9 @@ def serve(
     preview_decoder: Optional[Path] = typer.Option(None, "--preview-decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that draws step previews. Default: a linear latent-to-RGB map (the VAE where none is known). docs/few-step.md."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
+    threads: int = threads_option(),
+    dtype: str = dtype_option(),
+    trace: bool = trace_option(),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
 
@@ -64,6 +68,8 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
+    compute_dtype = read_dtype(dtype)
+    apply_threads(threads)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
         fail("the same --model is given twice")
@@ -78,8 +84,8 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient,
-                                       preview_decoder=preview_decoder, decoder=decoder))
+            pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
+                                       preview_decoder=preview_decoder, decoder=decoder, trace=trace))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
