@@ -223,3 +223,11 @@ def test_marble_train_diffusion_trains_an_mmdit_by_rectified_flow(tmp_path):
     r = subprocess.run([sys.executable, "-m", "marble", "train", "diffusion", str(bad)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "min_snr_gamma" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_diffusers_export_refuses_an_mmdit(tmp_path):
+    from marble.checkpoints.checkpoint import from_model
+    from marble.checkpoints.diffusers_folder import write_diffusers
+    with pytest.raises(ValueError, match="not a U-Net"):
+        write_diffusers(from_model(flow_model()), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

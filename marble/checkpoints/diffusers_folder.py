@@ -475,6 +475,8 @@ def write_diffusers(ckpt: Checkpoint, folder: Path) -> Path:
         raise FileExistsError(f"{folder} exists; marble never overwrites a model")
     if text_is_external(config):
         raise ValueError("this model's text encoder is not CLIP; it has no diffusers layout")
+    if not isinstance(config.unet, UNetConfig):
+        raise ValueError("this model's denoiser is not a U-Net; it has no diffusers UNet2DConditionModel layout")
     text = text_config_from_dict(config.text)
     if isinstance(text, CLIPConcatConfig):   # SDXL: the last tower is text_encoder_2 (the refiner has only it)
         names = SDXL_TOWERS[len(SDXL_TOWERS) - len(text.encoders):]
