@@ -23,7 +23,6 @@ from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
 from marble.cpu_features import dtype_name
 from marble.errors import ModelLoadError
-from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
@@ -118,7 +117,7 @@ class Pipeline:
         if trace:   # same bits, less Python per U-Net call (marble.models.traced)
             for m in (self.model, refiner and refiner.model):
                 if m is not None:
-                    m.denoiser = discrete_denoiser(TracedNetwork(m.unet), m.schedule, m.config.prediction)
+                    m.denoiser = m.denoiser_for(TracedNetwork(m.unet))
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
 

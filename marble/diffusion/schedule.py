@@ -155,9 +155,26 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return betas_from_alphas_cumprod(root ** 2)
 
 
+def flow_schedule(n: int = 1000, shift: float = 1.0) -> DiscreteSchedule:
+    """The noise levels of a rectified-flow model (marble.diffusion.denoiser: σ = t/(1 − t)) at
+    t_i = (i + 1)/n, shifted toward noise by `shift` as SD3 does (Esser et al. 2024 eq. 23:
+    t' = shift·t/(1 + (shift − 1)·t)). t = 1 is pure noise and σ = ∞: the last level is clamped to
+    σ = 4096, the zero-terminal-SNR floor (ā = 2^-24). The spacings ("normal" is uniform in t) and
+    the σ range for Karras read it as they read any schedule."""
+    t = torch.arange(1, n + 1, dtype=F64) / n
+    t = shift * t / (1 + (shift - 1) * t)
+    cap = 1 / ZERO_SNR_FLOOR ** 0.5                     # σ at ā = 2^-24
+    return DiscreteSchedule((t / (1 - t).clamp(min=1e-12)).clamp(max=cap))
+
+
 def make_schedule(name: str, n: int = 1000, zero_terminal_snr: bool = False, **kw) -> DiscreteSchedule:
     """A DiscreteSchedule from a beta schedule by name: "linear", "scaled_linear", "cosine";
-    `zero_terminal_snr` rescales it so the last timestep is pure noise (clamped, see ZERO_SNR_FLOOR)."""
+    `zero_terminal_snr` rescales it so the last timestep is pure noise (clamped, see ZERO_SNR_FLOOR).
+    "flow" (with `shift`) is a rectified-flow model's (flow_schedule)."""
+    if name == "flow":
+        if zero_terminal_snr:
+            raise ValueError("a flow schedule ends in pure noise already; zero_terminal_snr does not apply")
+        return flow_schedule(n, **kw)
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; choose from {', '.join(BETA_SCHEDULES)}")
     betas = BETA_SCHEDULES[name](n, **kw)

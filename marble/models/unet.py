@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.models.layers import (Downsample, SpatialTransformer, Upsample, normalization,
-                                  timestep_embedding, zero_module)
+from marble.models.layers import (Downsample, SpatialTransformer, Upsample, coordinate_channels,
+                                  normalization, timestep_embedding, zero_module)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class UNetConfig:
     linear_projection: bool = False            # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
     groups: int = 32                           # GroupNorm groups
     dropout: float = 0.0
+    coord_channels: bool = False               # join x, y coordinate channels to the input (CoordConv); the input conv takes 2 more
+    attention_position: bool = False           # add a 2-D sin-cos position embedding to every spatial transformer's tokens
 
     def __post_init__(self):
         if self.level_depths and len(self.level_depths) != len(self.channel_mult):
@@ -131,9 +133,10 @@ class UNet(nn.Module):
         def transformer(channels: int, level: int) -> SpatialTransformer:
             heads, dim = c.heads_and_dim(channels)
             return SpatialTransformer(channels, heads, dim, c.context_dim, c.depth(level),
-                                      c.linear_projection, c.groups, c.dropout)
+                                      c.linear_projection, c.groups, c.dropout, c.attention_position)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        conv_in = nn.Conv2d(c.in_channels + 2 * c.coord_channels, ch, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_in])])
         skip_channels = [ch]
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -174,6 +177,8 @@ class UNet(nn.Module):
         x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if self.config.coord_channels:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
         if (y is None) != (not self.config.adm_in_channels):
