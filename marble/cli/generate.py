@@ -71,6 +71,7 @@ class Flags:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
     emphasis: str | None = None
+    controls: tuple | None = None       # ControlFlags per --control image (marble.cli.control)
 
     @property
     def hires(self) -> bool:
@@ -104,6 +105,9 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
         given_size = flags.hires_scale is not None or flags.hires_resize is not None
         merged.update({k: v for k, v in ours.items() if getattr(flags, k) is None
                        and not (given_size and k in ("hires_scale", "hires_resize"))})
+    if record.controlnets:
+        from marble.cli.control import merge_record_controls
+        merged["controls"] = merge_record_controls(flags.controls, record.controlnets)
     if flags.loras is None and any("path" in e for e in record.loras):
         from marble.adapters.lora_loader import LoraSpec
         merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
@@ -148,6 +152,7 @@ def parse_loras(values: list[str] | None) -> tuple | None:
 
 def read_request(flags: Flags, n: int) -> GenerationRequest:
     """The request the flags describe, with its images read; not yet resolved against a model."""
+    from marble.cli.control import read_controls
     from marble.request import GenerationRequest
     if flags.prompt is None:
         fail("a PROMPT is required (or --from PNG)")
@@ -164,12 +169,14 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
-        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or ())
+        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (),
+        controls=read_controls(flags.controls, read_image))
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
+                  refiner: str | None = None, refiner_switch: float = 0.8,
+                  control_dir: Path | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -179,9 +186,11 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
+                             control_dir=control_dir)
         resolved = resolve(request, pipe.defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
+        pipe.control_nets(resolved)   # ControlNets too: a file for another architecture fails here
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
@@ -239,6 +248,15 @@ def generate(
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
+    control: Optional[list[Path]] = typer.Option(None, "--control", help="ControlNet: a control image (edges, sketch, ...). Repeatable; each takes the i-th of every --control-* flag (docs/controlnet.md)."),
+    control_model: Optional[list[str]] = typer.Option(None, "--control-model", help="ControlNet: its file or folder (lllyasviel, diffusers or marble), or a name in --control-dir."),
+    control_module: Optional[list[str]] = typer.Option(None, "--control-module", help="ControlNet: preprocessor none (default), canny, invert, threshold, scribble or seg."),
+    control_weight: Optional[list[float]] = typer.Option(None, "--control-weight", help="ControlNet: weight (conditioning scale), 0..2 (default 1)."),
+    control_start: Optional[list[float]] = typer.Option(None, "--control-start", help="ControlNet: fraction of the steps where it starts acting, 0..1 (default 0)."),
+    control_end: Optional[list[float]] = typer.Option(None, "--control-end", help="ControlNet: fraction of the steps where it stops, 0..1 (default 1)."),
+    control_mode: Optional[list[str]] = typer.Option(None, "--control-mode", help="ControlNet: 'Balanced' (default), 'My prompt is more important' or 'ControlNet is more important' (or 0, 1, 2)."),
+    control_resize: Optional[list[str]] = typer.Option(None, "--control-resize", help="ControlNet: how the control image fits the size: 'Just Resize', 'Crop and Resize' (default), 'Resize and Fill'."),
+    control_dir: Optional[Path] = typer.Option(None, "--control-dir", help="Folder where ControlNet names are looked up. Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -246,12 +264,16 @@ def generate(
     editing, any length (docs/prompts.md). Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
+    from marble.cli.control import control_flags
     from marble.png import read_record
 
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora))
+                  loras=parse_loras(lora),
+                  controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,
+                                         start=control_start, end=control_end, mode=control_mode,
+                                         resize=control_resize))
     record = None
     if from_png is not None:
         try:
@@ -261,7 +283,7 @@ def generate(
         flags = merge_record(flags, record)
     request = read_request(flags, n)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch)
+                                   refiner, refiner_switch, control_dir)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None:
