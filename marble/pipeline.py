@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marble import __version__
+from marble.adapters.controlnet import ActiveUnit, ControlNetLoader, controlled_denoiser, hint_tensor, resize_control
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
+from marble.adapters.preprocess import preprocess
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
 from marble.cpu_features import dtype_name
@@ -99,7 +101,8 @@ class Pipeline:
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
                  refiner: LoadedModel | None = None, refiner_switch: float = 0.8,
-                 preview_decoder=None, decoder=None, decoder_name: str | None = None, trace: bool = False):
+                 preview_decoder=None, decoder=None, decoder_name: str | None = None, trace: bool = False,
+                 control_dir: Path | None = None, max_control_units: int = 3, allow_pickle: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
@@ -120,6 +123,9 @@ class Pipeline:
                     m.denoiser = m.denoiser_for(TracedNetwork(m.unet))
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
+        # ControlNets by name (in control_dir) or path, read once, fitted to this model's U-Net
+        self.controlnets = ControlNetLoader(self.model, control_dir, allow_pickle)
+        self.max_control_units = max_control_units
 
     @property
     def name(self) -> str:
@@ -140,7 +146,8 @@ class Pipeline:
         c = self.model.config
         return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
                              width=c.default_width, height=c.default_height,
-                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step)
+                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
+                             max_control_units=self.max_control_units)
 
     def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None, model=None) -> PromptConditioning:
         """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
@@ -151,18 +158,26 @@ class Pipeline:
                                   hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
-                 extra: dict[str, torch.Tensor], vectors=None, model=None):
+                 extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None):
         """Guidance around the network, with each step's contexts picked inside the closure.
         `vectors` (from `vector_conditioning`) adds SDXL's y to each branch, and zeros the
-        unconditional context where the model conditions an empty negative prompt on zeros."""
+        unconditional context where the model conditions an empty negative prompt on zeros.
+        `control`: ControlNet units whose residuals join the U-Net (marble.adapters.controlnet); the
+        halves of CFG carry `cond_mark` so a unit can act on the conditional half alone."""
         model = model or self.model
         y_cond, y_uncond, zero_uncond = vectors or ({}, {}, False)
+        network = model.denoiser
+        marks: tuple[dict, dict] = ({}, {})
+        if control:
+            network = controlled_denoiser(model, control, sigmas)
+            one = torch.ones(1, device=model.device)
+            marks = ({"cond_mark": one}, {"cond_mark": torch.zeros_like(one)})
 
         def guided(cond_context: torch.Tensor, uncond_context: torch.Tensor):
             if zero_uncond:
                 uncond_context = torch.zeros_like(uncond_context)
-            return guided_denoiser(model.denoiser, {"context": cond_context, **extra, **y_cond},
-                                   {"context": uncond_context, **extra, **y_uncond}, cfg)
+            return guided_denoiser(network, {"context": cond_context, **extra, **y_cond, **marks[0]},
+                                   {"context": uncond_context, **extra, **y_uncond, **marks[1]}, cfg)
         return scheduled_denoiser(guided, conditioning, sigmas)
 
     def vector_conditioning(self, model, conditioning: PromptConditioning, req: ResolvedRequest, width: int,
@@ -252,6 +267,7 @@ class Pipeline:
         if not isinstance(req, ResolvedRequest):
             raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
         uses = self.lora_uses(req)   # LoraError before any work
+        self.control_nets(req)       # ModelLoadError before any work
         with overlay(self.model, uses, self.loras.table):   # this request's LoRAs, gone when it ends
             images = self._images(req, callback)
         h = req.hires
@@ -263,7 +279,8 @@ class Pipeline:
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
             emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
-            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
+            controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)
@@ -276,6 +293,34 @@ class Pipeline:
         """The request's LoRAs, read (cached) and checked against this model: a LoraError (one line)
         for a missing, corrupt or mismatched file or a name outside the LoRA folder."""
         return self.loras.uses(req.lora_specs)
+
+    def control_nets(self, req: ResolvedRequest) -> list:
+        """The request's ControlNets, read (cached) and fitted to this model: a ModelLoadError (one line)
+        for a missing, corrupt or mismatched file or a name outside the ControlNet folder."""
+        return [self.controlnets.get(spec) for spec in req.controls]
+
+    def control_records(self, req: ResolvedRequest) -> list[dict]:
+        out = []
+        for spec, loaded in zip(req.controls, self.control_nets(req)):
+            entry = {"module": spec.module, "model": loaded.name, "hash": loaded.hash, "weight": spec.weight,
+                     "resize_mode": spec.resize, "guidance_start": spec.start, "guidance_end": spec.end,
+                     "control_mode": spec.mode, "image": spec.image_path, "image_sha256": spec.image_sha256}
+            if spec.is_path:
+                entry["path"] = str(loaded.path)
+            out.append(entry)
+        return out
+
+    def control_units(self, req: ResolvedRequest, width: int, height: int) -> list[ActiveUnit]:
+        """The request's units for a pass at width × height: each control image fitted (resize mode),
+        preprocessed (module) and handed to its ControlNet as a [0, 1] hint."""
+        m = self.model
+        units = []
+        for spec, loaded in zip(req.controls, self.control_nets(req)):
+            image = preprocess(resize_control(spec.image, width, height, spec.resize), spec.module,
+                               spec.threshold_a, spec.threshold_b)
+            hint = hint_tensor(image).to(m.device, m.dtype)
+            units.append(ActiveUnit.of_mode(loaded.net, hint, spec.weight, spec.start, spec.end, spec.mode))
+        return units
 
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
@@ -292,7 +337,8 @@ class Pipeline:
         conditioning = self.conditioning(req)
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(init_pixels, mask, req.width, req.height),
-                                 self.vector_conditioning(m, conditioning, req, req.width, req.height))
+                                 self.vector_conditioning(m, conditioning, req, req.width, req.height),
+                                 control=self.control_units(req, req.width, req.height))
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
@@ -306,7 +352,8 @@ class Pipeline:
             hires_conditioning = self.conditioning(req, hires_steps)
             hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
                                            self.extra_conditioning(None, None, size.width, size.height),
-                                           self.vector_conditioning(m, hires_conditioning, req, size.width, size.height))
+                                           self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
+                                           control=self.control_units(req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
         decoder = self.decoder or (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE
@@ -363,7 +410,8 @@ def check_refiner(base, refiner, switch: float) -> None:
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
-                  decoder: Path | None = None, trace: bool = False) -> Pipeline:
+                  decoder: Path | None = None, trace: bool = False, control_dir: Path | None = None,
+                  max_control_units: int = 3) -> Pipeline:
     """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
     and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace."""
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
@@ -372,4 +420,5 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
     final = read_taesd(decoder).to(base.model.device) if decoder else None
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,
                     preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None,
-                    trace=trace)
+                    trace=trace, control_dir=control_dir, max_control_units=max_control_units,
+                    allow_pickle=allow_pickle)

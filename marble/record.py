@@ -53,6 +53,9 @@ class GenerationRecord:
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
     # given as a file (--lora) rather than by a prompt tag, which the prompt itself keeps
     loras: tuple[dict, ...] = ()
+    # ControlNet units, in order: {"module", "model", "hash", "weight", "resize_mode", "guidance_start",
+    # "guidance_end", "control_mode", "image", "image_sha256"} and "path" for a model given as a file
+    controlnets: tuple[dict, ...] = ()
 
     def to_parameters(self) -> str:
         """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs in A1111's
@@ -83,6 +86,8 @@ class GenerationRecord:
             pairs.append(("VAE", self.vae))   # A1111's key for a separate VAE
         if self.loras:
             pairs.append(("Lora hashes", lora_hashes(self.loras)))
+        for i, unit in enumerate(self.controlnets):   # sd-webui-controlnet's unit text
+            pairs.append((f"ControlNet {i}", controlnet_text(unit)))
         if self.refiner is not None:   # A1111's names for its refiner
             pairs += [("Refiner", f"{self.refiner} [{self.refiner_hash}]"),
                       ("Refiner switch at", _num(self.refiner_switch))]
@@ -138,6 +143,7 @@ class GenerationRecord:
         if missing:
             raise ValueError(f"the marble record lacks {', '.join(missing)}")
         data["loras"] = _read_loras(data.get("loras", []))
+        data["controlnets"] = _read_controlnets(data.get("controlnets", []))
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -156,6 +162,27 @@ def _sampler_spacing(sampler: str) -> str | None:
         return get_sampler(sampler).spacing
     except KeyError:
         return None
+
+
+_UNIT_TEXT = {"str": ("module", "model", "hash", "resize_mode", "control_mode", "image", "image_sha256"),
+              "num": ("weight", "guidance_start", "guidance_end")}
+
+
+def _read_controlnets(units) -> tuple[dict, ...]:
+    ok = isinstance(units, list) and all(
+        isinstance(e, dict) and all(isinstance(e.get(k), str) for k in _UNIT_TEXT["str"] if k not in ("image", "image_sha256"))
+        and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in _UNIT_TEXT["num"])
+        and all(isinstance(e.get(k), (str, type(None))) for k in ("image", "image_sha256", "path")) for e in units)
+    if not ok:
+        raise ValueError("the marble record's controlnets are malformed")
+    return tuple(units)
+
+
+def controlnet_text(unit: dict) -> str:
+    """sd-webui-controlnet's infotext of one unit: `Module: canny, Model: name [hash], Weight: 1, ...`."""
+    return (f"Module: {unit['module']}, Model: {unit['model']} [{unit['hash']}], Weight: {_num(unit['weight'])}, "
+            f"Resize Mode: {unit['resize_mode']}, Guidance Start: {_num(unit['guidance_start'])}, "
+            f"Guidance End: {_num(unit['guidance_end'])}, Control Mode: {unit['control_mode']}")
 
 
 def lora_hashes(loras) -> str:

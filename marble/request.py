@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
 
+from marble.adapters.controlnet import ControlSpec, control_mode, resize_mode
 from marble.adapters.lora_loader import LoraSpec
+from marble.adapters.preprocess import module_name
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
 from marble.diffusion.few_step import FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.noise import SEED_MAX
@@ -26,6 +28,7 @@ from marble.prompts.schedule import check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_CONTROL_WEIGHT = 2.0   # sd-webui-controlnet's slider limit
 MAX_CFG = 100.0   # ComfyUI's limit too; far past where guidance saturates, and keeps cfg·x0 finite in float32
 
 
@@ -56,6 +59,7 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
     spacing: str | None = None                  # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
     preset: str | None = None                   # few-step settings by name (marble.diffusion.few_step.PRESETS)
+    controls: tuple[ControlSpec, ...] = ()      # ControlNet units (marble.adapters.controlnet), in order
 
     @property
     def mode(self) -> str:
@@ -75,6 +79,7 @@ class ModelDefaults:
     latent_factor: int          # width and height must be multiples of it
     max_pixels: int             # width·height the model accepts at most
     few_step: FewStepSettings | None = None     # a few-step model's card settings: its defaults, and warnings
+    max_control_units: int = 3  # ControlNet units a request may carry
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,8 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
         raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
-                   strength=strength, hires=hires, emphasis=emphasis, spacing=spacing)
+                   strength=strength, hires=hires, emphasis=emphasis, spacing=spacing,
+                   controls=_controls(request, defaults))
     warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
 
@@ -157,6 +163,40 @@ def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise RequestError(f"LoRA {spec.ref}: weight {value!r} is not a finite number")
     return text, tuple(request.loras) + tuple(LoraSpec(t.name, t.te, t.unet) for t in tags)
+
+
+def _controls(request: GenerationRequest, defaults: ModelDefaults) -> tuple[ControlSpec, ...]:
+    """The ControlNet units, checked and with their modes in canonical names (files are the pipeline's)."""
+    units = tuple(request.controls)
+    if len(units) > defaults.max_control_units:
+        raise RequestError(f"{len(units)} ControlNet units, at most {defaults.max_control_units} are allowed")
+    out = []
+    for i, u in enumerate(units):
+        label = f"ControlNet unit {i}"
+        if not isinstance(u, ControlSpec):
+            raise RequestError(f"{label} is malformed")
+        if not isinstance(u.image, Image.Image):
+            raise RequestError(f"{label}: the control image is missing or not an image")
+        if not isinstance(u.model, str) or not u.model.strip():
+            raise RequestError(f"{label}: a ControlNet model is required")
+        for what, value, low, high in (("weight", u.weight, 0.0, MAX_CONTROL_WEIGHT),
+                                       ("guidance start", u.start, 0.0, 1.0), ("guidance end", u.end, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise RequestError(f"{label}: {what} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if u.start >= u.end:
+            raise RequestError(f"{label}: guidance start {u.start:g} must be below guidance end {u.end:g}")
+        for what, value in (("threshold a", u.threshold_a), ("threshold b", u.threshold_b)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise RequestError(f"{label}: {what} must be a finite number, got {value!r}")
+        try:
+            module, mode, resize = module_name(u.module), control_mode(u.mode), resize_mode(u.resize)
+        except ValueError as e:
+            raise RequestError(f"{label}: {e}") from None
+        out.append(replace(u, module=module, mode=mode, resize=resize, weight=float(u.weight),
+                           start=float(u.start), end=float(u.end)))
+    return tuple(out)
 
 
 def _check_text(request: GenerationRequest) -> None:

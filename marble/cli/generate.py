@@ -74,6 +74,7 @@ class Flags:
     emphasis: str | None = None
     spacing: str | None = None
     preset: str | None = None
+    controls: tuple | None = None       # ControlFlags per --control image (marble.cli.control)
 
     @property
     def hires(self) -> bool:
@@ -107,6 +108,9 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
         given_size = flags.hires_scale is not None or flags.hires_resize is not None
         merged.update({k: v for k, v in ours.items() if getattr(flags, k) is None
                        and not (given_size and k in ("hires_scale", "hires_resize"))})
+    if record.controlnets:
+        from marble.cli.control import merge_record_controls
+        merged["controls"] = merge_record_controls(flags.controls, record.controlnets)
     if flags.loras is None and any("path" in e for e in record.loras):
         from marble.adapters.lora_loader import LoraSpec
         merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
@@ -151,6 +155,7 @@ def parse_loras(values: list[str] | None) -> tuple | None:
 
 def read_request(flags: Flags, n: int) -> GenerationRequest:
     """The request the flags describe, with its images read; not yet resolved against a model."""
+    from marble.cli.control import read_controls
     from marble.request import GenerationRequest
     if flags.prompt is None:
         fail("a PROMPT is required (or --from PNG)")
@@ -168,13 +173,14 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
         hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
-        preset=flags.preset)
+        preset=flags.preset,
+        controls=read_controls(flags.controls, read_image))
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8,
-                  decoder: Path | None = None, dtype=None) -> tuple[Pipeline, ResolvedRequest]:
+                  decoder: Path | None = None, dtype=None, control_dir: Path | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -185,9 +191,10 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
                              lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
-                             decoder=decoder, **({} if dtype is None else {"dtype": dtype}))
+                             decoder=decoder, control_dir=control_dir, **({} if dtype is None else {"dtype": dtype}))
         resolved = resolve(request, pipe.defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
+        pipe.control_nets(resolved)   # ControlNets too: a file for another architecture fails here
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
@@ -250,6 +257,15 @@ def generate(
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
     threads: int = threads_option(),
     dtype: str = dtype_option(),
+    control: Optional[list[Path]] = typer.Option(None, "--control", help="ControlNet: a control image (edges, sketch, ...). Repeatable; each takes the i-th of every --control-* flag (docs/controlnet.md)."),
+    control_model: Optional[list[str]] = typer.Option(None, "--control-model", help="ControlNet: its file or folder (lllyasviel, diffusers or marble), or a name in --control-dir."),
+    control_module: Optional[list[str]] = typer.Option(None, "--control-module", help="ControlNet: preprocessor none (default), canny, invert, threshold, scribble or seg."),
+    control_weight: Optional[list[float]] = typer.Option(None, "--control-weight", help="ControlNet: weight (conditioning scale), 0..2 (default 1)."),
+    control_start: Optional[list[float]] = typer.Option(None, "--control-start", help="ControlNet: fraction of the steps where it starts acting, 0..1 (default 0)."),
+    control_end: Optional[list[float]] = typer.Option(None, "--control-end", help="ControlNet: fraction of the steps where it stops, 0..1 (default 1)."),
+    control_mode: Optional[list[str]] = typer.Option(None, "--control-mode", help="ControlNet: 'Balanced' (default), 'My prompt is more important' or 'ControlNet is more important' (or 0, 1, 2)."),
+    control_resize: Optional[list[str]] = typer.Option(None, "--control-resize", help="ControlNet: how the control image fits the size: 'Just Resize', 'Crop and Resize' (default), 'Resize and Fill'."),
+    control_dir: Optional[Path] = typer.Option(None, "--control-dir", help="Folder where ControlNet names are looked up. Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -257,12 +273,16 @@ def generate(
     editing, any length (docs/prompts.md). Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
+    from marble.cli.control import control_flags
     from marble.png import read_record
 
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora), spacing=spacing, preset=preset)
+                  loras=parse_loras(lora), spacing=spacing, preset=preset,
+                  controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,
+                                         start=control_start, end=control_end, mode=control_mode,
+                                         resize=control_resize))
     record = None
     if from_png is not None:
         try:
@@ -274,7 +294,7 @@ def generate(
     compute_dtype = read_dtype(dtype)
     apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch, decoder, compute_dtype)
+                                   refiner, refiner_switch, decoder, compute_dtype, control_dir)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None:
