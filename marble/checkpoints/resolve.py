@@ -52,6 +52,7 @@ class LoadedModel:
     model: LatentDiffusion
     name: str     # what the record calls it: the file stem or the registered name
     hash: str     # A1111 "Model hash": first 10 hex of the file's sha256
+    source: str = ""   # where it was loaded from (an absolute path, or the registered name): for --from
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
@@ -61,7 +62,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
     spec = spec or DEFAULT_MODEL
     if spec in NAMED:
         model = NAMED[spec]().to(dtype)
-        return LoadedModel(model, spec, state_hash(model))
+        return LoadedModel(model, spec, state_hash(model), spec)
     path = builtin_path() if spec == "builtin" else Path(spec).expanduser()
     if spec == "builtin" and not path.is_file():
         raise ModelLoadError(f"the built-in model is missing ({path}); pass --model tiny-random or a model file")
@@ -69,4 +70,5 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
         names = ", ".join(["builtin", *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
     ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-    return LoadedModel(to_model(ckpt, dtype), "builtin" if spec == "builtin" else ckpt.name, ckpt.hash)
+    return LoadedModel(to_model(ckpt, dtype), "builtin" if spec == "builtin" else ckpt.name, ckpt.hash,
+                       "builtin" if spec == "builtin" else str(path.resolve()))

@@ -71,6 +71,7 @@ class Flags:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
     emphasis: str | None = None
+    micro: dict | None = None       # SDXL micro-conditioning flags given (MicroConditioning.given() layout)
 
     @property
     def hires(self) -> bool:
@@ -104,6 +105,8 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
         given_size = flags.hires_scale is not None or flags.hires_resize is not None
         merged.update({k: v for k, v in ours.items() if getattr(flags, k) is None
                        and not (given_size and k in ("hires_scale", "hires_resize"))})
+    if record.micro:   # flags given win, field by field
+        merged["micro"] = {**record.micro, **(flags.micro or {})}
     if flags.loras is None and any("path" in e for e in record.loras):
         from marble.adapters.lora_loader import LoraSpec
         merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
@@ -127,6 +130,24 @@ def read_hires(flags: Flags):
                     resize_y=resize_y, steps=flags.hires_steps or 0,
                     denoise=DEFAULT_DENOISE if flags.hires_denoise is None else flags.hires_denoise,
                     upscaler=flags.hires_upscaler)
+
+
+def parse_micro(values: dict[str, str | float | None]) -> dict | None:
+    """The SDXL micro-conditioning flags given: sizes WIDTHxHEIGHT, crops TOP,LEFT, scores numbers."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key.endswith("aesthetic_score"):
+            out[key] = value
+            continue
+        sep, shape = (",", "TOP,LEFT") if "crop" in key else ("x", "WIDTHxHEIGHT")
+        try:
+            a, b = (int(v) for v in value.lower().split(sep))
+        except ValueError:
+            fail(f"--{key.replace('_', '-')} must look like {shape}, got {value!r}")
+        out[key] = [a, b]
+    return out or None
 
 
 def parse_loras(values: list[str] | None) -> tuple | None:
@@ -164,7 +185,15 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
-        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or ())
+        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), micro=read_micro(flags))
+
+
+def read_micro(flags: Flags):
+    from marble.models.conditioning import MicroConditioning
+    try:
+        return MicroConditioning.from_given(flags.micro or {})
+    except ValueError as e:
+        fail(str(e))
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
@@ -185,6 +214,22 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
+
+
+def recorded_refiner(record: GenerationRecord | None, refiner: str | None,
+                     switch: float | None) -> tuple[str | None, float]:
+    """--from: the record's refiner (by the path it was loaded from) and switch where no --refiner /
+    --refiner-switch is given; one line if the record names a refiner that cannot be found."""
+    if record is not None and refiner is None and record.refiner:
+        refiner = record.refiner_path
+        if not refiner or not Path(refiner).exists():
+            fail(f"the record names the refiner {record.refiner} [{record.refiner_hash}]"
+                 f"{f' at {refiner}' if refiner else ''}, which is not there; pass --refiner PATH")
+        if switch is None:
+            switch = record.refiner_switch
+    if refiner is None and switch is not None:
+        fail("--refiner-switch needs --refiner (the model that takes over)")
+    return refiner, 0.8 if switch is None else switch
 
 
 def run_and_save(pipe: Pipeline, request: ResolvedRequest, out: Path) -> None:
@@ -238,7 +283,15 @@ def generate(
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
-    refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
+    refiner_switch: Optional[float] = typer.Option(None, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end). Default 0.8."),
+    original_size: Optional[str] = typer.Option(None, "--original-size", help="SDXL: WIDTHxHEIGHT the image is conditioned as coming from (default: --size)."),
+    crop_top_left: Optional[str] = typer.Option(None, "--crop-top-left", help="SDXL: TOP,LEFT of the crop it is conditioned as being (default 0,0)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="SDXL base: WIDTHxHEIGHT conditioned as asked for (default: --size)."),
+    negative_original_size: Optional[str] = typer.Option(None, "--negative-original-size", help="SDXL: --original-size of the negative prompt (default: the prompt's)."),
+    negative_crop_top_left: Optional[str] = typer.Option(None, "--negative-crop-top-left", help="SDXL: --crop-top-left of the negative prompt (default: the prompt's)."),
+    negative_target_size: Optional[str] = typer.Option(None, "--negative-target-size", help="SDXL base: --target-size of the negative prompt (default: the prompt's)."),
+    aesthetic_score: Optional[float] = typer.Option(None, "--aesthetic-score", help="SDXL refiner: aesthetic score of the prompt, 0..10 (default 6)."),
+    negative_aesthetic_score: Optional[float] = typer.Option(None, "--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the negative prompt, 0..10 (default 2.5)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -251,7 +304,12 @@ def generate(
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora))
+                  loras=parse_loras(lora),
+                  micro=parse_micro(dict(original_size=original_size, crop_top_left=crop_top_left,
+                                         target_size=target_size, negative_original_size=negative_original_size,
+                                         negative_crop_top_left=negative_crop_top_left,
+                                         negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                                         negative_aesthetic_score=negative_aesthetic_score)))
     record = None
     if from_png is not None:
         try:
@@ -259,11 +317,15 @@ def generate(
         except ValueError as e:
             fail(str(e))
         flags = merge_record(flags, record)
+    refiner, refiner_switch = recorded_refiner(record, refiner, refiner_switch)
     request = read_request(flags, n)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
                                    refiner, refiner_switch)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
+    if record is not None and record.refiner_hash and pipe.refiner is not None \
+            and record.refiner_hash != pipe.refiner.hash:
+        warn(f"the record was made with refiner hash {record.refiner_hash}, this refiner's is {pipe.refiner.hash}")
     if record is not None:
         recorded = {e["name"]: e["hash"] for e in record.loras}
         for use in pipe.lora_uses(resolved):
