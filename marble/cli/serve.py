@@ -36,6 +36,7 @@ def serve(
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of checkpoints (SD1.x, SD2.x, SDXL .safetensors files, diffusers folders, marble files) that clients may list (/sdapi/v1/sd-models) and switch to (sd_model_checkpoint, OpenAI 'model'). Default: $MARBLE_MODELS, else models/."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
@@ -89,7 +90,14 @@ def serve(
     from marble.server.app import create_app
     from marble.server.state import ServerConfig
 
-    application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits))
+    from marble.checkpoints.resolve import models_dir as default_models_dir
+    folder = models_dir or default_models_dir()
+    if models_dir is not None and not models_dir.is_dir():
+        sock.close()
+        fail(f"--models-dir {models_dir} is not a folder")
+    application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits,
+                                                 models_dir=folder),
+                             load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient))
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if not is_loopback(host) and not api_key:
