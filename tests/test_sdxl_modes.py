@@ -185,3 +185,32 @@ def test_cli_micro_flags_reach_the_image_and_the_record_and_from_reloads_the_ref
         result = CliRunner().invoke(app, [*bad, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_bad_sdxl_input_is_one_line_and_exit_2(tmp_path):
+    """SD3 and Flux files named by family; a refiner without an SDXL base; an SDXL refiner given as
+    the base with --refiner; sizes off the latent grid (8 for SDXL, 4 for the tiny one) or over --max-pixels: one line, exit 2, no output."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from marble.cli import app
+    sd1 = write_single_file(from_model(random_model(tiny_sd, seed=1)), tmp_path / "sd1.safetensors")
+    base = write_single_file(from_model(random_model(tiny_sdxl, seed=3)), tmp_path / "base.safetensors")
+    refiner = write_single_file(from_model(random_model(lambda: tiny_sdxl(True), seed=4)), tmp_path / "ref.safetensors")
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "sd3.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
+    out = tmp_path / "out"
+    cases = [
+        (["--model", str(tmp_path / "sd3.safetensors")], "this looks like an SD3 checkpoint; marble loads SD1.x, SD2.x and SDXL"),
+        (["--model", str(tmp_path / "flux.safetensors")], "this looks like an Flux checkpoint"),
+        (["--model", str(sd1), "--refiner", str(refiner)], "a refiner needs an SDXL base model; tiny-sd1 is not one"),
+        (["--model", str(refiner), "--refiner", str(refiner)], "(it is a refiner itself)"),
+        (["--model", str(base), "--refiner", str(base)], "tiny-sdxl is not an SDXL refiner"),
+        (["--model", str(base), "--size", "34x32"], "width 34 is not a multiple of the model's latent factor 4"),
+        (["--model", str(base), "--size", "64x64", "--max-pixels", "4000"], "size 64x64 is over the model's limit of 4000 pixels"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(app, ["generate", "a cat", "--steps", "1", "--out", str(out), *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
