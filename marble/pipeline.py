@@ -28,6 +28,7 @@ from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
 from marble.models.conditioning import vector_y, zeroes_negative
+from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
@@ -80,7 +81,7 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
     the image with the repainted region blanked], (1, 1 + C, h, w). The mask is binarised at 0.5
     and resized with nearest neighbours, as diffusers' inpainting pipeline does. Without a mask the
     whole image is repainted, and without an image it is blank (0), as A1111 does for txt2img."""
-    p = next(vae.parameters())
+    p = torch.empty(0, device=next(vae.parameters()).device, dtype=compute_dtype(vae))
     factor = vae.downsampling_factor
     mask = torch.ones(1, 1, height, width, device=p.device, dtype=p.dtype) if mask is None else (mask >= 0.5).to(p.dtype)
     blank = torch.zeros(1, 3, height, width, device=p.device, dtype=p.dtype)
@@ -335,7 +336,8 @@ def check_refiner(base, refiner, switch: float) -> None:
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
-    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
-    second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
+                  refiner: str | None = None, refiner_switch: float = 0.8, storage: torch.dtype | None = None) -> Pipeline:
+    """`storage`: keep the weights in fp16/bf16 and compute in `dtype` (marble.models.weight_cast)."""
+    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage)
+    second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage) if refiner else None
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch)

@@ -11,6 +11,7 @@ from marble.checkpoints.checkpoint import state_hash, to_model
 from marble.checkpoints.detect import open_checkpoint
 from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, tiny_config
+from marble.models.weight_cast import store_weights
 
 DEFAULT_MODEL = "builtin"
 
@@ -56,9 +57,14 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, storage: torch.dtype | None = None) -> LoadedModel:
     """A registered name or a path: a marble file, a diffusers folder, an SD single file (.safetensors;
-    .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0."""
+    .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0. `storage`: keep
+    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast)."""
+    if storage is not None and storage != dtype:
+        loaded = load_model(spec, storage, prediction=prediction, allow_pickle=allow_pickle)
+        store_weights(loaded.model, storage, compute=dtype)
+        return loaded
     spec = spec or DEFAULT_MODEL
     if spec in NAMED:
         model = NAMED[spec]().to(dtype)

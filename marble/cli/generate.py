@@ -199,7 +199,7 @@ def read_micro(flags: Flags):
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8,
-                  max_pixels: int | None = None) -> tuple[Pipeline, ResolvedRequest]:
+                  max_pixels: int | None = None, weights: str | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -207,17 +207,30 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     from marble.request import RequestError, resolve
     if prediction not in (None, "eps", "v", "x0"):
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
+    storage = read_weights(weights)
     if max_pixels is not None and max_pixels < 1:
         fail(f"--max-pixels must be >= 1, got {max_pixels}")
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
+                             storage=storage)
         defaults = pipe.defaults if max_pixels is None else replace(pipe.defaults, max_pixels=max_pixels)
         resolved = resolve(request, defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
+
+
+def read_weights(weights: str | None):
+    """--weights fp16|bf16|fp32 -> the storage dtype (None: as the model computes, float32)."""
+    if weights is None:
+        return None
+    from marble.models.weight_cast import storage_dtype
+    try:
+        return storage_dtype(weights)
+    except ValueError as e:
+        fail(f"--{e}")
 
 
 def recorded_refiner(record: GenerationRecord | None, refiner: str | None,
@@ -288,6 +301,7 @@ def generate(
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
     refiner_switch: Optional[float] = typer.Option(None, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end). Default 0.8."),
+    weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32 (exactly a float32 model with rounded weights); fp32 (default) keeps them as computed. Also $MARBLE_WEIGHTS."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", envvar="MARBLE_MAX_PIXELS", help="Largest width·height to accept (default: the model's, 2048² for SD and SDXL). Also $MARBLE_MAX_PIXELS."),
     original_size: Optional[str] = typer.Option(None, "--original-size", help="SDXL: WIDTHxHEIGHT the image is conditioned as coming from (default: --size)."),
     crop_top_left: Optional[str] = typer.Option(None, "--crop-top-left", help="SDXL: TOP,LEFT of the crop it is conditioned as being (default 0,0)."),
@@ -325,7 +339,7 @@ def generate(
     refiner, refiner_switch = recorded_refiner(record, refiner, refiner_switch)
     request = read_request(flags, n)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch, max_pixels)
+                                   refiner, refiner_switch, max_pixels, weights)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None and record.refiner_hash and pipe.refiner is not None \

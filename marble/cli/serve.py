@@ -36,6 +36,7 @@ def serve(
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
+    weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32; fp32 (default). Also $MARBLE_WEIGHTS."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of checkpoints (SD1.x, SD2.x, SDXL .safetensors files, diffusers folders, marble files) that clients may list (/sdapi/v1/sd-models) and switch to (sd_model_checkpoint, OpenAI 'model'). Default: $MARBLE_MODELS, else models/."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
@@ -63,6 +64,8 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
+    from marble.cli.generate import read_weights
+    storage = read_weights(weights)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
         fail("the same --model is given twice")
@@ -77,7 +80,7 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient))
+            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient, storage=storage))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
@@ -97,7 +100,8 @@ def serve(
         fail(f"--models-dir {models_dir} is not a folder")
     application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits,
                                                  models_dir=folder),
-                             load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient))
+                             load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient,
+                                                             storage=storage))
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if not is_loopback(host) and not api_key:

@@ -15,6 +15,7 @@ from torch import nn
 
 from marble.models.layers import (Downsample, SpatialTransformer, Upsample, normalization,
                                   timestep_embedding, zero_module)
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -171,11 +172,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 concat: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
+        x = x.to(compute_dtype(self.time_embed[0]))   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(compute_dtype(self.time_embed[0])))
         if (y is None) != (not self.config.adm_in_channels):
             raise ValueError(f"this U-Net takes a vector y of width {self.config.adm_in_channels}"
                              if y is None else "this U-Net takes no vector conditioning y")
