@@ -90,3 +90,37 @@ def test_load_model_and_generate_take_a_storage_dtype(tmp_path):
     assert result.exit_code == 2 and "--weights must be one of fp32, fp16, bf16, not 'fp8'" in result.output
     with pytest.raises(ValueError, match="weights must be one of"):
         storage_dtype("int8")
+
+
+@pytest.mark.parametrize("copy_above", [float("inf"), 0.0], ids=["hooked", "copied"])
+@torch.no_grad()
+def test_a_lora_overlay_on_stored_weights_is_the_rounded_models(copy_above):
+    """An unfused LoRA on fp16-stored weights: low-rank branches (hooks) computed in float32 give
+    the rounded float32 model's output exactly; patched copies are stored in fp16 like the weights."""
+    from marble.adapters.lora import LoraUse, overlay
+    from marble.adapters.lora_files import Lora, LoraLayer
+    from marble.adapters.lora_table import module_table
+    oracle = rounded(random_model(tiny_sd, seed=2), torch.float16)
+    stored = store_weights(random_model(tiny_sd, seed=2), torch.float16)
+    g = torch.Generator().manual_seed(5)
+    layers = {}
+    for name, target in module_table(stored).targets.items():
+        w = target.module.weight
+        if w.ndim == 2 and sum(n.split(".")[0] == name.split(".")[0] for n in layers) < 3:   # 3 per component
+            layers[name] = LoraLayer(torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g), 2.0)
+    assert {n.split(".")[0] for n in layers} == {"unet", "text_encoder"}
+    use = [LoraUse(Lora("l", layers))]
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400.0])
+    context = torch.randn(1, 77, stored.config.unet.context_dim, generator=g)
+    rows = stored.text_encoder.tokenize(["a red cat"])
+    with overlay(stored, use, copy_above=copy_above):
+        got = stored.unet(x, t, context), stored.text_encoder(rows)
+    with overlay(oracle, use, copy_above=copy_above):
+        want = oracle.unet(x, t, context), oracle.text_encoder(rows)
+    plain = oracle.unet(x, t, context), oracle.text_encoder(rows)
+    assert not any(torch.equal(a, b) for a, b in zip(want, plain))   # the LoRA acts on both
+    if copy_above == float("inf"):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    else:   # W + ΔW rounded to the storage dtype: close, not equal
+        assert all((a - b).abs().max() < 1e-2 * b.abs().max() for a, b in zip(got, want))
+    assert {p.dtype for p in stored.parameters()} == {torch.float16}
