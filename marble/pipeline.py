@@ -31,9 +31,10 @@ from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
-from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
+from marble.models.conditioning import vector_y, zeroes_negative
 from marble.models.latent_preview import latent_rgb_for
 from marble.models.traced import TracedNetwork
+from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import prompt_chunks
 from marble.record import GenerationRecord
@@ -86,7 +87,7 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
     the image with the repainted region blanked], (1, 1 + C, h, w). The mask is binarised at 0.5
     and resized with nearest neighbours, as diffusers' inpainting pipeline does. Without a mask the
     whole image is repainted, and without an image it is blank (0), as A1111 does for txt2img."""
-    p = next(vae.parameters())
+    p = torch.empty(0, device=next(vae.parameters()).device, dtype=compute_dtype(vae))
     factor = vae.downsampling_factor
     mask = torch.ones(1, 1, height, width, device=p.device, dtype=p.dtype) if mask is None else (mask >= 0.5).to(p.dtype)
     blank = torch.zeros(1, 3, height, width, device=p.device, dtype=p.dtype)
@@ -147,7 +148,15 @@ class Pipeline:
         return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
                              width=c.default_width, height=c.default_height,
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
-                             max_control_units=self.max_control_units)
+                             max_control_units=self.max_control_units, micro=self.micro_kinds())
+
+
+    def micro_kinds(self) -> tuple[str, ...]:
+        """The SDXL micro-conditioning this pipeline's models take: "size" (original size, crop,
+        target size) for any SDXL model, "aesthetic" where one is a refiner."""
+        vectors = [m.config.vector for m in (self.model, self.refiner and self.refiner.model) if m is not None]
+        vectors = [v for v in vectors if v is not None]
+        return (("size",) if vectors else ()) + (("aesthetic",) if any(v.micro == "aesthetic" for v in vectors) else ())
 
     def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None, model=None) -> PromptConditioning:
         """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
@@ -185,7 +194,8 @@ class Pipeline:
         """SDXL's vector conditioning ({"y"} for cond and uncond, and whether the unconditional
         context is zeros), or None for models without it. The pooled text comes from the first
         window of the step-0 prompt texts (as A1111 pools SDXL prompts; weights do not act on it);
-        sizes are diffusers' defaults for a width × height image (marble.models.conditioning)."""
+        sizes are the request's micro-conditioning, diffusers' defaults for a width × height image
+        where it gives none (marble.models.conditioning.MicroConditioning)."""
         vector = model.config.vector
         if vector is None:
             return None
@@ -198,8 +208,8 @@ class Pipeline:
         zero = zeroes_negative(vector, req.negative_prompt)
         if zero:
             pooled[1:] = 0.0
-        size = SizeConditioning.of_image(width, height)
-        y = [vector_y(vector, pooled[i:i + 1], size, negative=i == 1).to(model.device, model.dtype) for i in (0, 1)]
+        sizes = req.micro.branches(width, height)
+        y = [vector_y(vector, pooled[i:i + 1], sizes[i], negative=i == 1).to(model.device, model.dtype) for i in (0, 1)]
         return {"y": y[0]}, {"y": y[1]}, zero
 
     def hand_off(self, denoiser, req: ResolvedRequest, sigmas: torch.Tensor, width: int, height: int,
@@ -279,11 +289,12 @@ class Pipeline:
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
             emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
+            micro=req.micro.given() or None,
             marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
             controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
-                           refiner_switch=self.refiner_switch)
+                           refiner_path=self.refiner.source or None, refiner_switch=self.refiner_switch)
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
         warnings = list(req.warnings) + [f"LoRA {use.lora.name}: skipped {why}" for use in uses
                                          for why in use.lora.skipped]
@@ -399,6 +410,11 @@ def check_refiner(base, refiner, switch: float) -> None:
     """A refiner continues the base's latent on the base's schedule: same latent space and schedule."""
     if not 0.0 < switch < 1.0:
         raise ModelLoadError(f"the refiner switch must be in (0, 1), not {switch}")
+    if refiner.config.vector is None or refiner.config.vector.micro != "aesthetic":
+        raise ModelLoadError(f"{refiner.config.name} is not an SDXL refiner (it takes no aesthetic score)")
+    if base.config.vector is None or base.config.vector.micro != "size":
+        raise ModelLoadError(f"a refiner needs an SDXL base model; {base.config.name} is not one"
+                             + (" (it is a refiner itself)" if base.config.vector is not None else ""))
     if (refiner.latent_channels, refiner.latent_factor) != (base.latent_channels, base.latent_factor) \
             or refiner.config.schedule != base.config.schedule:
         raise ModelLoadError(f"the refiner {refiner.config.name} does not share the latent space and noise schedule "
@@ -411,11 +427,12 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
                   decoder: Path | None = None, trace: bool = False, control_dir: Path | None = None,
-                  max_control_units: int = 3) -> Pipeline:
+                  max_control_units: int = 3, storage: torch.dtype | None = None) -> Pipeline:
     """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
-    and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace."""
-    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
-    second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
+    and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace; `storage`: keep the weights in fp16/bf16
+    and compute in `dtype` (marble.models.weight_cast)."""
+    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage)
+    second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage) if refiner else None
     preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
     final = read_taesd(decoder).to(base.model.device) if decoder else None
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,

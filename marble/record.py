@@ -46,8 +46,10 @@ class GenerationRecord:
     vae: str | None = None                # a replacement final decoder's name (--decoder, TAESD); None: the model's VAE
     refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
     refiner_hash: str | None = None
+    refiner_path: str | None = None       # where the refiner was loaded from (--from reloads it)
     refiner_switch: float | None = None   # fraction of the schedule the base ran
     dtype: str = "fp32"                   # the compute dtype (fp32, bf16, fp16): bits differ between them
+    micro: dict | None = None             # SDXL micro-conditioning asked for (MicroConditioning.given()); None: defaults
     marble_version: str = ""
     record_version: int = RECORD_VERSION
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
@@ -144,6 +146,9 @@ class GenerationRecord:
             raise ValueError(f"the marble record lacks {', '.join(missing)}")
         data["loras"] = _read_loras(data.get("loras", []))
         data["controlnets"] = _read_controlnets(data.get("controlnets", []))
+        if data.get("micro") is not None:
+            from marble.models.conditioning import MicroConditioning   # here: reading a record needs no torch
+            data["micro"] = MicroConditioning.from_given(data["micro"]).given() or None
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

@@ -22,6 +22,7 @@ from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import LCM_ORIGINAL_STEPS, SPACINGS
 from marble.hires import HiresError, HiresFix, check_hires
+from marble.models.conditioning import MicroConditioning
 from marble.prompts.encode import check_emphasis
 from marble.prompts.attention import PromptSyntaxError
 from marble.prompts.schedule import check_prompt
@@ -29,6 +30,7 @@ from marble.prompts.schedule import check_prompt
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_CONTROL_WEIGHT = 2.0   # sd-webui-controlnet's slider limit
+MAX_MICRO_SIZE = 16384   # SDXL micro-conditioning sizes and crops, pixels (SDXL was trained on ≤ 4096)
 MAX_CFG = 100.0   # ComfyUI's limit too; far past where guidance saturates, and keeps cfg·x0 finite in float32
 
 
@@ -60,6 +62,7 @@ class GenerationRequest:
     spacing: str | None = None                  # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
     preset: str | None = None                   # few-step settings by name (marble.diffusion.few_step.PRESETS)
     controls: tuple[ControlSpec, ...] = ()      # ControlNet units (marble.adapters.controlnet), in order
+    micro: MicroConditioning = MicroConditioning()  # SDXL's size/crop/aesthetic conditioning (None fields: defaults)
 
     @property
     def mode(self) -> str:
@@ -80,6 +83,7 @@ class ModelDefaults:
     max_pixels: int             # width·height the model accepts at most
     few_step: FewStepSettings | None = None     # a few-step model's card settings: its defaults, and warnings
     max_control_units: int = 3  # ControlNet units a request may carry
+    micro: tuple[str, ...] = () # SDXL micro-conditioning the models take: "size" (base, refiner), "aesthetic" (refiner)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     strength = _strength(request)
     _check_syntax(request, steps)
     hires = _hires(request, width, height, defaults)
+    _check_micro(request.micro, defaults)
     try:
         emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
     except PromptSyntaxError as e:
@@ -228,6 +233,28 @@ def _hires(request: GenerationRequest, width: int, height: int, defaults: ModelD
         return check_hires(request.hires, width, height, defaults.latent_factor, defaults.max_pixels, MAX_STEPS)
     except HiresError as e:
         raise RequestError(str(e)) from None
+
+
+def _check_micro(micro: MicroConditioning, defaults: ModelDefaults) -> None:
+    if not isinstance(micro, MicroConditioning):
+        raise RequestError("micro must be a MicroConditioning")
+    given = micro.given()
+    sizes = [k for k in given if not k.endswith("aesthetic_score")]
+    scores = [k for k in given if k.endswith("aesthetic_score")]
+    if sizes and "size" not in defaults.micro:
+        raise RequestError(f"{sizes[0]} applies to SDXL models only")
+    if scores and "aesthetic" not in defaults.micro:
+        raise RequestError(f"{scores[0]} applies to an SDXL refiner only (--refiner)")
+    for k in sizes:
+        low = 0 if "crop" in k else 1
+        value = given[k]
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_MICRO_SIZE for v in value):
+            raise RequestError(f"{k} must be two integers in [{low}, {MAX_MICRO_SIZE}], got {given[k]}")
+    for k in scores:
+        v = given[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 10:
+            raise RequestError(f"{k} must be a number in [0, 10], got {v}")
 
 
 def _seed(seed: int | None) -> int:

@@ -39,6 +39,8 @@ def serve(
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
     preview_decoder: Optional[Path] = typer.Option(None, "--preview-decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that draws step previews. Default: a linear latent-to-RGB map (the VAE where none is known). docs/few-step.md."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
+    weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32; fp32 (default). Also $MARBLE_WEIGHTS."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of checkpoints (SD1.x, SD2.x, SDXL .safetensors files, diffusers folders, marble files) that clients may list (/sdapi/v1/sd-models) and switch to (sd_model_checkpoint, OpenAI 'model'). Default: $MARBLE_MODELS, else models/."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
     threads: int = threads_option(),
     dtype: str = dtype_option(),
@@ -70,6 +72,8 @@ def serve(
 
     compute_dtype = read_dtype(dtype)
     apply_threads(threads)
+    from marble.cli.generate import read_weights
+    storage = read_weights(weights)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
         fail("the same --model is given twice")
@@ -85,7 +89,8 @@ def serve(
     for spec in specs:
         try:
             pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
-                                       preview_decoder=preview_decoder, decoder=decoder, trace=trace))
+                                       preview_decoder=preview_decoder, decoder=decoder, trace=trace,
+                                       storage=storage))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
@@ -98,7 +103,15 @@ def serve(
     from marble.server.app import create_app
     from marble.server.state import ServerConfig
 
-    application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits))
+    from marble.checkpoints.resolve import models_dir as default_models_dir
+    folder = models_dir or default_models_dir()
+    if models_dir is not None and not models_dir.is_dir():
+        sock.close()
+        fail(f"--models-dir {models_dir} is not a folder")
+    application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits,
+                                                 models_dir=folder),
+                             load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient,
+                                                             storage=storage))
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if not is_loopback(host) and not api_key:

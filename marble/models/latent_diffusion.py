@@ -22,6 +22,7 @@ from marble.models.mmdit import MMDiT, MMDiTConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNet, UNetConfig
 from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from marble.models.weight_cast import compute_dtype
 
 PREDICTIONS = ("eps", "v", "x0", "flow")     # flow: rectified-flow velocity eps − x0 on a "flow" schedule
 
@@ -93,7 +94,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """What the networks compute in (weights may be stored narrower: marble.models.weight_cast)."""
+        return compute_dtype(self.unet)
 
 
 def tiny_config(name: str = "tiny-random") -> LatentDiffusionConfig:

@@ -15,6 +15,7 @@ from torch import nn
 
 from marble.models.layers import (Downsample, SpatialTransformer, Upsample, coordinate_channels,
                                   normalization, timestep_embedding, zero_module)
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class UNetEncoder(nn.Module):
 
     def _embedding(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         """The time embedding of t (B,) or a single t, plus label_emb(y) for models with vector conditioning."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self.time_embed[0])
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         c = self.encoder_config
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(dtype))
@@ -205,7 +206,7 @@ class UNet(UNetEncoder):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 concat: torch.Tensor | None = None, y: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
+        x = x.to(compute_dtype(self.time_embed[0]))   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if self.config.coord_channels:

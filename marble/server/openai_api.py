@@ -31,7 +31,8 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(description="What to draw.")
-    model: str | None = Field(None, description="A loaded model's name (see /sdapi/v1/sd-models); default: the first.")
+    model: str | None = Field(None, description="A model's name or title from /sdapi/v1/sd-models (one of the models "
+                                                "folder is loaded and becomes the default); default: the default model.")
     n: int | None = Field(None, description="Number of images, seeds seed..seed+n-1.")
     size: str | None = Field(None, description="WIDTHxHEIGHT, or 'auto' for the model's default.")
     response_format: Literal["b64_json", "url"] | None = Field(
@@ -91,7 +92,7 @@ async def _respond(state: ServerState, result: JobResult, response_format: str |
 
 
 async def _generate(state: ServerState, params: _Common, request: Request, **images) -> dict:
-    worker = state.worker(params.model)
+    worker = await state.select(params.model)
     resolved = await state.prepare(worker, _request(params, **images))
     result = await state.run(worker, resolved, request)
     return await _respond(state, result, params.response_format, request)

@@ -110,6 +110,7 @@ class Worker:
         self._last_preview = 0.0
         self._durations: deque[float] = deque(maxlen=16)  # seconds per recent job, for Retry-After
         self._stopping = False
+        self._draining = False                  # retiring: finish the queue, take nothing new
         self._thread: threading.Thread | None = None
 
     @property
@@ -136,12 +137,21 @@ class Worker:
             self._thread.join(timeout)
             self._thread = None
 
+    def retire(self, timeout: float = 3600.0) -> None:
+        """Take no new jobs, finish the queued ones, then stop (a model switched away from)."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
     # -- the queue ---------------------------------------------------------------------------
     def submit(self, request: ResolvedRequest) -> Job:
         """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one."""
         job = Job(request)
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise Cancelled(STOPPING)
             # full: max_queue waiting plus one running (or about to be picked up by the thread)
             in_system = len(self._pending) + (self._current is not None)
@@ -225,9 +235,9 @@ class Worker:
     def _next_locked(self) -> Job | None:
         """Wait for the next job still wanted and make it current; None when stopping."""
         while True:
-            while not self._pending and not self._stopping:
+            while not self._pending and not self._stopping and not self._draining:
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or (self._draining and not self._pending):
                 return None
             job = self._pending.popleft()
             if job.future.set_running_or_notify_cancel():   # False: its waiter gave up while it was queued
