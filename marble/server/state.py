@@ -132,6 +132,7 @@ class ServerState:
                 await loop.run_in_executor(None, self.catalog.remember, entry)
             except ModelLoadError as e:
                 raise RequestError(f"the model {entry.name} cannot be loaded: {e}") from None
+            pipe.loaded.name = entry.name   # the name the listing gives it, whatever the file's metadata says
             worker = Worker(pipe, self.store, self.config.max_queue, self.config.preview_interval)
             old = self.workers.pop(self.default)
             self.workers = {worker.name: worker, **self.workers}
