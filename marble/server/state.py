@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Request
-
 from typing import Callable
 
+from fastapi import Request
+
 from marble.errors import ModelLoadError
-from marble.pipeline import Pipeline
+from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, RequestError, ResolvedRequest, resolve
 from marble.server.catalog import CatalogEntry, ModelCatalog
 from marble.server.limits import ServerLimits, check_limits
@@ -39,11 +39,6 @@ class ModelNotFound(LookupError):
     pass
 
 
-def _load_pipeline(path: str) -> Pipeline:
-    from marble.pipeline import load_pipeline
-    return load_pipeline(path)
-
-
 class ServerState:
     """The loaded models, their workers and the outputs folder, shared by every route.
 
@@ -52,7 +47,7 @@ class ServerState:
     the default worker's place, and the old worker finishes the jobs already queued on it and is
     dropped. Each model object still serves one request at a time, in its own worker."""
 
-    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = _load_pipeline):
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = load_pipeline):
         if not pipes:
             raise ValueError("the server needs at least one model")
         names = [p.name for p in pipes]
