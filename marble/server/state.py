@@ -10,7 +10,6 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Callable
 
 from fastapi import Request
