@@ -243,7 +243,8 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, micro=req.micro.given() or None, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, micro=req.micro.given() or None, marble_version=__version__,
+            loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_path=self.refiner.source or None, refiner_switch=self.refiner_switch)
