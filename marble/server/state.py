@@ -10,13 +10,12 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import Request
 
-from typing import Callable
-
 from marble.errors import ModelLoadError
-from marble.pipeline import Pipeline
+from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, RequestError, ResolvedRequest, resolve
 from marble.server.catalog import CatalogEntry, ModelCatalog
 from marble.server.limits import ServerLimits, check_limits
@@ -39,11 +38,6 @@ class ModelNotFound(LookupError):
     pass
 
 
-def _load_pipeline(path: str) -> Pipeline:
-    from marble.pipeline import load_pipeline
-    return load_pipeline(path)
-
-
 class ServerState:
     """The loaded models, their workers and the outputs folder, shared by every route.
 
@@ -52,7 +46,7 @@ class ServerState:
     the default worker's place, and the old worker finishes the jobs already queued on it and is
     dropped. Each model object still serves one request at a time, in its own worker."""
 
-    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = _load_pipeline):
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = load_pipeline):
         if not pipes:
             raise ValueError("the server needs at least one model")
         names = [p.name for p in pipes]
@@ -132,6 +126,7 @@ class ServerState:
                 await loop.run_in_executor(None, self.catalog.remember, entry)
             except ModelLoadError as e:
                 raise RequestError(f"the model {entry.name} cannot be loaded: {e}") from None
+            pipe.loaded.name = entry.name   # the name the listing gives it, whatever the file's metadata says
             worker = Worker(pipe, self.store, self.config.max_queue, self.config.preview_interval)
             old = self.workers.pop(self.default)
             self.workers = {worker.name: worker, **self.workers}
