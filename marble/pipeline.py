@@ -256,7 +256,8 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, marble_version=__version__,
+            loras=tuple(record_entries(uses, req.lora_specs)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
                            refiner_switch=self.refiner_switch)
@@ -302,7 +303,8 @@ class Pipeline:
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        decoder = self.decoder or (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE
+        decoder = self.decoder if self.decoder is not None else \
+            (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):
