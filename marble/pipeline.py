@@ -367,7 +367,8 @@ class Pipeline:
                                            control=self.control_units(req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        decoder = self.decoder or (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE
+        decoder = self.decoder if self.decoder is not None else \
+            (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):
