@@ -217,6 +217,19 @@ def test_marble_train_diffusion_trains_an_mmdit_by_rectified_flow(tmp_path):
     model = to_model(read_marble(tmp_path / "run" / "model.safetensors"))
     assert isinstance(model.unet, MMDiT) and model.config.prediction == "flow"
     assert any(p.abs().sum() > 0 for p in model.unet.final.parameters())       # trained off its zero start
+    # EMA snapshots along the way (learning curves) leave the training itself untouched
+    snap = tmp_path / "snap.toml"
+    snap.write_text(text.replace(str(tmp_path / "run"), str(tmp_path / "snap")).replace(
+        'prediction = "flow"', 'prediction = "flow"\nsnapshot_every = 2'))
+    r = subprocess.run([sys.executable, "-m", "marble", "train", "diffusion", str(snap)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "snap" / "snapshots").iterdir()) == ["step-000002.safetensors"]
+    at_2 = read_marble(tmp_path / "snap" / "snapshots" / "step-000002.safetensors")
+    final, with_snaps = read_marble(tmp_path / "run" / "model.safetensors"), read_marble(tmp_path / "snap" / "model.safetensors")
+    assert final.state.keys() == with_snaps.state.keys()
+    assert all(torch.equal(final.state[k], with_snaps.state[k]) for k in final.state)
+    assert at_2.config == final.config and not all(torch.equal(at_2.state[k], final.state[k]) for k in final.state)
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace(str(tmp_path / "run"), str(tmp_path / "bad")).replace(
         'prediction = "flow"', 'prediction = "flow"\nmin_snr_gamma = 5.0'))
