@@ -244,3 +244,20 @@ def test_diffusers_export_refuses_an_mmdit(tmp_path):
     with pytest.raises(ValueError, match="not a U-Net"):
         write_diffusers(from_model(flow_model()), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_training_refuses_a_flow_mmdit_with_one_error(tmp_path):
+    """LoRA training (marble/train/lora.py) is written for U-Nets on discrete timesteps."""
+    from marble.checkpoints.checkpoint import from_model
+    from marble.checkpoints.marble_format import write_marble
+    from marble.train.config import load_config
+    from marble.train.distributed import init_world
+    from marble.train.lora import train_lora
+    base = write_marble(from_model(flow_model()), tmp_path / "mmdit.safetensors")
+    from test_train import make_folder
+    folder = make_folder(tmp_path / "data")
+    cfg = tmp_path / "lora.toml"
+    cfg.write_text(f'kind = "lora"\nrun_dir = "{tmp_path / "run"}"\nsteps = 2\nbatch = 2\n[model]\ninit = "{base}"\n'
+                   f'[data]\nfolder = "{folder}"\nsize = 16\n[lora]\nrank = 2\n')
+    with pytest.raises(ConfigError, match="LoRA training needs a U-Net model.*MMDiT with prediction 'flow'"):
+        train_lora(load_config(cfg, {"kind": "lora"}), init_world(), False)
