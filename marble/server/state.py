@@ -14,8 +14,9 @@ from pathlib import Path
 from fastapi import Request
 
 from marble.pipeline import Pipeline
-from marble.request import GenerationRequest, ResolvedRequest, resolve
+from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 from marble.server.limits import ServerLimits, check_limits
+from marble.server.live import LiveConfig, LiveHub
 from marble.server.outputs import OutputStore
 from marble.server.worker import JobResult, Worker, wait_for
 
@@ -28,6 +29,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     preview_interval: float = 0.5        # seconds between progress previews (each a VAE decode)
     io_threads: int = 2                  # a fixed pool that decodes uploads and reads files (CPU work: ~cores)
+    live: LiveConfig = field(default_factory=LiveConfig)   # the live mode's model settings and limits
 
 
 class ModelNotFound(LookupError):
@@ -37,7 +39,7 @@ class ModelNotFound(LookupError):
 class ServerState:
     """The loaded models, their workers and the outputs folder, shared by every route."""
 
-    def __init__(self, pipes: list[Pipeline], config: ServerConfig):
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig, live_pipe: Pipeline | None = None):
         if not pipes:
             raise ValueError("the server needs at least one model")
         names = [p.name for p in pipes]
@@ -49,14 +51,26 @@ class ServerState:
         self.workers = {p.name: Worker(p, self.store, config.max_queue, config.preview_interval) for p in pipes}
         self.default = names[0]
         self._pool: ThreadPoolExecutor | None = None
+        # live mode: a few-step model of its own (one more worker), else the default model's worker
+        self.live = LiveHub(config.live)
+        if live_pipe is None or any(live_pipe is p for p in pipes):   # one worker per model, never two
+            self.live_worker = self.workers[live_pipe.name if live_pipe is not None else self.default]
+        else:
+            self.live_worker = Worker(live_pipe, self.store, config.max_queue, config.preview_interval)
+        self.live_defaults = config.live.defaults(self.live_worker.pipe.defaults)
+        self.live_loras = config.live.loras
+
+    def _all_workers(self) -> list[Worker]:
+        return list(self.workers.values()) + ([self.live_worker] if self.live_worker not in self.workers.values()
+                                              else [])
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="marble-io")
-        for worker in self.workers.values():
+        for worker in self._all_workers():
             worker.start()
 
     def stop(self) -> None:
-        for worker in self.workers.values():
+        for worker in self._all_workers():
             worker.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -77,11 +91,12 @@ class ServerState:
                 return worker
         raise ModelNotFound(f"the model {name!r} is not loaded here; this server has: {', '.join(self.workers)}")
 
-    async def prepare(self, worker: Worker, request: GenerationRequest) -> ResolvedRequest:
+    async def prepare(self, worker: Worker, request: GenerationRequest,
+                      defaults: ModelDefaults | None = None) -> ResolvedRequest:
         """Resolve (marble's own validation), check this server's limits, then read the prompt's
         LoRAs (names inside the model's LoRA folder only; off the event loop, cached after the first
-        read): 4xx before queueing."""
-        resolved = resolve(request, worker.pipe.defaults)
+        read): 4xx before queueing. `defaults`: other than the model's (the live settings)."""
+        resolved = resolve(request, defaults or worker.pipe.defaults)
         check_limits(resolved, self.limits)
         if resolved.lora_specs:
             await self.offload(worker.pipe.lora_uses, resolved)

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from marble.server.state import state_of
 
 STATIC = Path(__file__).with_name("static")
-_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+_FILES = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
 
 router = APIRouter(tags=["web UI"])
 
