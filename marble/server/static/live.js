@@ -113,7 +113,7 @@ function onLiveImage(ev) {
     for (const t of answered) live.latencies.push(at - t);
     if (live.latencies.length > 500) live.latencies.splice(0, live.latencies.length - 500);
     for (const s of live.sent.keys()) if (s <= r.seq) live.sent.delete(s);
-    live.shown.push({ seq: r.seq, at, prompt: r.record.prompt });
+    live.shown.push({ seq: r.seq, at, prompt: r.record.prompt, seconds: r.seconds });
     const last = answered.length ? ` — drawn ${Math.round(at - answered[answered.length - 1])} ms after your change` : "";
     $("live-info").textContent = `${r.parameters.split("\n").slice(-1)[0]}${last}`;
     $("live-prompt").textContent = r.record.prompt;
