@@ -7,11 +7,15 @@ import time
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from marble.cli import app as cli
 from marble.request import GenerationRequest, ModelDefaults, resolve
 from marble.server.app import create_app
+from marble.server.limits import ServerLimits
 from marble.server.live import FAST_CFG, FAST_SAMPLER, FAST_STEPS, LiveConfig, check_live
 from marble.server.state import ServerConfig
 from marble.server.thread import ServerThread
@@ -172,3 +176,31 @@ def test_bad_live_settings_stop_the_server_at_start_with_one_line(tiny_pipe, tmp
                        (["--model", "tiny-random", "--port", "0", "--live-steps", "0"], "steps must be")):
         r = runner.invoke(cli, ["serve", *args])
         assert r.exit_code == 2 and r.stderr.strip().startswith("marble: error: ") and text in r.stderr, r.output
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tiny_pipe, tmp_path_factory):
+    limits = ServerLimits(max_pixels=32 * 32, max_steps=4, max_n=1, max_prompt_chars=300)
+    app = create_app([tiny_pipe], ServerConfig(outputs=tmp_path_factory.mktemp("livefuzz"), max_queue=2, limits=limits))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c, app.state.marble.live.open("fuzzer").id
+        assert c.get("/health").status_code == 200
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+FIELDS = {"seq": st.integers() | JSON, "prompt": st.text(max_size=40) | JSON, "seed": st.integers() | JSON,
+          "steps": st.integers(-2, 6) | JSON, "cfg_scale": st.floats() | JSON,
+          "sampler_name": st.sampled_from(["Euler", "LCM", "nope", ""]) | JSON,
+          "width": st.sampled_from([8, 32, 33, 4096]) | JSON, "height": st.sampled_from([8, 32, -8]) | JSON}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({}, optional=FIELDS) | JSON, keep=JSON)
+def test_fuzz_live_requests_only_ever_get_2xx_or_4xx(fuzz_client, body, keep):
+    c, sid = fuzz_client
+    as_json = {"content-type": "application/json"}    # json.dumps writes NaN and Infinity, as some clients do
+    r = c.post(f"/api/live/{sid}", content=json.dumps(body), headers=as_json)
+    assert r.status_code in (202, 400, 409, 422, 429), (r.status_code, r.text)
+    assert c.post(f"/api/live/{sid}/keep", content=json.dumps(keep), headers=as_json).status_code in (200, 404, 422)
