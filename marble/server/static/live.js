@@ -1,5 +1,5 @@
-// marble's live mode: every change of the prompt or settings asks for an image after a short
-// debounce, over one Server-Sent Events stream (/api/live/stream). Requests carry a growing `seq`;
+// marble's live mode: every change of the prompt or settings asks for an image (debounced: at once
+// after a pause, else when the typing pauses), over one Server-Sent Events stream (/api/live/stream). Requests carry a growing `seq`;
 // the server cancels older ones ("latest wins") and the page draws an image only if its seq is
 // newer than the one shown, so an older image never replaces a newer one. Uses app.js's $, api,
 // showError, numberOrNull and loadGallery.
@@ -13,6 +13,7 @@ const live = {
   seq: -1,             // the newest request sent
   shownSeq: -1,        // the newest image drawn
   timer: null,
+  lastChange: -Infinity,   // performance.now() of the last change
   sent: new Map(),     // seq -> performance.now() when its request left
   pendingKeys: [],     // times of changes not yet answered by an image
   latencies: [],       // ms from a change to the first image that includes it (the last 500)
@@ -68,9 +69,16 @@ function stopLive() {
 
 function onLiveChange() {
   if (!live.on) return;
-  live.pendingKeys.push(performance.now());
+  const now = performance.now();
+  const wait = live.settings ? live.settings.debounce_ms : 100;
+  const quiet = now - live.lastChange >= wait;
+  live.lastChange = now;
+  live.pendingKeys.push(now);
   clearTimeout(live.timer);
-  live.timer = setTimeout(sendLive, live.settings ? live.settings.debounce_ms : 100);
+  // the first change after a pause goes at once; changes closer together than the debounce wait
+  // until the typing pauses for it (a debounce with leading and trailing edges)
+  if (quiet) sendLive();
+  else live.timer = setTimeout(sendLive, wait);
 }
 
 async function sendLive() {
@@ -114,6 +122,7 @@ function onLiveImage(ev) {
     if (live.latencies.length > 500) live.latencies.splice(0, live.latencies.length - 500);
     for (const s of live.sent.keys()) if (s <= r.seq) live.sent.delete(s);
     live.shown.push({ seq: r.seq, at, prompt: r.record.prompt, seconds: r.seconds });
+    if (live.shown.length > 500) live.shown.splice(0, live.shown.length - 500);
     const last = answered.length ? ` — drawn ${Math.round(at - answered[answered.length - 1])} ms after your change` : "";
     $("live-info").textContent = `${r.parameters.split("\n").slice(-1)[0]}${last}`;
     $("live-prompt").textContent = r.record.prompt;
