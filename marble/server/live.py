@@ -100,10 +100,14 @@ class LiveStream:
     job: object | None = None                         # the worker Job of the newest request
     results: OrderedDict = field(default_factory=OrderedDict)      # seq -> (image, record), newest last
 
+    def check(self, seq: int) -> None:
+        """StaleRequest unless `seq` is newer than every request this stream accepted."""
+        if seq <= self.last_seq:
+            raise StaleRequest(f"request {seq} is not newer than this stream's request {self.last_seq}")
+
     def accept(self, seq: int) -> None:
         """Claim `seq` as the newest request, or StaleRequest if a newer one came first."""
-        if seq <= self.last_seq:
-            raise StaleRequest(f"request {seq} is older than this stream's request {self.last_seq}")
+        self.check(seq)
         self.last_seq = seq
 
     def push_image(self, seq: int, event: str, image: Image.Image, record: GenerationRecord, keep: int) -> bool:

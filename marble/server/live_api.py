@@ -107,12 +107,13 @@ async def submit(stream_id: str, params: LiveParams, request: Request):
                             steps=params.steps, cfg=params.cfg_scale, sampler=params.sampler_name,
                             width=params.width, height=params.height, loras=loras)
     try:
-        if params.seq <= live.last_seq:           # checked before the work of resolving too
-            raise StaleRequest(f"request {params.seq} is older than this stream's request {live.last_seq}")
+        live.check(params.seq)                    # before the work of resolving, too
         resolved = await state.prepare(worker, req, state.live_defaults)   # 4xx: the older job goes on
         live.accept(params.seq)                   # again after the await: a newer one may have come
     except StaleRequest as e:
         return error_response(request.url.path, 409, str(e), code="stale")
+    if state.live.get(stream_id) is None:         # the page left during the await
+        return error_response(request.url.path, 404, f"no live stream {stream_id!r} is open", code="no_stream")
     if live.job is not None:
         worker.cancel(live.job, SUPERSEDED)       # latest wins: dropped if queued, stopped if running
         live.job = None
