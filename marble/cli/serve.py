@@ -36,6 +36,8 @@ def serve(
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
+    controlnet_dir: Optional[Path] = typer.Option(None, "--controlnet-dir", help="Folder of ControlNets that requests name (GET /controlnet/model_list lists it; names never resolve outside it). Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
+    max_control_units: int = typer.Option(3, "--max-control-units", help="Most ControlNet units per request."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the OpenAI Images API (/v1/images/...), the A1111 API (/sdapi/v1/...) and a web UI (/).
@@ -47,6 +49,8 @@ def serve(
 
     if not 0 <= port <= 65535:
         fail(f"--port must be in 0..65535, got {port}")
+    if max_control_units < 0:
+        fail(f"--max-control-units must be >= 0, got {max_control_units}")
     if max_queue < 0:
         fail(f"--max-queue must be >= 0, got {max_queue}")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
@@ -76,7 +80,8 @@ def serve(
     pipes = []
     for spec in specs:
         try:
-            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient))
+            pipes.append(load_pipeline(spec, lora_dir=lora_dir, lora_lenient=lora_lenient, control_dir=controlnet_dir,
+                                       max_control_units=max_control_units))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))

@@ -27,6 +27,7 @@ from marble.hires import DEFAULT_DENOISE, IMAGE_UPSCALERS, LATENT_UPSCALERS, Hir
 from marble.record import parse_parameters
 from marble.adapters.lora_folder import list_loras
 from marble.request import GenerationRequest, RequestError, ResolvedRequest
+from marble.server.control_units import parse_units
 from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
 from marble.server.worker import INTERRUPTED, Cancelled, JobResult
@@ -62,6 +63,8 @@ class Txt2ImgParams(BaseModel):
         None, description="Read: sd_model_checkpoint (the model to use) and emphasis (Original, No norm, None; "
                           "marble also takes ComfyUI).")
     send_images: bool = True
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None, description="Read: controlnet.args, the sd-webui-controlnet extension's units (docs/controlnet.md).")
 
 
 class Img2ImgParams(Txt2ImgParams):
@@ -131,7 +134,8 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
 
 async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
     worker = state.worker(_model_name(params))
-    resolved = await state.prepare(worker, _request(params, **images))
+    controls = await state.offload(parse_units, params.alwayson_scripts, state.limits, images.get("init_image"))
+    resolved = await state.prepare(worker, _request(params, controls=controls, **images))
     try:
         result = await state.run(worker, resolved, request)
     except Cancelled as e:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from fastapi import Request
 
+from marble.errors import ModelLoadError
 from marble.pipeline import Pipeline
-from marble.request import GenerationRequest, ResolvedRequest, resolve
+from marble.request import GenerationRequest, RequestError, ResolvedRequest, resolve
 from marble.server.limits import ServerLimits, check_limits
 from marble.server.outputs import OutputStore
 from marble.server.worker import JobResult, Worker, wait_for
@@ -85,6 +86,11 @@ class ServerState:
         check_limits(resolved, self.limits)
         if resolved.lora_specs:
             await self.offload(worker.pipe.lora_uses, resolved)
+        if resolved.controls:   # ControlNets by name, inside the ControlNet folder only; fitted to the model
+            try:
+                await self.offload(worker.pipe.control_nets, resolved)
+            except ModelLoadError as e:
+                raise RequestError(str(e)) from None
         return resolved
 
     async def run(self, worker: Worker, resolved: ResolvedRequest, http_request: Request) -> JobResult:
