@@ -212,3 +212,12 @@ def test_fit_takes_the_unets_heads(pair):
     fitted = fit(inferred, unet_config(family), "x")
     assert fitted.unet.heads_and_dim(64) == unet_config(family).heads_and_dim(64)
     assert isinstance(cn, ControlNetFile)
+
+
+def test_a_controlnet_given_as_a_model_says_so(pair, tmp_path):
+    from marble.checkpoints.detect import open_checkpoint
+    family, _, _, _, _, cn, folder = pair
+    single = write_controlnet(cn, tmp_path / "cn.safetensors", "single-file")
+    for path in (folder, single):
+        with pytest.raises(ModelLoadError, match="is a ControlNet, not a model"):
+            open_checkpoint(path)

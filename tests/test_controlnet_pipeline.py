@@ -145,6 +145,16 @@ def test_img2img_and_inpainting_take_control(setup):
             assert np.array_equal(got[keep], np.asarray(init).astype(int)[keep])
 
 
+def test_hires_fix_takes_control_in_both_passes(setup):
+    model, pipe, nets, ours, _ = setup
+    from marble.hires import HiresFix
+    hires = HiresFix(scale=1.5, steps=3, denoise=0.6, upscaler="Latent")
+    plain = ours_image(ours, [], hires=hires)
+    got = ours_image(ours, [replace(unit(control_image(10)), resize="Crop and Resize")], hires=hires)
+    assert got.shape == plain.shape == (96, 96, 3)
+    assert np.abs(got - plain).max() > 10
+
+
 def test_resize_modes():
     wide = Image.new("RGB", (40, 20), (200, 0, 0))
     wide.paste((0, 0, 200), (0, 0, 10, 20))   # a blue band at the left
