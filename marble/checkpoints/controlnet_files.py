@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import (PICKLE_SUFFIXES, TensorSource, SafetensorsSource, config_from_metadata,
+from marble.checkpoints.checkpoint import (PICKLE_SUFFIXES, TensorSource, config_from_metadata,
                                            convert_state, file_hash, open_source, refuse_existing)
 from marble.checkpoints.diffusers_folder import DIFFUSERS_VERSION, unet_config_from_diffusers, unet_config_to_diffusers
 from marble.checkpoints.diffusers_keys import controlnet_table, inverse, rename
@@ -118,10 +118,10 @@ def _unet_shape(in_channels: int, base: int, widths: list[int], res: int, depths
     """A UNetConfig from structure; heads by SD's convention (module docstring)."""
     attention = tuple(i for i, d in enumerate(depths) if d)
     used = {depths[i] for i in attention} | {mid_depth}
-    level_depths: tuple[int, ...] = ()
-    depth = used.pop() if len(used) == 1 else 1
-    if depth == 1 and len({depths[i] for i in attention} | {mid_depth}) > 1:
-        level_depths = tuple(depths[:-1]) + (mid_depth,)
+    if len(used) == 1:   # one depth everywhere (SD1, SD2)
+        depth, level_depths = used.pop(), ()
+    else:                # per level, the middle block's last (SDXL base: 0, 2, 10)
+        depth, level_depths = 1, tuple(depths[:-1]) + (mid_depth,)
     if any(w % base for w in widths):
         raise ValueError(f"level widths {widths} are not multiples of {base}")
     return UNetConfig(in_channels=in_channels, out_channels=in_channels, model_channels=base,
