@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from marble.models.layers import zero_module
+from marble.models.layers import coordinate_channels, zero_module
 from marble.models.unet import TimestepEmbedSequential, UNetConfig, UNetEncoder
+from marble.models.weight_cast import compute_dtype
 
 HINT_BLOCK = (16, 32, 96, 256)   # the paper's and every released SD ControlNet's hint-encoder widths
 
@@ -81,8 +82,10 @@ class ControlNet(UNetEncoder):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor,
                 y: torch.Tensor | None = None) -> list[torch.Tensor]:
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self.time_embed[0])
         x = x.to(dtype)
+        if self.encoder_config.coord_channels:   # its input conv is the U-Net's: x, y coordinates joined
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
         emb = self._embedding(t, y, x.shape[0])
         context = context.to(dtype)
         guided = self.input_hint_block(hint.to(dtype), emb, context)

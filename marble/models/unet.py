@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.models.layers import (Downsample, SpatialTransformer, Upsample, normalization,
-                                  timestep_embedding, zero_module)
+from marble.models.layers import (Downsample, SpatialTransformer, Upsample, coordinate_channels,
+                                  normalization, timestep_embedding, zero_module)
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class UNetConfig:
     linear_projection: bool = False            # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
     groups: int = 32                           # GroupNorm groups
     dropout: float = 0.0
+    coord_channels: bool = False               # join x, y coordinate channels to the input (CoordConv); the input conv takes 2 more
+    attention_position: bool = False           # add a 2-D sin-cos position embedding to every spatial transformer's tokens
 
     def __post_init__(self):
         if self.level_depths and len(self.level_depths) != len(self.channel_mult):
@@ -126,7 +129,8 @@ class UNetEncoder(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        conv_in = nn.Conv2d(c.in_channels + 2 * c.coord_channels, ch, 3, padding=1)   # + x, y coordinates (CoordConv)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_in])])
         skip_channels = [ch]
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -147,7 +151,7 @@ class UNetEncoder(nn.Module):
 
     def _embedding(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         """The time embedding of t (B,) or a single t, plus label_emb(y) for models with vector conditioning."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self.time_embed[0])
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         c = self.encoder_config
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(dtype))
@@ -162,7 +166,7 @@ class UNetEncoder(nn.Module):
 def transformer(c: UNetConfig, channels: int, level: int) -> SpatialTransformer:
     heads, dim = c.heads_and_dim(channels)
     return SpatialTransformer(channels, heads, dim, c.context_dim, c.depth(level),
-                              c.linear_projection, c.groups, c.dropout)
+                              c.linear_projection, c.groups, c.dropout, c.attention_position)
 
 
 class UNet(UNetEncoder):
@@ -202,9 +206,11 @@ class UNet(UNetEncoder):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 concat: torch.Tensor | None = None, y: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
+        x = x.to(compute_dtype(self.time_embed[0]))   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if self.config.coord_channels:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
         emb = self._embedding(t, y, x.shape[0])
         context = context.to(x.dtype)
         if control is not None and len(control) != len(self.input_blocks) + 1:
