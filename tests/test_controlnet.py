@@ -221,3 +221,23 @@ def test_a_controlnet_given_as_a_model_says_so(pair, tmp_path):
     for path in (folder, single):
         with pytest.raises(ModelLoadError, match="is a ControlNet, not a model"):
             open_checkpoint(path)
+
+
+@torch.no_grad()
+def test_a_unet_with_coordinate_channels_takes_its_controlnet(tmp_path):
+    """The copy's input conv is the U-Net's, coordinates included; a file of it loads back fitted."""
+    from dataclasses import replace
+    config = replace(SD1_UNET, coord_channels=True, attention_position=True)
+    cn_config = controlnet_config(config, 4)
+    net = randomize_(ControlNet(cn_config), seed=2)
+    assert net.input_blocks[0][0].weight.shape[1] == 6
+    path = write_controlnet(ControlNetFile(cn_config, net.state_dict(), tmp_path, "", "marble"),
+                            tmp_path / "cn.safetensors", "single-file")
+    back = read_controlnet(path, unet=config)
+    assert back.config == cn_config
+    loaded = load_controlnet(back)
+    x, t, context, hint, _, _ = inputs("sd1")
+    unet = randomize_(UNet(config), seed=3)
+    residuals = loaded(x, t, context, hint)
+    assert all(torch.equal(a, b) for a, b in zip(residuals, net(x, t, context, hint)))
+    assert unet(x, t, context, control=residuals).shape == x.shape

@@ -197,8 +197,10 @@ def fit(config: ControlNetConfig, unet: UNetConfig, name: str) -> ControlNetConf
         diff = next(f"{f} {a} vs the model's {b}" for f, a, b in zip(fields, ours, theirs) if a != b)
         raise ModelLoadError(f"the ControlNet {name} does not fit this model's U-Net ({diff}); "
                              "a ControlNet works only with the architecture it was trained for")
-    return replace(config, unet=replace(unet, in_channels=config.unet.in_channels,
-                                        out_channels=config.unet.in_channels))
+    in_channels = config.unet.in_channels
+    if unet.coord_channels and not config.unet.coord_channels:   # inferred from a file: its input conv counts x, y
+        in_channels -= 2
+    return replace(config, unet=replace(unet, in_channels=in_channels, out_channels=in_channels))
 
 
 # --- reading ---------------------------------------------------------------------------------------
