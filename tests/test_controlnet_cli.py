@@ -129,3 +129,33 @@ def test_preprocessors():
     assert canny(grey, 100, 700).sum() == 0
     with pytest.raises(ValueError, match="needs downloaded weights"):
         module_name("depth_midas")
+
+
+def test_fp16_storage_keeps_the_controlnet_in_fp16_and_computes_in_float32(files):
+    """With --weights fp16 the ControlNet is stored like the U-Net and the image is exactly that of a
+    float32 pipeline whose model weights were rounded to fp16 (the ControlNet file is fp16 already)."""
+    from marble.adapters.controlnet import ControlSpec
+    from marble.checkpoints.resolve import load_model
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest, resolve
+    root, _ = files
+    folder = root / "fp16"
+    folder.mkdir(exist_ok=True)
+    config = controlnet_config(tiny_config().unet, 2)
+    state = {k: v.half() for k, v in randomize_(ControlNet(config), seed=4).state_dict().items()}
+    write_controlnet(ControlNetFile(config, state, root, "", "marble"), folder / "half.safetensors", "single-file")
+    stored = load_model("tiny-random", storage=torch.float16)
+    rounded = load_model("tiny-random")
+    with torch.no_grad():
+        for p in rounded.model.parameters():
+            p.copy_(p.half().float())
+    spec = ControlSpec(image=Image.open(root / "sketch0.png"), model="half", module="invert")
+    images = []
+    for loaded in (stored, rounded):
+        pipe = Pipeline(loaded, control_dir=folder)
+        request = resolve(GenerationRequest(prompt="a circle", seed=2, steps=3, width=32, height=32,
+                                            controls=(spec,)), pipe.defaults)
+        images.append(np.asarray(pipe.generate(request).images[0]))
+        net = pipe.control_nets(request)[0].net
+        assert next(net.parameters()).dtype == (torch.float16 if loaded is stored else torch.float32)
+    assert np.array_equal(*images)
