@@ -241,3 +241,18 @@ def test_a_unet_with_coordinate_channels_takes_its_controlnet(tmp_path):
     residuals = loaded(x, t, context, hint)
     assert all(torch.equal(a, b) for a, b in zip(residuals, net(x, t, context, hint)))
     assert unet(x, t, context, control=residuals).shape == x.shape
+
+
+def test_a_full_cldm_file_loads_its_control_model(pair, tmp_path):
+    """ControlNet 1.0's full files hold the whole ControlLDM: the SD model's keys are known and skipped."""
+    family, _, _, _, _, cn, _ = pair
+    state = {"control_model." + k: v for k, v in cn.state.items()}
+    state.update({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3), "logvar": torch.zeros(1000),
+                  "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 16, 3, 3),
+                  "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(32)})
+    full = _write(tmp_path / "full.safetensors", state)
+    other = read_controlnet(full, unet=unet_config(family))
+    assert all(torch.equal(other.state[k], v) for k, v in cn.state.items())
+    state["control_model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelLoadError, match="unexpected 1 keys"):
+        read_controlnet(_write(tmp_path / "extra.safetensors", state), unet=unet_config(family))
