@@ -162,10 +162,21 @@ def test_every_layout_loads_the_same_tensors(pair, tmp_path):
 
 
 def test_a_controlnet_for_another_architecture_is_refused(pair):
+    """Residuals of other widths or levels, another context width: refused. The copy's own transformers
+    may differ from the U-Net's (SD1 and SD2 tiny shapes share their residuals and context)."""
+    from dataclasses import replace
     family, _, _, _, _, cn, folder = pair
-    other = SD2_UNET if family == "sd1" else SD1_UNET
-    with pytest.raises(ModelLoadError, match="does not fit this model's U-Net"):
-        read_controlnet(folder, unet=other)
+    ours = unet_config(family)
+    for other, what in ((UNET_PRESETS["sdxl-tiny"] if family != "sdxl" else SD1_UNET, "level widths"),
+                        (replace(ours, context_dim=48), "context width"),
+                        (replace(ours, num_res_blocks=1), "res blocks per level")):
+        with pytest.raises(ModelLoadError, match=f"does not fit this model's U-Net \\({what}"):
+            read_controlnet(folder, unet=other)
+    if family == "sd1":   # an SD2-shaped copy beside the SD1-shaped U-Net: its own transformers, read from the file
+        shallow = read_controlnet(folder, unet=SD2_UNET)
+        assert shallow.config.unet == replace(cn.config.unet, head_dim=SD2_UNET.head_dim,   # heads: the U-Net's
+                                              num_heads=SD2_UNET.num_heads)
+        assert not shallow.config.unet.linear_projection and shallow.config.unet.transformer_depth == 1
 
 
 def test_bad_files_are_one_line_errors(tmp_path):
