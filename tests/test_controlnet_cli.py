@@ -89,7 +89,13 @@ def test_bad_control_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path
     write_controlnet(ControlNetFile(config, ControlNet(config).state_dict(), tmp_path, "", "marble"), other,
                      "single-file")
     sketch = root / "sketch0.png"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    pickle = tmp_path / "control.pth"
+    torch.save({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, pickle)
     cases = [
+        (["--control", sketch, "--control-model", corrupt], "not a valid safetensors file"),
+        (["--control", sketch, "--control-model", pickle], "--allow-pickle"),
         (["--control", text, "--control-model", model], "not a readable image"),
         (["--control", sketch, "--control-model", other], "does not fit"),
         (["--control", sketch, "--control-model", "no-such-net"], "unknown ControlNet"),
