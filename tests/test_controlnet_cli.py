@@ -165,3 +165,16 @@ def test_fp16_storage_keeps_the_controlnet_in_fp16_and_computes_in_float32(files
         net = pipe.control_nets(request)[0].net
         assert next(net.parameters()).dtype == (torch.float16 if loaded is stored else torch.float32)
     assert np.array_equal(*images)
+
+
+def test_a_pickled_controlnet_runs_with_allow_pickle_as_its_safetensors_twin(files, tmp_path):
+    from marble.checkpoints.controlnet_files import read_controlnet
+    root, model = files
+    pickle = tmp_path / "edges.pth"
+    torch.save({"control_model." + k: v for k, v in read_controlnet(model).state.items()}, pickle)
+    args = ["a circle", *FAST, "--control", root / "sketch0.png", "--control-module", "invert"]
+    code, out, (a,) = generate(*args, "--out", tmp_path / "a", "--control-model", model)
+    assert code == 0, out
+    code, out, (b,) = generate(*args, "--out", tmp_path / "b", "--control-model", pickle, "--allow-pickle")
+    assert code == 0, out
+    assert np.array_equal(pixels(a), pixels(b))
