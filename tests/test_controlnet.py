@@ -162,10 +162,21 @@ def test_every_layout_loads_the_same_tensors(pair, tmp_path):
 
 
 def test_a_controlnet_for_another_architecture_is_refused(pair):
+    """Residuals of other widths or levels, another context width: refused. The copy's own transformers
+    may differ from the U-Net's (SD1 and SD2 tiny shapes share their residuals and context)."""
+    from dataclasses import replace
     family, _, _, _, _, cn, folder = pair
-    other = SD2_UNET if family == "sd1" else SD1_UNET
-    with pytest.raises(ModelLoadError, match="does not fit this model's U-Net"):
-        read_controlnet(folder, unet=other)
+    ours = unet_config(family)
+    for other, what in ((UNET_PRESETS["sdxl-tiny"] if family != "sdxl" else SD1_UNET, "level widths"),
+                        (replace(ours, context_dim=48), "context width"),
+                        (replace(ours, num_res_blocks=1), "res blocks per level")):
+        with pytest.raises(ModelLoadError, match=f"does not fit this model's U-Net \\({what}"):
+            read_controlnet(folder, unet=other)
+    if family == "sd1":   # an SD2-shaped copy beside the SD1-shaped U-Net: its own transformers, read from the file
+        shallow = read_controlnet(folder, unet=SD2_UNET)
+        assert shallow.config.unet == replace(cn.config.unet, head_dim=SD2_UNET.head_dim,   # heads: the U-Net's
+                                              num_heads=SD2_UNET.num_heads)
+        assert not shallow.config.unet.linear_projection and shallow.config.unet.transformer_depth == 1
 
 
 def test_bad_files_are_one_line_errors(tmp_path):
@@ -212,3 +223,47 @@ def test_fit_takes_the_unets_heads(pair):
     fitted = fit(inferred, unet_config(family), "x")
     assert fitted.unet.heads_and_dim(64) == unet_config(family).heads_and_dim(64)
     assert isinstance(cn, ControlNetFile)
+
+
+def test_a_controlnet_given_as_a_model_says_so(pair, tmp_path):
+    from marble.checkpoints.detect import open_checkpoint
+    family, _, _, _, _, cn, folder = pair
+    single = write_controlnet(cn, tmp_path / "cn.safetensors", "single-file")
+    for path in (folder, single):
+        with pytest.raises(ModelLoadError, match="is a ControlNet, not a model"):
+            open_checkpoint(path)
+
+
+@torch.no_grad()
+def test_a_unet_with_coordinate_channels_takes_its_controlnet(tmp_path):
+    """The copy's input conv is the U-Net's, coordinates included; a file of it loads back fitted."""
+    from dataclasses import replace
+    config = replace(SD1_UNET, coord_channels=True, attention_position=True)
+    cn_config = controlnet_config(config, 4)
+    net = randomize_(ControlNet(cn_config), seed=2)
+    assert net.input_blocks[0][0].weight.shape[1] == 6
+    path = write_controlnet(ControlNetFile(cn_config, net.state_dict(), tmp_path, "", "marble"),
+                            tmp_path / "cn.safetensors", "single-file")
+    back = read_controlnet(path, unet=config)
+    assert back.config == cn_config
+    loaded = load_controlnet(back)
+    x, t, context, hint, _, _ = inputs("sd1")
+    unet = randomize_(UNet(config), seed=3)
+    residuals = loaded(x, t, context, hint)
+    assert all(torch.equal(a, b) for a, b in zip(residuals, net(x, t, context, hint)))
+    assert unet(x, t, context, control=residuals).shape == x.shape
+
+
+def test_a_full_cldm_file_loads_its_control_model(pair, tmp_path):
+    """ControlNet 1.0's full files hold the whole ControlLDM: the SD model's keys are known and skipped."""
+    family, _, _, _, _, cn, _ = pair
+    state = {"control_model." + k: v for k, v in cn.state.items()}
+    state.update({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3), "logvar": torch.zeros(1000),
+                  "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 16, 3, 3),
+                  "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(32)})
+    full = _write(tmp_path / "full.safetensors", state)
+    other = read_controlnet(full, unet=unet_config(family))
+    assert all(torch.equal(other.state[k], v) for k, v in cn.state.items())
+    state["control_model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelLoadError, match="unexpected 1 keys"):
+        read_controlnet(_write(tmp_path / "extra.safetensors", state), unet=unet_config(family))

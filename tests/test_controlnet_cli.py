@@ -89,7 +89,13 @@ def test_bad_control_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path
     write_controlnet(ControlNetFile(config, ControlNet(config).state_dict(), tmp_path, "", "marble"), other,
                      "single-file")
     sketch = root / "sketch0.png"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    pickle = tmp_path / "control.pth"
+    torch.save({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, pickle)
     cases = [
+        (["--control", sketch, "--control-model", corrupt], "not a valid safetensors file"),
+        (["--control", sketch, "--control-model", pickle], "--allow-pickle"),
         (["--control", text, "--control-model", model], "not a readable image"),
         (["--control", sketch, "--control-model", other], "does not fit"),
         (["--control", sketch, "--control-model", "no-such-net"], "unknown ControlNet"),
@@ -129,3 +135,46 @@ def test_preprocessors():
     assert canny(grey, 100, 700).sum() == 0
     with pytest.raises(ValueError, match="needs downloaded weights"):
         module_name("depth_midas")
+
+
+def test_fp16_storage_keeps_the_controlnet_in_fp16_and_computes_in_float32(files):
+    """With --weights fp16 the ControlNet is stored like the U-Net and the image is exactly that of a
+    float32 pipeline whose model weights were rounded to fp16 (the ControlNet file is fp16 already)."""
+    from marble.adapters.controlnet import ControlSpec
+    from marble.checkpoints.resolve import load_model
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest, resolve
+    root, _ = files
+    folder = root / "fp16"
+    folder.mkdir(exist_ok=True)
+    config = controlnet_config(tiny_config().unet, 2)
+    state = {k: v.half() for k, v in randomize_(ControlNet(config), seed=4).state_dict().items()}
+    write_controlnet(ControlNetFile(config, state, root, "", "marble"), folder / "half.safetensors", "single-file")
+    stored = load_model("tiny-random", storage=torch.float16)
+    rounded = load_model("tiny-random")
+    with torch.no_grad():
+        for p in rounded.model.parameters():
+            p.copy_(p.half().float())
+    spec = ControlSpec(image=Image.open(root / "sketch0.png"), model="half", module="invert")
+    images = []
+    for loaded in (stored, rounded):
+        pipe = Pipeline(loaded, control_dir=folder)
+        request = resolve(GenerationRequest(prompt="a circle", seed=2, steps=3, width=32, height=32,
+                                            controls=(spec,)), pipe.defaults)
+        images.append(np.asarray(pipe.generate(request).images[0]))
+        net = pipe.control_nets(request)[0].net
+        assert next(net.parameters()).dtype == (torch.float16 if loaded is stored else torch.float32)
+    assert np.array_equal(*images)
+
+
+def test_a_pickled_controlnet_runs_with_allow_pickle_as_its_safetensors_twin(files, tmp_path):
+    from marble.checkpoints.controlnet_files import read_controlnet
+    root, model = files
+    pickle = tmp_path / "edges.pth"
+    torch.save({"control_model." + k: v for k, v in read_controlnet(model).state.items()}, pickle)
+    args = ["a circle", *FAST, "--control", root / "sketch0.png", "--control-module", "invert"]
+    code, out, (a,) = generate(*args, "--out", tmp_path / "a", "--control-model", model)
+    assert code == 0, out
+    code, out, (b,) = generate(*args, "--out", tmp_path / "b", "--control-model", pickle, "--allow-pickle")
+    assert code == 0, out
+    assert np.array_equal(pixels(a), pixels(b))

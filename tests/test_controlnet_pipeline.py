@@ -18,7 +18,7 @@ from marble.checkpoints.diffusers_folder import write_diffusers
 from marble.checkpoints.resolve import LoadedModel, random_model
 from marble.pipeline import Pipeline
 from marble.request import GenerationRequest, RequestError, resolve
-from sd_fixtures import SD1_UNET, diffusers_oracle, randomize_, tiny_sd
+from sd_fixtures import diffusers_oracle, randomize_, tiny_sd
 from test_controlnet import controlnet_kwargs
 
 diffusers = diffusers_oracle()
@@ -145,6 +145,16 @@ def test_img2img_and_inpainting_take_control(setup):
             assert np.array_equal(got[keep], np.asarray(init).astype(int)[keep])
 
 
+def test_hires_fix_takes_control_in_both_passes(setup):
+    model, pipe, nets, ours, _ = setup
+    from marble.hires import HiresFix
+    hires = HiresFix(scale=1.5, steps=3, denoise=0.6, upscaler="Latent")
+    plain = ours_image(ours, [], hires=hires)
+    got = ours_image(ours, [replace(unit(control_image(10)), resize="Crop and Resize")], hires=hires)
+    assert got.shape == plain.shape == (96, 96, 3)
+    assert np.abs(got - plain).max() > 10
+
+
 def test_resize_modes():
     wide = Image.new("RGB", (40, 20), (200, 0, 0))
     wide.paste((0, 0, 200), (0, 0, 10, 20))   # a blue band at the left
@@ -188,3 +198,25 @@ def test_record_carries_the_units(setup):
             'Guidance Start: 0, Guidance End: 1, Control Mode: ControlNet is more important"') in text
     from marble.record import GenerationRecord
     assert GenerationRecord.from_json(record.to_json()) == record
+
+
+def test_the_builtin_model_takes_a_controlnet_built_from_its_unet(tmp_path):
+    """One module for every U-Net: a ControlNet built from the built-in model's config (random, non-zero),
+    saved in lllyasviel's layout, loads against that model and steers its images."""
+    from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
+    from marble.checkpoints.resolve import builtin_path, load_model
+    from marble.models.controlnet import ControlNet, controlnet_config
+    if not builtin_path().is_file():
+        pytest.skip("the built-in model is not shipped in this checkout")
+    loaded = load_model("builtin")
+    m = loaded.model
+    config = controlnet_config(m.config.unet, m.latent_factor)
+    net = randomize_(ControlNet(config), seed=9)
+    write_controlnet(ControlNetFile(config, net.state_dict(), tmp_path, "", "marble"), tmp_path / "cn.safetensors",
+                     "single-file")
+    ours = Pipeline(loaded, control_dir=tmp_path)
+    kw = dict(prompt="a red circle", seed=3, steps=3, width=64, height=64)
+    plain = np.asarray(ours.generate(resolve(GenerationRequest(**kw), ours.defaults)).images[0]).astype(int)
+    request = GenerationRequest(**kw, controls=(ControlSpec(image=control_image(11), model="cn", weight=0.5),))
+    got = np.asarray(ours.generate(resolve(request, ours.defaults)).images[0]).astype(int)
+    assert np.abs(got - plain).max() > 10

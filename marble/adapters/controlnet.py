@@ -25,6 +25,7 @@ from torch import nn
 
 from marble.diffusion.denoiser import Denoiser, discrete_denoiser
 from marble.errors import ModelLoadError
+from marble.models.weight_cast import store_weights
 from marble.prompts.conditioning import step_index
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -256,6 +257,9 @@ class ControlNetLoader:
                                      f"this model's latent has {m.latent_channels}")
             if len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
-            net = load_controlnet(cn, m.dtype).to(m.device)
+            storage = next(m.unet.parameters()).dtype   # stored as the U-Net is (fp16 storage: fp16), computed in m.dtype
+            net = load_controlnet(cn, storage).to(m.device)
+            if storage != m.dtype:
+                store_weights(net, storage, compute=m.dtype)
             self._cache[path] = LoadedControlNet(net, cn.name, cn.hash, path)
         return self._cache[path]

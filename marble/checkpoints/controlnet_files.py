@@ -8,9 +8,10 @@ and marble's own (safetensors with its ControlNetConfig in the metadata).
   diffusers: `controlnet_cond_embedding.*`, `controlnet_down_blocks.N`, `controlnet_mid_block` and
       the encoder under UNet2DConditionModel's names (renamed through diffusers_keys.controlnet_table);
       a folder holds config.json + diffusion_pytorch_model.safetensors.
-Files without a config say nothing of attention heads: the shape comes from the tensors, the heads
-from the U-Net the ControlNet is loaded for (`fit`), else SD's convention (8 heads for 1×1-conv
-projections, 64-channel heads for linear ones), which is what a converted file's config.json states.
+Tensors say nothing of attention heads or GroupNorm groups: loaded for a model, a ControlNet takes
+them from that U-Net (`fit`; it was copied from one of its kind); read alone (conversion), a file
+without a config gets SD's convention (8 heads with 1×1-conv projections, 64-channel heads with
+linear ones; 32 groups), which a converted config.json then states.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from marble.checkpoints.checkpoint import (PICKLE_SUFFIXES, TensorSource, SafetensorsSource, config_from_metadata,
+from marble.checkpoints.checkpoint import (PICKLE_SUFFIXES, TensorSource, config_from_metadata,
                                            convert_state, file_hash, open_source, refuse_existing)
 from marble.checkpoints.diffusers_folder import DIFFUSERS_VERSION, unet_config_from_diffusers, unet_config_to_diffusers
 from marble.checkpoints.diffusers_keys import controlnet_table, inverse, rename
@@ -118,10 +119,10 @@ def _unet_shape(in_channels: int, base: int, widths: list[int], res: int, depths
     """A UNetConfig from structure; heads by SD's convention (module docstring)."""
     attention = tuple(i for i, d in enumerate(depths) if d)
     used = {depths[i] for i in attention} | {mid_depth}
-    level_depths: tuple[int, ...] = ()
-    depth = used.pop() if len(used) == 1 else 1
-    if depth == 1 and len({depths[i] for i in attention} | {mid_depth}) > 1:
-        level_depths = tuple(depths[:-1]) + (mid_depth,)
+    if len(used) == 1:   # one depth everywhere (SD1, SD2)
+        depth, level_depths = used.pop(), ()
+    else:                # per level, the middle block's last (SDXL base: 0, 2, 10)
+        depth, level_depths = 1, tuple(depths[:-1]) + (mid_depth,)
     if any(w % base for w in widths):
         raise ValueError(f"level widths {widths} are not multiples of {base}")
     return UNetConfig(in_channels=in_channels, out_channels=in_channels, model_channels=base,
@@ -180,25 +181,31 @@ def infer_diffusers(shapes: dict, path: Path) -> ControlNetConfig:
     return ControlNetConfig(unet, hint_channels, hint)
 
 
-def structure(c: UNetConfig) -> tuple:
-    """What a ControlNet's residuals depend on: everything but the heads, groups and input channels."""
-    depths = tuple(c.depth(level) if level in c.attention_levels else 0 for level in range(len(c.channel_mult)))
-    return (c.model_channels, c.channel_mult, c.num_res_blocks, depths, c.depth(-1), c.context_dim,
-            c.linear_projection, c.adm_in_channels)
+def interface(c: UNetConfig) -> tuple:
+    """What must agree between a ControlNet and the U-Net it feeds: the residuals' number and widths
+    (model width, level widths, res blocks per level) and the inputs both read (the text context,
+    SDXL's vector y). The copy's own transformers may differ (SDXL's "small" ControlNets are shallower)."""
+    return c.model_channels, c.channel_mult, c.num_res_blocks, c.context_dim, c.adm_in_channels
 
 
 def fit(config: ControlNetConfig, unet: UNetConfig, name: str) -> ControlNetConfig:
-    """The ControlNet config for this U-Net (its heads and groups), or a one-line ModelLoadError when
-    the residuals would not match the U-Net's skip connections (a ControlNet for another architecture)."""
-    ours, theirs = structure(config.unet), structure(unet)
+    """The ControlNet config to run beside this U-Net, or a one-line ModelLoadError when its residuals
+    or inputs would not match (a ControlNet for another architecture). The copy keeps its own
+    transformers (levels, depths, projections: the tensors say); what tensors do not say, it shares
+    with the U-Net it was copied from: attention heads, groups, position options."""
+    ours, theirs = interface(config.unet), interface(unet)
     if ours != theirs:
-        fields = ("model width", "level widths", "res blocks per level", "transformer depths", "middle depth",
-                  "context width", "linear projection", "vector conditioning width")
+        fields = ("model width", "level widths", "res blocks per level", "context width", "vector conditioning width")
         diff = next(f"{f} {a} vs the model's {b}" for f, a, b in zip(fields, ours, theirs) if a != b)
         raise ModelLoadError(f"the ControlNet {name} does not fit this model's U-Net ({diff}); "
                              "a ControlNet works only with the architecture it was trained for")
-    return replace(config, unet=replace(unet, in_channels=config.unet.in_channels,
-                                        out_channels=config.unet.in_channels))
+    in_channels = config.unet.in_channels
+    if unet.coord_channels and not config.unet.coord_channels:   # read from tensors: the input conv counts x, y too
+        in_channels -= 2
+    return replace(config, unet=replace(config.unet, in_channels=in_channels, out_channels=in_channels,
+                                        num_heads=unet.num_heads, head_dim=unet.head_dim, groups=unet.groups,
+                                        dropout=unet.dropout, coord_channels=unet.coord_channels,
+                                        attention_position=unet.attention_position))
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from marble.checkpoints.checkpoint import PICKLE_SUFFIXES, Checkpoint, PickleSource, pickle_refused
+from marble.checkpoints.controlnet_files import is_controlnet
 from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
 from marble.checkpoints.marble_format import FORMAT, read_marble
 from marble.diffusion.few_step import PRESETS
@@ -28,6 +29,9 @@ KINDS = ("marble", "diffusers", "single-file")
 def detect_kind(path: Path, allow_pickle: bool = False) -> str:
     """"marble" | "diffusers" | "single-file" (pickles count as single files)."""
     path = Path(path)
+    if is_controlnet(path):
+        raise ModelLoadError(f"{path} is a ControlNet, not a model: give it with --control-model "
+                             "(and convert it with marble convert)")
     if path.is_dir():
         if is_diffusers_folder(path):
             return "diffusers"

@@ -385,6 +385,10 @@ def generate(
             if recorded.get(use.lora.name, use.lora.hash) != use.lora.hash:
                 warn(f"the record was made with LoRA {use.lora.name} hash {recorded[use.lora.name]}, "
                      f"this file's is {use.lora.hash}")
+        for unit, loaded in zip(record.controlnets, pipe.control_nets(resolved)):
+            if unit["hash"] != loaded.hash:
+                warn(f"the record was made with ControlNet {unit['model']} hash {unit['hash']}, "
+                     f"this file's ({loaded.name}) is {loaded.hash}")
     if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
     run_and_save(pipe, resolved, out)

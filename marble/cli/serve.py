@@ -45,6 +45,8 @@ def serve(
     max_upload_mb: int = typer.Option(32, "--max-upload-mb", help="Largest request body in MiB (uploads, base64 images)."),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> prompt tags are looked up (names never resolve outside it; GET /sdapi/v1/loras lists it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file a model lacks, instead of refusing the request."),
+    controlnet_dir: Optional[Path] = typer.Option(None, "--controlnet-dir", help="Folder of ControlNets that requests name (GET /controlnet/model_list lists it; names never resolve outside it). Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
+    max_control_units: int = typer.Option(3, "--max-control-units", help="Most ControlNet units per request."),
     preview_decoder: Optional[Path] = typer.Option(None, "--preview-decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that draws step previews. Default: a linear latent-to-RGB map (the VAE where none is known). docs/few-step.md."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
     weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32; fp32 (default). Also $MARBLE_WEIGHTS."),
@@ -70,6 +72,8 @@ def serve(
 
     if not 0 <= port <= 65535:
         fail(f"--port must be in 0..65535, got {port}")
+    if max_control_units < 0:
+        fail(f"--max-control-units must be >= 0, got {max_control_units}")
     if max_queue < 0:
         fail(f"--max-queue must be >= 0, got {max_queue}")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
@@ -111,7 +115,8 @@ def serve(
         try:
             pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
                                        preview_decoder=preview_decoder, decoder=decoder, trace=trace,
-                                       storage=storage))
+                                       storage=storage, control_dir=controlnet_dir,
+                                       max_control_units=max_control_units))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
@@ -149,7 +154,8 @@ def serve(
     application = create_app(pipes, ServerConfig(outputs=outputs, max_queue=max_queue, api_key=api_key, limits=limits,
                                                  models_dir=folder, live=live),
                              load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient,
-                                                             storage=storage),
+                                                             storage=storage, control_dir=controlnet_dir,
+                                                             max_control_units=max_control_units),
                              live_pipe=live_pipe)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

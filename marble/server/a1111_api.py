@@ -28,6 +28,7 @@ from marble.models.conditioning import MicroConditioning
 from marble.record import parse_parameters
 from marble.adapters.lora_folder import list_loras
 from marble.request import GenerationRequest, RequestError, ResolvedRequest
+from marble.server.control_units import parse_units
 from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
 from marble.server.worker import INTERRUPTED, Cancelled, JobResult
@@ -71,6 +72,8 @@ class Txt2ImgParams(BaseModel):
                           "(a refiner's scores; 6 and 2.5 by default). Like A1111's settings, the SDXL ones apply "
                           "only where the model takes them.")
     send_images: bool = True
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None, description="Read: controlnet.args, the sd-webui-controlnet extension's units (docs/controlnet.md).")
 
 
 class Img2ImgParams(Txt2ImgParams):
@@ -168,7 +171,8 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
 
 async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
     worker = await state.select(_model_name(params))
-    resolved = await state.prepare(worker, _request(params, worker.pipe.defaults.micro, **images))
+    controls = await state.offload(parse_units, params.alwayson_scripts, state.limits, images.get("init_image"))
+    resolved = await state.prepare(worker, _request(params, worker.pipe.defaults.micro, controls=controls, **images))
     try:
         result = await state.run(worker, resolved, request)
     except Cancelled as e:

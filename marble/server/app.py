@@ -18,7 +18,7 @@ from marble import __version__
 from marble.errors import LoraError
 from marble.pipeline import Pipeline
 from marble.request import RequestError
-from marble.server import a1111_api, live_api, openai_api, ui
+from marble.server import a1111_api, controlnet_api, live_api, openai_api, ui
 from marble.server.auth import ApiKeyAuth
 from marble.server.errors import error_response, is_openai_path, responder
 from marble.server.limits import BodySizeLimit
@@ -116,6 +116,7 @@ def create_app(pipes: list[Pipeline], config: ServerConfig | None = None, load=N
 
     app.include_router(openai_api.router)
     app.include_router(a1111_api.router)
+    app.include_router(controlnet_api.router)
     app.include_router(ui.router)
     app.include_router(live_api.router)
     # added last = outermost: the key is checked before any body is read

@@ -164,6 +164,11 @@ class ServerState:
         check_limits(resolved, self.limits)
         if resolved.lora_specs:
             await self.offload(worker.pipe.lora_uses, resolved)
+        if resolved.controls:   # ControlNets by name, inside the ControlNet folder only; fitted to the model
+            try:
+                await self.offload(worker.pipe.control_nets, resolved)
+            except ModelLoadError as e:
+                raise RequestError(str(e)) from None
         return resolved
 
     async def run(self, worker: Worker, resolved: ResolvedRequest, http_request: Request) -> JobResult:
