@@ -32,7 +32,7 @@ from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_la
 from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
 from marble.models.traced import TracedNetwork
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
-from marble.prompts.encode import prompt_chunks
+from marble.prompts.encode import encode_prompts, prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -109,6 +109,7 @@ class Pipeline:
                     m.denoiser = discrete_denoiser(TracedNetwork(m.unet), m.schedule, m.config.prediction)
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
+        self._empty_contexts: dict[tuple[int, str], torch.Tensor] = {}   # (model id, emphasis) -> ""'s context
 
     @property
     def name(self) -> str:
@@ -127,8 +128,19 @@ class Pipeline:
         read from the prompt with its <lora:...> tags cut out; `model`: another than the pipeline's
         (the refiner)."""
         m = model or self.model
+        # The empty prompt (the negative of most requests) is encoded once per model and emphasis,
+        # alone, so every request encodes its prompt in the same batch; not while LoRAs may patch
+        # the text encoder (then as before, together). tests/test_pipeline_speed.py holds the image
+        # to the together-encoded one.
+        known = None
+        if not req.lora_specs:
+            key = (id(m), req.emphasis)
+            if key not in self._empty_contexts:
+                self._empty_contexts[key] = encode_prompts(m.text_encoder, [""], req.emphasis)[0]
+            known = {"": self._empty_contexts[key]}
         return PromptConditioning(m.text_encoder, req.text_prompt, req.negative_prompt, req.steps,
-                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype,
+                                  known=known)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
                  extra: dict[str, torch.Tensor], vectors=None, model=None):
