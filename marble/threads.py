@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = "10000"   # libgomp's spin before sleeping; measured in docs/bench.md, "Threads"
+SPIN_COUNT = "3000"    # libgomp's spin before sleeping, in iterations; measured in docs/bench.md, "Threads"
 
 
 def quiet_spin(environ=os.environ) -> bool:
