@@ -5,6 +5,10 @@ trace, interleaved in one process (medians), with the largest output difference 
 """
 from __future__ import annotations
 
+from marble.threads import quiet_spin
+
+quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
+
 import argparse
 import copy
 import statistics

@@ -8,6 +8,10 @@ the U-Net" is the time inside U-Net calls that no operator accounts for.
 """
 from __future__ import annotations
 
+from marble.threads import quiet_spin
+
+quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
+
 import argparse
 import statistics
 import time

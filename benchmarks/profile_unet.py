@@ -14,6 +14,10 @@ Only ratios measured in one run mean anything on a shared machine.
 """
 from __future__ import annotations
 
+from marble.threads import quiet_spin
+
+quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
+
 import argparse
 import statistics
 import time

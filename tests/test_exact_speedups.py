@@ -1,7 +1,6 @@
 """Speed-ups that must not change the image: each against the path it replaced, kept here as the
 reference (issue 18: bit-exact where the kernels allow, never more than 1/255)."""
 import numpy as np
-import torch
 
 from marble.pipeline import Pipeline, load_pipeline
 from marble.prompts.conditioning import PromptConditioning

@@ -17,7 +17,7 @@ DTYPE_HELP = ("Compute dtype: auto (bf16 where the CPU has AVX512-BF16 or AMX, e
 
 
 TRACE_HELP = ("Run the U-Net as a TorchScript trace: the same bits with less Python per call (the built-in model's "
-              "image about 20% faster warm), a second or so of tracing per image size first.")
+              "image about 17% faster warm, docs/bench.md), 1-3 s of tracing per image size and batch first.")
 
 
 def trace_option():
