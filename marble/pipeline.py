@@ -36,7 +36,7 @@ from marble.models.latent_preview import latent_rgb_for
 from marble.models.traced import TracedNetwork
 from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
-from marble.prompts.encode import prompt_chunks
+from marble.prompts.encode import encode_prompts, prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -127,6 +127,7 @@ class Pipeline:
         # ControlNets by name (in control_dir) or path, read once, fitted to this model's U-Net
         self.controlnets = ControlNetLoader(self.model, control_dir, allow_pickle)
         self.max_control_units = max_control_units
+        self._empty_contexts: dict[tuple[int, str], torch.Tensor] = {}   # (model id, emphasis) -> ""'s context
 
     @property
     def name(self) -> str:
@@ -163,8 +164,19 @@ class Pipeline:
         read from the prompt with its <lora:...> tags cut out; `model`: another than the pipeline's
         (the refiner)."""
         m = model or self.model
+        # The empty prompt (the negative of most requests) is encoded once per model and emphasis,
+        # alone, so every request encodes its prompt in the same batch; not while LoRAs may patch
+        # the text encoder (then as before, together). tests/test_pipeline_speed.py holds the image
+        # to the together-encoded one.
+        known = None
+        if not req.lora_specs:
+            key = (id(m), req.emphasis)
+            if key not in self._empty_contexts:
+                self._empty_contexts[key] = encode_prompts(m.text_encoder, [""], req.emphasis)[0]
+            known = {"": self._empty_contexts[key]}
         return PromptConditioning(m.text_encoder, req.text_prompt, req.negative_prompt, req.steps,
-                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype,
+                                  known=known)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
                  extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None):
@@ -367,7 +379,8 @@ class Pipeline:
                                            control=self.control_units(req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        decoder = self.decoder or (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE
+        decoder = self.decoder if self.decoder is not None else \
+            (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):

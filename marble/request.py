@@ -122,6 +122,8 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     _check_syntax(request, steps)
     hires = _hires(request, width, height, defaults)
     _check_micro(request.micro, defaults)
+    if hires is not None and hires.steps:
+        _spacing(spacing, hires.steps)                  # the second pass walks the same spacing
     try:
         emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
     except PromptSyntaxError as e:

@@ -4,8 +4,8 @@ torch's CPU wheels run their kernels on GNU OpenMP (libgomp). Between two parall
 idle worker spins (GOMP_SPINCOUNT iterations, 300000 by default) before it sleeps. On a quiet
 machine that saves the wake-up; when another process competes for the cores, the spinning
 worker takes a core the other thread needs and every region waits for a descheduled thread:
-the built-in model's image took 5x longer with one busy process beside it (docs/bench.md,
-"Threads"). A short spin keeps most of the quiet speed and loses little under contention.
+the built-in model's image took 5x longer with one busy process beside it, and a spin of 3000
+iterations was 2.8-6.7x faster than the default under contention (docs/bench.md, "Threads").
 libgomp reads its environment once, when torch is imported, so `quiet_spin()` must run first.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = "10000"   # libgomp's spin before sleeping; measured in docs/bench.md, "Threads"
+SPIN_COUNT = "3000"    # libgomp's spin before sleeping, in iterations; measured in docs/bench.md, "Threads"
 
 
 def quiet_spin(environ=os.environ) -> bool:

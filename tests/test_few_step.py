@@ -8,6 +8,7 @@ import pytest
 
 from marble.diffusion.few_step import PRESETS, FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.schedule import spacing
+from marble.hires import HiresFix
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, RequestError, resolve
 
@@ -59,6 +60,7 @@ def test_a_few_step_model_brings_its_card():
     (dict(preset="turbo"), "unknown preset 'turbo'; choose from: sd-turbo, lcm-lora"),
     (dict(spacing="uniform"), "unknown spacing 'uniform'; choose from: normal, karras"),
     (dict(spacing="lcm", steps=51), "the lcm spacing takes at most 50 steps"),
+    (dict(spacing="lcm", steps=4, hires=HiresFix(steps=60)), "the lcm spacing takes at most 50 steps, not 60"),
 ])
 def test_bad_presets_and_spacings_are_refused(kw, message):
     with pytest.raises(RequestError, match=message):

@@ -84,10 +84,10 @@ def test_the_image_tokens_know_their_place():
 
 def test_flow_time_and_sigma_are_inverse_and_match_the_forward_process():
     t = torch.tensor([0.001, 0.25, 0.5, 0.9, 0.999], dtype=torch.float64)
-    assert torch.allclose(flow_t(flow_sigma(t)), t)
+    assert torch.allclose(flow_t(flow_sigma(t)), t, rtol=0, atol=1e-12)
     x0, eps = torch.randn(5, 4, 2, 2, dtype=torch.float64), torch.randn(5, 4, 2, 2, dtype=torch.float64)
     x_t = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-    assert torch.allclose(add_noise(x0, flow_sigma(t), eps) / (1 + flow_sigma(t))[:, None, None, None], x_t)
+    assert torch.allclose(add_noise(x0, flow_sigma(t), eps) / (1 + flow_sigma(t))[:, None, None, None], x_t, rtol=0, atol=1e-12)
 
 
 def test_a_perfect_velocity_gives_the_exact_x0_at_every_sigma():
@@ -102,14 +102,14 @@ def test_a_perfect_velocity_gives_the_exact_x0_at_every_sigma():
 
     D = flow_denoiser(oracle)
     sigma = torch.tensor([0.01, 1.0, 4000.0], dtype=torch.float64)
-    assert torch.allclose(D(add_noise(x0, sigma, eps), sigma), x0, atol=1e-9)
-    assert torch.allclose(D(add_noise(x0, 2.5, eps), 2.5), x0, atol=1e-9)
+    assert torch.allclose(D(add_noise(x0, sigma, eps), sigma), x0, rtol=0, atol=1e-9)
+    assert torch.allclose(D(add_noise(x0, 2.5, eps), 2.5), x0, rtol=0, atol=1e-9)
 
 
 def test_flow_schedule_is_uniform_in_t_and_shifts_toward_noise():
     s = make_schedule("flow", 1000)
     t = flow_t(s.sigmas)
-    assert torch.allclose(t[:-1], torch.arange(1, 1000, dtype=torch.float64) / 1000)
+    assert torch.allclose(t[:-1], torch.arange(1, 1000, dtype=torch.float64) / 1000, rtol=0, atol=1e-12)
     assert s.sigma_max == 4096.0 and abs(s.sigma_min - 1 / 999) < 1e-12
     shifted = flow_t(make_schedule("flow", 1000, shift=3.0).sigmas)
     assert shifted[499] == pytest.approx(0.75)                 # SD3 eq. 23: 3·0.5/(1 + 2·0.5)
@@ -217,6 +217,19 @@ def test_marble_train_diffusion_trains_an_mmdit_by_rectified_flow(tmp_path):
     model = to_model(read_marble(tmp_path / "run" / "model.safetensors"))
     assert isinstance(model.unet, MMDiT) and model.config.prediction == "flow"
     assert any(p.abs().sum() > 0 for p in model.unet.final.parameters())       # trained off its zero start
+    # EMA snapshots along the way (learning curves) leave the training itself untouched
+    snap = tmp_path / "snap.toml"
+    snap.write_text(text.replace(str(tmp_path / "run"), str(tmp_path / "snap")).replace(
+        'prediction = "flow"', 'prediction = "flow"\nsnapshot_every = 2'))
+    r = subprocess.run([sys.executable, "-m", "marble", "train", "diffusion", str(snap)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "snap" / "snapshots").iterdir()) == ["step-000002.safetensors"]
+    at_2 = read_marble(tmp_path / "snap" / "snapshots" / "step-000002.safetensors")
+    final, with_snaps = read_marble(tmp_path / "run" / "model.safetensors"), read_marble(tmp_path / "snap" / "model.safetensors")
+    assert final.state.keys() == with_snaps.state.keys()
+    assert all(torch.equal(final.state[k], with_snaps.state[k]) for k in final.state)
+    assert at_2.config == final.config and not all(torch.equal(at_2.state[k], final.state[k]) for k in final.state)
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace(str(tmp_path / "run"), str(tmp_path / "bad")).replace(
         'prediction = "flow"', 'prediction = "flow"\nmin_snr_gamma = 5.0'))
@@ -231,3 +244,20 @@ def test_diffusers_export_refuses_an_mmdit(tmp_path):
     with pytest.raises(ValueError, match="not a U-Net"):
         write_diffusers(from_model(flow_model()), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_training_refuses_a_flow_mmdit_with_one_error(tmp_path):
+    """LoRA training (marble/train/lora.py) is written for U-Nets on discrete timesteps."""
+    from marble.checkpoints.checkpoint import from_model
+    from marble.checkpoints.marble_format import write_marble
+    from marble.train.config import load_config
+    from marble.train.distributed import init_world
+    from marble.train.lora import train_lora
+    base = write_marble(from_model(flow_model()), tmp_path / "mmdit.safetensors")
+    from test_train import make_folder
+    folder = make_folder(tmp_path / "data")
+    cfg = tmp_path / "lora.toml"
+    cfg.write_text(f'kind = "lora"\nrun_dir = "{tmp_path / "run"}"\nsteps = 2\nbatch = 2\n[model]\ninit = "{base}"\n'
+                   f'[data]\nfolder = "{folder}"\nsize = 16\n[lora]\nrank = 2\n')
+    with pytest.raises(ConfigError, match="LoRA training needs a U-Net model.*MMDiT with prediction 'flow'"):
+        train_lora(load_config(cfg, {"kind": "lora"}), init_world(), False)

@@ -86,6 +86,8 @@ def test_a1111_lists_the_folder_and_switches_between_sd1_sd2_sdxl_and_the_builti
 
 
 def test_openai_model_field_selects_a_folder_model_and_names_resolve_only_inside_it(client, folder):
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["tiny-random", "broken", *NAMES]
     r = client.post("/v1/images/generations", json={"prompt": "a red cat", "seed": 4, "steps": 2, "size": "32x32",
                                                     "model": "sd2"})
     assert r.status_code == 200, r.text

@@ -84,5 +84,6 @@ def convert(
         typer.echo(str(dst))
         return
     info(f"converted {ckpt.kind} {src} -> {to.value}: {len(ckpt.state)} tensors, {size / 2**20:.1f} MiB, "
-         f"{ckpt.config.unet.in_channels}-channel U-Net, prediction {ckpt.config.prediction}")
+         f"{ckpt.config.unet.in_channels}-channel {getattr(ckpt.config.unet, 'kind', 'U-Net')}, "
+         f"prediction {ckpt.config.prediction}")
     typer.echo(str(dst))

@@ -250,11 +250,12 @@ def recorded_refiner(record: GenerationRecord | None, refiner: str | None,
                      switch: float | None) -> tuple[str | None, float]:
     """--from: the record's refiner (by the path it was loaded from) and switch where no --refiner /
     --refiner-switch is given; one line if the record names a refiner that cannot be found."""
-    if record is not None and refiner is None and record.refiner:
-        refiner = record.refiner_path
-        if not refiner or not Path(refiner).exists():
-            fail(f"the record names the refiner {record.refiner} [{record.refiner_hash}]"
-                 f"{f' at {refiner}' if refiner else ''}, which is not there; pass --refiner PATH")
+    if record is not None and record.refiner:
+        if refiner is None:
+            refiner = record.refiner_path
+            if not refiner or not Path(refiner).exists():
+                fail(f"the record names the refiner {record.refiner} [{record.refiner_hash}]"
+                     f"{f' at {refiner}' if refiner else ''}, which is not there; pass --refiner PATH")
         if switch is None:
             switch = record.refiner_switch
     if refiner is None and switch is not None:

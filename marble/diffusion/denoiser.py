@@ -147,5 +147,5 @@ def discrete_denoiser(network: Network, schedule: DiscreteSchedule, prediction: 
 def flow_denoiser(network: Network) -> Denoiser:
     """A rectified-flow network: it sees x_t = x/(1 + σ) and FLOW_TIME_SCALE·t with t = σ/(1 + σ),
     and predicts the velocity eps − x0. No discrete timesteps: any σ > 0 is a valid time."""
-    return wrap_network(network, lambda s: 1 / (1 + s), lambda s: FLOW_TIME_SCALE * flow_t(s.float()),
+    return wrap_network(network, lambda s: 1 / (1 + s), lambda s: FLOW_TIME_SCALE * flow_t(s),
                         x0_from_flow)

@@ -98,6 +98,14 @@ async def _generate(state: ServerState, params: _Common, request: Request, **ima
     return await _respond(state, result, params.response_format, request)
 
 
+@router.get("/models", summary="The models `model` may name: loaded ones, then the models folder (OpenAI API)")
+async def models(request: Request) -> dict:
+    state = state_of(request)
+    names = list(state.workers) + [e.name for e in state.catalog.entries() if e.name not in state.workers]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "marble"}
+                                       for name in names]}
+
+
 @router.post("/images/generations", summary="Create images from a prompt (OpenAI Images API)")
 async def generations(params: ImageGenerationParams, request: Request) -> dict:
     return await _generate(state_of(request), params, request)

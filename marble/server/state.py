@@ -10,16 +10,16 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import Request
 
-from typing import Callable
-
 from marble.errors import ModelLoadError
-from marble.pipeline import Pipeline
-from marble.request import GenerationRequest, RequestError, ResolvedRequest, resolve
+from marble.pipeline import Pipeline, load_pipeline
+from marble.request import GenerationRequest, ModelDefaults, RequestError, ResolvedRequest, resolve
 from marble.server.catalog import CatalogEntry, ModelCatalog
 from marble.server.limits import ServerLimits, check_limits
+from marble.server.live import LiveConfig, LiveHub
 from marble.server.outputs import OutputStore
 from marble.server.worker import JobResult, Worker, wait_for
 
@@ -33,15 +33,11 @@ class ServerConfig:
     preview_interval: float = 0.5        # seconds between progress previews (each a VAE decode)
     io_threads: int = 2                  # a fixed pool that decodes uploads and reads files (CPU work: ~cores)
     models_dir: Path | None = None       # checkpoints a client may switch the default model to (None: none)
+    live: LiveConfig = field(default_factory=LiveConfig)   # the live mode's model settings and limits
 
 
 class ModelNotFound(LookupError):
     pass
-
-
-def _load_pipeline(path: str) -> Pipeline:
-    from marble.pipeline import load_pipeline
-    return load_pipeline(path)
 
 
 class ServerState:
@@ -52,7 +48,8 @@ class ServerState:
     the default worker's place, and the old worker finishes the jobs already queued on it and is
     dropped. Each model object still serves one request at a time, in its own worker."""
 
-    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = _load_pipeline):
+    def __init__(self, pipes: list[Pipeline], config: ServerConfig, load: Callable[[str], Pipeline] = load_pipeline,
+                 live_pipe: Pipeline | None = None):
         if not pipes:
             raise ValueError("the server needs at least one model")
         names = [p.name for p in pipes]
@@ -69,14 +66,27 @@ class ServerState:
         self._switching: asyncio.Lock | None = None
         self._started = False
 
+        # live mode: a few-step model of its own (one more worker), else the default model's worker
+        self.live = LiveHub(config.live)
+        if live_pipe is None or any(live_pipe is p for p in pipes):   # one worker per model, never two
+            self.live_worker = self.workers[live_pipe.name if live_pipe is not None else self.default]
+        else:
+            self.live_worker = Worker(live_pipe, self.store, config.max_queue, config.preview_interval)
+        self.live_defaults = config.live.defaults(self.live_worker.pipe.defaults)
+        self.live_loras = config.live.loras
+
+    def _all_workers(self) -> list[Worker]:
+        return list(self.workers.values()) + ([self.live_worker] if self.live_worker not in self.workers.values()
+                                              else [])
+
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="marble-io")
         self._started = True
-        for worker in self.workers.values():
+        for worker in self._all_workers():
             worker.start()
 
     def stop(self) -> None:
-        for worker in self.workers.values():
+        for worker in self._all_workers():
             worker.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -132,20 +142,25 @@ class ServerState:
                 await loop.run_in_executor(None, self.catalog.remember, entry)
             except ModelLoadError as e:
                 raise RequestError(f"the model {entry.name} cannot be loaded: {e}") from None
+            pipe.loaded.name = entry.name   # the name the listing gives it, whatever the file's metadata says
             worker = Worker(pipe, self.store, self.config.max_queue, self.config.preview_interval)
             old = self.workers.pop(self.default)
             self.workers = {worker.name: worker, **self.workers}
             self.default = worker.name
             if self._started:
                 worker.start()
+            if self.live_worker is old:   # the live mode followed the default model: it follows the switch
+                self.live_worker = worker
+                self.live_defaults = self.config.live.defaults(worker.pipe.defaults)
             await loop.run_in_executor(None, old.retire)   # its queued jobs finish on it, then it is dropped
             return worker
 
-    async def prepare(self, worker: Worker, request: GenerationRequest) -> ResolvedRequest:
+    async def prepare(self, worker: Worker, request: GenerationRequest,
+                      defaults: ModelDefaults | None = None) -> ResolvedRequest:
         """Resolve (marble's own validation), check this server's limits, then read the prompt's
         LoRAs (names inside the model's LoRA folder only; off the event loop, cached after the first
-        read): 4xx before queueing."""
-        resolved = resolve(request, worker.pipe.defaults)
+        read): 4xx before queueing. `defaults`: other than the model's (the live settings)."""
+        resolved = resolve(request, defaults or worker.pipe.defaults)
         check_limits(resolved, self.limits)
         if resolved.lora_specs:
             await self.offload(worker.pipe.lora_uses, resolved)

@@ -45,6 +45,7 @@ class Cancelled(Exception):
 INTERRUPTED = "interrupted"
 DISCONNECTED = "client disconnected"
 STOPPING = "server stopping"
+SUPERSEDED = "superseded"           # live mode: a newer request of the same stream replaced it
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
+    save: bool = True               # False: a live preview, kept in memory unless the user keeps it
 
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -147,9 +149,10 @@ class Worker:
             self._thread = None
 
     # -- the queue ---------------------------------------------------------------------------
-    def submit(self, request: ResolvedRequest) -> Job:
-        """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one."""
-        job = Job(request)
+    def submit(self, request: ResolvedRequest, save: bool = True) -> Job:
+        """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one.
+        `save`: write the images to the outputs folder (live previews are not)."""
+        job = Job(request, save=save)
         with self._cond:
             if self._stopping or self._draining:
                 raise Cancelled(STOPPING)
@@ -257,7 +260,8 @@ class Worker:
             raise Cancelled(job.cancel_reason)
         t0 = time.monotonic()
         result = self.pipe.generate(job.request, callback=callback)
-        paths = [self.store.save(image, record) for image, record in zip(result.images, result.records)]
+        paths = [self.store.save(image, record) for image, record in zip(result.images, result.records)] \
+            if job.save else []
         return JobResult(result.images, result.records, paths, result.warnings, time.monotonic() - t0)
 
 

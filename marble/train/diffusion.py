@@ -19,6 +19,8 @@ model table:
                   {name = "flow", shift = 1.0} for prediction = "flow"
   export_dtype    float16 | float32 for the shipped file
   min_snr_gamma   > 0: Min-SNR-γ timestep weighting (Hang et al. 2023); 0 = the plain simple loss
+  snapshot_every  > 0: also write the EMA model every this many steps to
+                  run_dir/snapshots/step-NNNNNN.safetensors (for learning curves: `marble eval` on each)
   default_steps / default_cfg / default_sampler / default_width / default_height / max_pixels
 Output: run_dir/model.safetensors (marble format, EMA weights), samples in run_dir/samples/.
 """
@@ -46,7 +48,7 @@ from marble.train.vae import vae_config
 # the model's settings that are not networks: from the table, else the init's, else the defaults
 SETTINGS = ("name", "prediction", "schedule", "default_steps", "default_cfg", "default_sampler", "default_width",
             "default_height", "max_pixels")
-MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", *SETTINGS}
+MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", "snapshot_every", *SETTINGS}
 
 
 def unet_config(spec, context_dim: int) -> UNetConfig | MMDiTConfig:
@@ -177,16 +179,37 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
     def on_sample(step: int) -> None:
         write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")
 
-    loop.fit(step_loss, on_sample)
+    dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
+    snapshot_every = cfg.model.get("snapshot_every", 0)
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
+        raise ConfigError(f"model.snapshot_every must be an integer >= 0, got {snapshot_every!r}")
+
+    def on_step(step: int) -> None:
+        if snapshot_every and step % snapshot_every == 0:
+            write_snapshot(loop, model, run_dir / "snapshots" / f"step-{step:06d}.safetensors", dtype)
+
+    loop.fit(step_loss, on_sample, on_step)
     out = run_dir / "model.safetensors"
     if world.is_main:
         loop.ema.copy_to(model.unet)
         if not out.exists():
-            dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
             write_marble(from_model(model, dtype=dtype), out)
         write_samples(loop, model, run_dir / "samples" / "final.png", ema_loaded=True)
     barrier(world)
     return out
+
+
+def write_snapshot(loop: TrainLoop, model: LatentDiffusion, path: Path, dtype: torch.dtype | None) -> None:
+    """The EMA weights as a model file, the training weights put back exactly after. A snapshot
+    that exists (a resumed run passing the step again) is kept."""
+    if path.exists():
+        return
+    saved = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    loop.ema.copy_to(model.unet)
+    try:
+        write_marble(from_model(model, dtype=dtype), path)
+    finally:
+        model.unet.load_state_dict(saved)
 
 
 SAMPLE_PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",
