@@ -133,3 +133,18 @@ def test_detect(client):
     assert edges.shape == (32, 32, 3) and edges[6:14, 5:7].any() and not edges[20:].any()
     r = c.post("/controlnet/detect", json={"controlnet_module": "depth", "controlnet_input_images": [b64(sketch())]})
     assert r.status_code == 400 and "weights" in r.json()["detail"]
+
+
+def test_a_transformer_denoiser_refuses_a_controlnet(client):
+    """ControlNets steer U-Nets: an MMDiT model says so (400), before any work."""
+    from marble.checkpoints.resolve import LoadedModel
+    from marble.errors import ModelLoadError
+    from marble.request import GenerationRequest, resolve
+    from test_mmdit import flow_model
+    _, _, root = client
+    pipe = Pipeline(LoadedModel(flow_model(), "tiny-mmdit", "test"), control_dir=root / "controlnet")
+    from marble.adapters.controlnet import ControlSpec
+    request = resolve(GenerationRequest(prompt="x", steps=1, controls=(ControlSpec(image=sketch(), model="sketch"),)),
+                      pipe.defaults)
+    with pytest.raises(ModelLoadError, match="ControlNets steer U-Nets"):
+        pipe.generate(request)

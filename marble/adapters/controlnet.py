@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from marble.diffusion.denoiser import Denoiser, discrete_denoiser
+from marble.diffusion.denoiser import Denoiser
 from marble.errors import ModelLoadError
+from marble.models.unet import UNetConfig
 from marble.models.weight_cast import store_weights
 from marble.prompts.conditioning import step_index
 
@@ -183,7 +184,7 @@ def controlled_denoiser(model, units: list[ActiveUnit], sigmas: torch.Tensor) ->
                 control = r if control is None else [a + b for a, b in zip(control, r)]
             return unet(x_in, t, context, concat, y, control=control)
 
-        return discrete_denoiser(network, model.schedule, model.config.prediction)(x, sigma, **cond)
+        return model.denoiser_for(network)(x, sigma, **cond)
 
     return denoise
 
@@ -248,6 +249,8 @@ class ControlNetLoader:
         path = self.path_of(spec)
         if path not in self._cache:
             m = self.model
+            if not isinstance(m.config.unet, UNetConfig):
+                raise ModelLoadError(f"ControlNets steer U-Nets; this model's denoiser is a {type(m.unet).__name__}")
             cn = read_controlnet(path, allow_pickle=self.allow_pickle, unet=m.config.unet)
             if cn.config.hint_factor != m.latent_factor:
                 raise ModelLoadError(f"the ControlNet {cn.name} reads control images at {cn.config.hint_factor}× the "
