@@ -232,6 +232,36 @@ def timesteps_trailing(num_timesteps: int, steps: int) -> np.ndarray:
     return t.round().astype(np.int64) - 1
 
 
+LCM_ORIGINAL_STEPS = 50   # diffusers' LCMScheduler default: the distillation's skipping-step schedule
+
+
+def timesteps_lcm(num_timesteps: int, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """diffusers' LCMScheduler timesteps: of the distillation's `original_steps` timesteps
+    (k · T/original − 1, k = 1..original, so t = 999 is one), `steps` evenly spaced by index from
+    the top: floor(linspace(0, original, steps, endpoint=False)). 4 steps: 999, 759, 499, 259."""
+    _check_steps(steps)
+    if steps > original_steps or num_timesteps // original_steps < 1:
+        raise ValueError(f"the LCM spacing takes at most {original_steps} steps, not {steps}")
+    origin = (np.arange(1, original_steps + 1) * (num_timesteps // original_steps) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
+def spacing_linspace(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """diffusers' "linspace": t = linspace(0, T-1, steps) reversed, σ interpolated linearly in t
+    (np.interp), where "normal" interpolates log σ. For 1 step diffusers takes t = 0 (σ_min), and so
+    does this: it is kept for exact parity, not for use."""
+    _check_steps(steps)
+    t = np.linspace(0, schedule.num_timesteps - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+    sigmas = np.interp(t, np.arange(schedule.num_timesteps), schedule.sigmas.numpy())
+    return _append_zero(torch.from_numpy(sigmas))
+
+
+def spacing_lcm(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """σ at diffusers' LCMScheduler timesteps (the LCM-LoRA cards' scheduler)."""
+    t = timesteps_lcm(schedule.num_timesteps, steps)
+    return _append_zero(schedule.sigmas[torch.from_numpy(t)])
+
+
 def spacing_leading(schedule: DiscreteSchedule, steps: int, offset: int = 1) -> torch.Tensor:
     """σ at diffusers' "leading" timesteps (SD1.5's scheduler config: steps_offset = 1)."""
     t = timesteps_leading(schedule.num_timesteps, steps, offset)
@@ -281,6 +311,14 @@ def _trailing(schedule: Schedule, steps: int) -> torch.Tensor:
     return spacing_trailing(_need_discrete(schedule, "trailing"), steps)
 
 
+def _linspace(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_linspace(_need_discrete(schedule, "linspace"), steps)
+
+
+def _lcm(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_lcm(_need_discrete(schedule, "lcm"), steps)
+
+
 def _karras(schedule: Schedule, steps: int) -> torch.Tensor:
     return spacing_karras(schedule.sigma_min, schedule.sigma_max, steps)
 
@@ -295,6 +333,8 @@ SPACINGS: dict[str, Callable[[Schedule, int], torch.Tensor]] = {
     "exponential": _exponential,
     "leading": _leading,
     "trailing": _trailing,
+    "linspace": _linspace,
+    "lcm": _lcm,
 }
 
 

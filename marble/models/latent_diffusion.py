@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from marble.config import config_from_dict, config_to_dict
-from marble.diffusion.denoiser import discrete_denoiser, flow_denoiser
+from marble.diffusion.denoiser import Denoiser, discrete_denoiser, flow_denoiser
+from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.schedule import DiscreteSchedule, make_schedule
 from marble.models.conditioning import VectorConditioning
 from marble.models.mmdit import MMDiT, MMDiTConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNet, UNetConfig
 from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from marble.models.weight_cast import compute_dtype
 
 PREDICTIONS = ("eps", "v", "x0", "flow")     # flow: rectified-flow velocity eps − x0 on a "flow" schedule
 
@@ -41,6 +43,8 @@ class LatentDiffusionConfig:
     default_cfg: float = 7.0
     default_sampler: str = "Euler a"
     vector: VectorConditioning | None = None    # SDXL's vector conditioning y (marble.models.conditioning); None for SD1/SD2
+    few_step: FewStepSettings | None = None     # a few-step model's card settings (marble.diffusion.few_step): the
+                                                # defaults of its requests, and warnings outside them
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -68,8 +72,13 @@ class LatentDiffusion(nn.Module):
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config.text)
         with torch.device("cpu"):  # real numbers even when the networks are built on the meta device
             self.schedule: DiscreteSchedule = make_schedule(**config.schedule)
-        self.denoiser = (flow_denoiser(self.unet) if config.prediction == "flow" else
-                         discrete_denoiser(self.unet, self.schedule, config.prediction))
+        self.denoiser = self.denoiser_for(self.unet)
+
+    def denoiser_for(self, network) -> "Denoiser":
+        """D(x, sigma) -> x0 around `network` (this model's own, or a stand-in for it: a trace)."""
+        if self.config.prediction == "flow":
+            return flow_denoiser(network)
+        return discrete_denoiser(network, self.schedule, self.config.prediction)
 
     @property
     def latent_channels(self) -> int:
@@ -85,7 +94,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """What the networks compute in (weights may be stored narrower: marble.models.weight_cast)."""
+        return compute_dtype(self.unet)
 
 
 def tiny_config(name: str = "tiny-random") -> LatentDiffusionConfig:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marble.models.layers import attention, position_embedding_2d, timestep_embedding
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class MMDiT(nn.Module):
         if concat is not None or y is not None:
             raise ValueError("this MMDiT takes no extra input channels and no vector conditioning y")
         c, p = self.config, self.config.patch_size
-        dtype = self.patch_embed.weight.dtype
+        dtype = compute_dtype(self.patch_embed)
         x = x.to(dtype)       # samplers keep float32 state; the network runs in its own dtype
         b, _, h, w = x.shape
         x = F.pad(x, (0, -w % p, 0, -h % p))

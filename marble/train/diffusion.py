@@ -109,6 +109,25 @@ def check_matches_init(config: LatentDiffusionConfig, init: LatentDiffusion) -> 
             raise ConfigError(f"model.{part} differs from model.init's; leave it out to use the init's")
 
 
+def cached_training_set(cfg: TrainConfig, world: World, vae, text, text_config: dict
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents (N, C, h, w), text states (U, T, D), row of each image's caption in the states; row 0
+    is ""), cached in run_dir/cache under a key of the data table and the encoders' weights. Rank 0
+    computes and writes, the others read after the barrier."""
+    data = load_captioned(cfg.data)
+    cache = Path(cfg.run_dir) / "cache"
+    data_key = digest(cfg.data.__dict__)
+    vae_key = digest(data_key, [float(v.double().sum()) for v in vae.state_dict().values()])
+    text_key = digest(data_key, text_config, [float(v.double().sum()) for v in text.state_dict().values()])
+    if world.is_main:
+        latent_cache(cache / "latents.safetensors", vae_key, vae, data)
+        text_cache(cache / "text.safetensors", text_key, text, data.captions)
+    barrier(world)
+    latents = latent_cache(cache / "latents.safetensors", vae_key, vae, data)
+    states, rows = text_cache(cache / "text.safetensors", text_key, text, data.captions)
+    return latents, states, torch.tensor(rows)
+
+
 def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     run_dir = Path(cfg.run_dir)
     init = load_init(cfg.model["init"]) if "init" in cfg.model else None
@@ -129,21 +148,7 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
     model.requires_grad_(False)
     model.unet.requires_grad_(True)
 
-    # Caches: rank 0 computes and writes, the others read after the barrier.
-    data = load_captioned(cfg.data)
-    cache = run_dir / "cache"
-    data_key = digest(cfg.data.__dict__)
-    vae_key = digest(data_key, [float(v.double().sum()) for v in vae.state_dict().values()])
-    text_key = digest(data_key, config.text, [float(v.double().sum()) for v in text.state_dict().values()])
-    if world.is_main:
-        latent_cache(cache / "latents.safetensors", vae_key, model.vae, data)
-        text_cache(cache / "text.safetensors", text_key, text, data.captions)
-    barrier(world)
-    latents = latent_cache(cache / "latents.safetensors", vae_key, model.vae, data)
-    states, rows = text_cache(cache / "text.safetensors", text_key, text, data.captions)
-    rows = torch.tensor(rows)
-    del data
-
+    latents, states, rows = cached_training_set(cfg, world, model.vae, text, config.text)
     loop = TrainLoop(cfg, model.unet, world, run_dir)
     if resume:
         loop.resume()
