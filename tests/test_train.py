@@ -241,6 +241,11 @@ def test_committed_configs_load_and_name_only_known_keys(path):
         assert set(cfg.model) <= MODEL_KEYS
         init = cfg.model["init"]
         assert init == "builtin" or init in NAMED or (Path(__file__).resolve().parents[1] / init).is_file()
+    elif cfg.kind == "lcm":     # the teacher: builtin or a path from the repo root
+        from marble.train.lcm import check_model_table
+        check_model_table(cfg.model)
+        init = cfg.model["init"]
+        assert init == "builtin" or (Path(__file__).resolve().parents[1] / init).is_file()
     else:
         check_keys(cfg.model, "init" in cfg.model)
         if "init" in cfg.model:

@@ -1,4 +1,5 @@
-"""`marble train vae CONFIG`, `marble train diffusion CONFIG` (also under torchrun) and `marble train lora CONFIG`."""
+"""`marble train vae CONFIG`, `marble train diffusion CONFIG` (also under torchrun), `marble train lora CONFIG`
+and `marble train lcm CONFIG`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,8 @@ import typer
 
 from marble.cli.app import app, fail
 
-train_app = typer.Typer(help="Train a VAE, a diffusion U-Net or a LoRA from a TOML config (see configs/).",
+train_app = typer.Typer(help="Train a VAE, a diffusion U-Net, a LoRA or a few-step LCM student from a TOML config "
+                             "(see configs/).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -44,6 +46,9 @@ def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: 
         elif kind == "lora":
             from marble.train.lora import train_lora
             result = train_lora(cfg, world, resume)
+        elif kind == "lcm":
+            from marble.train.lcm import train_lcm
+            result = train_lcm(cfg, world, resume)
         else:
             from marble.train.diffusion import train_diffusion
             result = train_diffusion(cfg, world, resume)
@@ -70,6 +75,9 @@ def _register(kind: str, doc: str) -> None:
 
 
 _register("vae", "Train the KL autoencoder; writes RUN_DIR/vae.safetensors.")
-_register("diffusion", "Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors.")
+_register("diffusion", "Train the denoiser (U-Net or MMDiT) by noise, v or flow prediction on cached latents; "
+                       "writes RUN_DIR/model.safetensors.")
 _register("lora", "Train a LoRA on an image folder on top of a frozen model; writes RUN_DIR/NAME.safetensors "
                   "(kohya format). See docs/lora-training.md.")
+_register("lcm", "Distil a model into a few-step student without CFG by latent consistency distillation; writes "
+                 "RUN_DIR/model.safetensors. See docs/few-step.md.")

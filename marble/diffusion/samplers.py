@@ -245,8 +245,10 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in [
     SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "DPM-Solver++(2M), second-order multistep (Lu et al. 2022)"),
     SamplerSpec("DPM++ 2M Karras", sample_dpmpp_2m, "DPM-Solver++(2M) on the Karras et al. 2022 noise levels",
                 spacing="karras"),
+    # trailing: every step at a level the student was trained on, the first at t = T-1 and none
+    # wasted at t = 0 ("normal" spends 1 of 2 steps there); diffusers' LCMScheduler is close (999, 759, 499, 259)
     SamplerSpec("LCM", sample_lcm, "multistep consistency sampling for LCM / consistency models (Luo et al. 2023)",
-                default_steps=4, stochastic=True),
+                spacing="trailing", default_steps=4, stochastic=True),
 ]}
 
 # other spellings in use (k-diffusion / ComfyUI function names), matched after _normalise

@@ -1,0 +1,128 @@
+"""`marble train lcm`: a few-step student by latent consistency distillation (Luo et al. 2023) of a
+shipped teacher, on the data of `marble train diffusion` (marble/train/consistency.py has the math).
+
+The student is the teacher's whole U-Net, initialised from it and trained in full; the output is a
+plain marble model file (the teacher's VAE and text encoder, the student's U-Net) whose settings
+say LCM sampler, 4 steps, CFG 1, so it needs nothing new to load, generate or evaluate.
+
+model table:
+  init          the teacher: `builtin`, a registered name or a model file marble loads
+  name          the student's name in PNG records (default: the teacher's name + "-lcm")
+  guidance      the CFG scale of the teacher's ODE, folded into the student (default: the teacher's
+                default_cfg). One fixed scale, no w-embedding: the U-Net keeps the teacher's shape
+  solver_steps  the teacher's DDIM grid, a divisor of T: skipping step k = T / solver_steps (default 50)
+  huber_c       the pseudo-Huber constant c (default 0.001, as LCM-SD; 0 = L1)
+  export_dtype  float16 (default) | float32 for the shipped file
+  default_steps / default_sampler / default_cfg   written into the student (default 4 / LCM / 1)
+ema_decay is μ of the target network f_θ⁻ (LCM: 0.95); the shipped weights are that EMA.
+Output: run_dir/model.safetensors; every sample_every steps a grid in run_dir/samples/ and the EMA
+student as run_dir/snapshots/step-NNNNNN.safetensors (to evaluate a run while it continues).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from marble.checkpoints.checkpoint import from_model
+from marble.checkpoints.marble_format import write_marble
+from marble.checkpoints.resolve import load_model
+from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.guidance import guided_denoiser
+from marble.train.config import ConfigError, TrainConfig
+from marble.train.consistency import lcd_loss, skipping_grid
+from marble.train.data import batch_indices
+from marble.train.diffusion import cached_training_set, write_samples
+from marble.train.distributed import World
+from marble.train.loop import TrainLoop
+
+STUDENT_DEFAULTS = {"default_steps": 4, "default_sampler": "LCM", "default_cfg": 1.0}
+MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "export_dtype", *STUDENT_DEFAULTS}
+
+
+def check_model_table(m: dict) -> None:
+    unknown = set(m) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys in model: {', '.join(sorted(unknown))} (an LCM run takes {', '.join(sorted(MODEL_KEYS))})")
+    if not isinstance(m.get("init"), str) or not m["init"]:
+        raise ConfigError("model.init must name the teacher: builtin, a registered name or a model path")
+    for key in ("guidance", "huber_c"):
+        if key in m and not (isinstance(m[key], (int, float)) and not isinstance(m[key], bool) and m[key] >= 0):
+            raise ConfigError(f"model.{key} must be a number >= 0, not {m[key]!r}")
+    if m.get("export_dtype", "float16") not in ("float16", "float32"):
+        raise ConfigError(f"model.export_dtype must be float16 or float32, not {m['export_dtype']!r}")
+
+
+def student_config(m: dict, teacher_config):
+    """The teacher's config under the student's name, with the student's sampler settings."""
+    name = m.get("name") or f"{teacher_config.name}-lcm"
+    return teacher_config.replace(name=name, **{k: m.get(k, v) for k, v in STUDENT_DEFAULTS.items()})
+
+
+def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
+    if world.size > 1:
+        raise ConfigError("marble train lcm runs in one process; start it without torchrun")
+    m = cfg.model
+    check_model_table(m)
+    run_dir = Path(cfg.run_dir)
+    loaded = load_model(m["init"])
+    model = loaded.model.to(world.device).eval().requires_grad_(False)
+    guidance = float(m.get("guidance", model.config.default_cfg))
+    try:
+        grid = skipping_grid(model.schedule.num_timesteps, int(m.get("solver_steps", 50)))
+        model.config = student_config(m, model.config)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    k = model.schedule.num_timesteps // len(grid)
+    teacher = discrete_denoiser(copy.deepcopy(model.unet), model.schedule, model.config.prediction)
+    model.unet.requires_grad_(True)
+
+    latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
+    loop = TrainLoop(cfg, model.unet, world, run_dir)
+    if resume:
+        loop.resume()
+    sigmas = model.schedule.sigmas.to(world.device)
+    huber_c = float(m.get("huber_c", 0.001))
+    ema_unet = lambda x, t, **cond: functional_call(model.unet, loop.ema.shadow, (x, t), cond)  # noqa: E731
+    target = discrete_denoiser(ema_unet, model.schedule, model.config.prediction)
+    dev = world.device
+
+    def step_loss(net, step, gen):
+        idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
+        t = grid[torch.randint(0, len(grid), (cfg.batch,), generator=gen)]
+        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
+        context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
+        cond, uncond = {"context": context}, {"context": states[:1].expand_as(context).to(dev)}
+        student = discrete_denoiser(net, model.schedule, model.config.prediction)
+        loss = lcd_loss(lambda x, sigma: student(x, sigma, **cond),
+                        lambda x, sigma: target(x, sigma, **cond),
+                        guided_denoiser(teacher, cond, uncond, guidance),
+                        latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas, huber_c)
+        return loss, {}
+
+    def write_student(path: Path) -> None:
+        """The EMA student as a marble model file (never over an existing one)."""
+        if path.exists():
+            return
+        live = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        loop.ema.copy_to(model.unet)
+        try:
+            dtype = torch.float16 if m.get("export_dtype", "float16") == "float16" else None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_marble(from_model(model, dtype=dtype), path)
+        finally:
+            model.unet.load_state_dict(live)
+
+    def on_sample(step: int) -> None:
+        write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")
+        write_student(run_dir / "snapshots" / f"step-{step:06d}.safetensors")
+
+    loop.fit(step_loss, on_sample)
+    out = run_dir / "model.safetensors"
+    write_student(out)
+    loop.ema.copy_to(model.unet)
+    write_samples(loop, model, run_dir / "samples" / "final.png", ema_loaded=True)
+    return out
