@@ -24,10 +24,10 @@ def is_loopback(host: str) -> bool:
 
 
 def default_live_model(first: str) -> str | None:
-    """The distilled few-step built-in model, when it ships beside the built-in one being served."""
-    from marble.checkpoints.resolve import builtin_path
-    fast = builtin_path().with_name("builtin-lcm.safetensors")
-    return str(fast) if first == "builtin" and fast.is_file() else None
+    """The distilled few-step built-in model ('builtin-lcm'), when it ships beside the built-in one
+    being served."""
+    from marble.checkpoints.resolve import models_dir
+    return "builtin-lcm" if first == "builtin" and (models_dir() / "builtin-lcm.safetensors").is_file() else None
 
 
 @app.command()
