@@ -42,19 +42,24 @@ def snapshots(run_dir: Path, every: int) -> list[tuple[int, Path | None]]:
     return [(0, None)] + found
 
 
-def heart_drawn(requirement: dict, detected: list[dict], colour: bool = True) -> bool:
-    """The heart as the prompt asks for it: in its colour where the prompt names one (unless not
+def shape_drawn(requirement: dict, detected: list[dict], shape: str = "heart", colour: bool = True) -> bool:
+    """`shape` as the prompt asks for it: in its colour where the prompt names one (unless not
     `colour`), and in counting prompts exactly as many; the partner shape and the relation are not judged."""
-    hearts = [d for d in detected if d["shape"] == "heart"]
+    found = [d for d in detected if d["shape"] == shape]
     for need in requirement["objects"]:
-        if need["shape"] != "heart":
+        if need["shape"] != shape:
             continue
-        mine = [d for d in hearts if d["color"] == need["color"]] if need.get("color") and colour else hearts
-        if requirement["category"] == "counting" and len(hearts) != need.get("count", 1):
+        mine = [d for d in found if d["color"] == need["color"]] if need.get("color") and colour else found
+        if requirement["category"] == "counting" and len(found) != need.get("count", 1):
             return False
         if not mine:
             return False
     return True
+
+
+def heart_drawn(requirement: dict, detected: list[dict], colour: bool = True) -> bool:
+    """The heart as the prompt asks for it (shape_drawn for the heart)."""
+    return shape_drawn(requirement, detected, "heart", colour)
 
 
 def heart_score(report: dict, colour: bool = True) -> float:

@@ -53,6 +53,8 @@ def _typed(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         rest = [a for a in args if a is not type(None)]
+        if len(rest) > 1 and all(dataclasses.is_dataclass(a) for a in rest):
+            return _one_of(rest, value, where)
         return _typed(rest[0], value, where) if len(rest) == 1 else value
     if dataclasses.is_dataclass(hint):
         return config_from_dict(hint, value, where)
@@ -63,6 +65,20 @@ def _typed(hint: Any, value: Any, where: str) -> Any:
     if origin is list and isinstance(value, (list, tuple)):
         return [_typed(args[0], v, where) for v in value] if args else list(value)
     return value
+
+
+def _one_of(classes: list, value: Any, where: str) -> Any:
+    """A union of configs (e.g. the denoising network: U-Net or MMDiT) read by its `kind` tag; a
+    table without one is the untagged class, so files written before the union still read."""
+    for cls in classes:
+        if isinstance(value, cls):
+            return value
+    kind = value.get("kind") if isinstance(value, dict) else None
+    for cls in classes:
+        if _tag(cls) == kind:
+            return config_from_dict(cls, value, where)
+    known = ", ".join(repr(t) for t in (_tag(c) for c in classes) if t)
+    raise ConfigError(f"{where} has kind {kind!r}; expected one of {known} or none")
 
 
 def config_from_dict(cls: type[T], data: Any, where: str = "config") -> T:

@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marble import __version__
+from marble.adapters.controlnet import ActiveUnit, ControlNetLoader, controlled_denoiser, hint_tensor, resize_control
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
+from marble.adapters.preprocess import preprocess
 from marble.checkpoints.resolve import LoadedModel, load_model
+from marble.checkpoints.taesd_file import read_taesd
+from marble.cpu_features import dtype_name
 from marble.errors import ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
@@ -27,9 +31,12 @@ from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
-from marble.models.conditioning import SizeConditioning, vector_y, zeroes_negative
+from marble.models.conditioning import vector_y, zeroes_negative
+from marble.models.latent_preview import latent_rgb_for
+from marble.models.traced import TracedNetwork
+from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
-from marble.prompts.encode import prompt_chunks
+from marble.prompts.encode import encode_prompts, prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
 
@@ -80,7 +87,7 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
     the image with the repainted region blanked], (1, 1 + C, h, w). The mask is binarised at 0.5
     and resized with nearest neighbours, as diffusers' inpainting pipeline does. Without a mask the
     whole image is repainted, and without an image it is blank (0), as A1111 does for txt2img."""
-    p = next(vae.parameters())
+    p = torch.empty(0, device=next(vae.parameters()).device, dtype=compute_dtype(vae))
     factor = vae.downsampling_factor
     mask = torch.ones(1, 1, height, width, device=p.device, dtype=p.dtype) if mask is None else (mask >= 0.5).to(p.dtype)
     blank = torch.zeros(1, 3, height, width, device=p.device, dtype=p.dtype)
@@ -94,18 +101,46 @@ class Pipeline:
     schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
-                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8):
+                 refiner: LoadedModel | None = None, refiner_switch: float = 0.8,
+                 preview_decoder=None, decoder=None, decoder_name: str | None = None, trace: bool = False,
+                 control_dir: Path | None = None, max_control_units: int = 3, allow_pickle: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
+        for codec in (preview_decoder, decoder):
+            if codec is not None:
+                check_decoder(self.model, codec)
+        # the final decode: a user's fast decoder (TAESD, `decoder_name` recorded) or the VAE
+        self.decoder, self.decoder_name = decoder, decoder_name
+        # a step's preview: the user's preview decoder, else the VAE's linear latent→RGB map, else the VAE
+        linear = latent_rgb_for(self.model.config.vae)
+        self.previewer = preview_decoder.decode if preview_decoder is not None else \
+            linear if linear is not None else self.model.vae.decode
+        if trace:   # same bits, less Python per U-Net call (marble.models.traced)
+            for m in (self.model, refiner and refiner.model):
+                if m is not None:
+                    m.denoiser = m.denoiser_for(TracedNetwork(m.unet))
         # LoRA files by name (in lora_dir) or path, read once; applied per request as an overlay
         self.loras = LoraLoader(self.model, lora_dir, lora_lenient)
+        # ControlNets by name (in control_dir) or path, read once, fitted to this model's U-Net
+        self.controlnets = ControlNetLoader(self.model, control_dir, allow_pickle)
+        self.max_control_units = max_control_units
+        self._empty_contexts: dict[tuple[int, str], torch.Tensor] = {}   # (model id, emphasis) -> ""'s context
 
     @property
     def name(self) -> str:
         return self.loaded.name
+
+    @torch.inference_mode()
+    def preview(self, x0: torch.Tensor) -> Image.Image:
+        """A cheap picture of a step's x0 estimate (the first image of the batch), at the image's
+        size: the previewer's pixels, enlarged with nearest neighbours when it works at latent size."""
+        m = self.model
+        image = pixels_to_pil(self.previewer(x0[:1].to(m.dtype)).float())[0]
+        size = (x0.shape[-1] * m.latent_factor, x0.shape[-2] * m.latent_factor)
+        return image if image.size == size else image.resize(size, Image.NEAREST)
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -113,29 +148,57 @@ class Pipeline:
         c = self.model.config
         return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
                              width=c.default_width, height=c.default_height,
-                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels)
+                             latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
+                             max_control_units=self.max_control_units, micro=self.micro_kinds())
+
+
+    def micro_kinds(self) -> tuple[str, ...]:
+        """The SDXL micro-conditioning this pipeline's models take: "size" (original size, crop,
+        target size) for any SDXL model, "aesthetic" where one is a refiner."""
+        vectors = [m.config.vector for m in (self.model, self.refiner and self.refiner.model) if m is not None]
+        vectors = [v for v in vectors if v is not None]
+        return (("size",) if vectors else ()) + (("aesthetic",) if any(v.micro == "aesthetic" for v in vectors) else ())
 
     def conditioning(self, req: ResolvedRequest, hires_steps: int | None = None, model=None) -> PromptConditioning:
         """The per-step contexts of the request's prompts (weights, windows, editing; marble.prompts),
         read from the prompt with its <lora:...> tags cut out; `model`: another than the pipeline's
         (the refiner)."""
         m = model or self.model
+        # The empty prompt (the negative of most requests) is encoded once per model and emphasis,
+        # alone, so every request encodes its prompt in the same batch; not while LoRAs may patch
+        # the text encoder (then as before, together). tests/test_pipeline_speed.py holds the image
+        # to the together-encoded one.
+        known = None
+        if not req.lora_specs:
+            key = (id(m), req.emphasis)
+            if key not in self._empty_contexts:
+                self._empty_contexts[key] = encode_prompts(m.text_encoder, [""], req.emphasis)[0]
+            known = {"": self._empty_contexts[key]}
         return PromptConditioning(m.text_encoder, req.text_prompt, req.negative_prompt, req.steps,
-                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype)
+                                  hires_steps=hires_steps, emphasis=req.emphasis, device=m.device, dtype=m.dtype,
+                                  known=known)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
-                 extra: dict[str, torch.Tensor], vectors=None, model=None):
+                 extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None):
         """Guidance around the network, with each step's contexts picked inside the closure.
         `vectors` (from `vector_conditioning`) adds SDXL's y to each branch, and zeros the
-        unconditional context where the model conditions an empty negative prompt on zeros."""
+        unconditional context where the model conditions an empty negative prompt on zeros.
+        `control`: ControlNet units whose residuals join the U-Net (marble.adapters.controlnet); the
+        halves of CFG carry `cond_mark` so a unit can act on the conditional half alone."""
         model = model or self.model
         y_cond, y_uncond, zero_uncond = vectors or ({}, {}, False)
+        network = model.denoiser
+        marks: tuple[dict, dict] = ({}, {})
+        if control:
+            network = controlled_denoiser(model, control, sigmas)
+            one = torch.ones(1, device=model.device)
+            marks = ({"cond_mark": one}, {"cond_mark": torch.zeros_like(one)})
 
         def guided(cond_context: torch.Tensor, uncond_context: torch.Tensor):
             if zero_uncond:
                 uncond_context = torch.zeros_like(uncond_context)
-            return guided_denoiser(model.denoiser, {"context": cond_context, **extra, **y_cond},
-                                   {"context": uncond_context, **extra, **y_uncond}, cfg)
+            return guided_denoiser(network, {"context": cond_context, **extra, **y_cond, **marks[0]},
+                                   {"context": uncond_context, **extra, **y_uncond, **marks[1]}, cfg)
         return scheduled_denoiser(guided, conditioning, sigmas)
 
     def vector_conditioning(self, model, conditioning: PromptConditioning, req: ResolvedRequest, width: int,
@@ -143,7 +206,8 @@ class Pipeline:
         """SDXL's vector conditioning ({"y"} for cond and uncond, and whether the unconditional
         context is zeros), or None for models without it. The pooled text comes from the first
         window of the step-0 prompt texts (as A1111 pools SDXL prompts; weights do not act on it);
-        sizes are diffusers' defaults for a width × height image (marble.models.conditioning)."""
+        sizes are the request's micro-conditioning, diffusers' defaults for a width × height image
+        where it gives none (marble.models.conditioning.MicroConditioning)."""
         vector = model.config.vector
         if vector is None:
             return None
@@ -156,8 +220,8 @@ class Pipeline:
         zero = zeroes_negative(vector, req.negative_prompt)
         if zero:
             pooled[1:] = 0.0
-        size = SizeConditioning.of_image(width, height)
-        y = [vector_y(vector, pooled[i:i + 1], size, negative=i == 1).to(model.device, model.dtype) for i in (0, 1)]
+        sizes = req.micro.branches(width, height)
+        y = [vector_y(vector, pooled[i:i + 1], sizes[i], negative=i == 1).to(model.device, model.dtype) for i in (0, 1)]
         return {"y": y[0]}, {"y": y[1]}, zero
 
     def hand_off(self, denoiser, req: ResolvedRequest, sigmas: torch.Tensor, width: int, height: int,
@@ -171,11 +235,12 @@ class Pipeline:
         return handoff_denoiser(denoiser, refined,
                                 switch_sigma(sigmas, schedule.sigma_to_t, self.refiner_switch, len(schedule.sigmas)))
 
-    def sigmas(self, sampler: str, steps: int, strength: float | None = None) -> torch.Tensor:
-        """The sampler's schedule of `steps` steps; with `strength`, its last int(steps · strength)
-        steps (img2img: strength of the schedule is re-run, as diffusers)."""
+    def sigmas(self, sampler: str, steps: int, strength: float | None = None, spacing_name: str | None = None
+               ) -> torch.Tensor:
+        """The schedule of `steps` steps in `spacing_name` (None: the sampler's own); with `strength`,
+        its last int(steps · strength) steps (img2img: strength of the schedule is re-run, as diffusers)."""
         m = self.model
-        sigmas = spacing(get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
+        sigmas = spacing(spacing_name or get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
         return sigmas if strength is None else sigmas[steps - int(steps * strength):]
 
     def extra_conditioning(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
@@ -224,6 +289,7 @@ class Pipeline:
         if not isinstance(req, ResolvedRequest):
             raise TypeError("Pipeline.generate takes a ResolvedRequest: resolve(request, pipe.defaults)")
         uses = self.lora_uses(req)   # LoraError before any work
+        self.control_nets(req)       # ModelLoadError before any work
         with overlay(self.model, uses, self.loras.table):   # this request's LoRAs, gone when it ends
             images = self._images(req, callback)
         h = req.hires
@@ -234,18 +300,50 @@ class Pipeline:
             init_image_sha256=req.init_image_sha256, mask=req.mask_path, mask_sha256=req.mask_sha256,
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
-            emphasis=req.emphasis, marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)))
+            emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
+            micro=req.micro.given() or None,
+            marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
+            controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
             base = replace(base, refiner=self.refiner.name, refiner_hash=self.refiner.hash,
-                           refiner_switch=self.refiner_switch)
+                           refiner_path=self.refiner.source or None, refiner_switch=self.refiner_switch)
         records = [replace(base, seed=req.seed + i) for i in range(req.n)]
-        warnings = [f"LoRA {use.lora.name}: skipped {why}" for use in uses for why in use.lora.skipped]
+        warnings = list(req.warnings) + [f"LoRA {use.lora.name}: skipped {why}" for use in uses
+                                         for why in use.lora.skipped]
         return GenerationResult(images, records, req, warnings)
 
     def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
         """The request's LoRAs, read (cached) and checked against this model: a LoraError (one line)
         for a missing, corrupt or mismatched file or a name outside the LoRA folder."""
         return self.loras.uses(req.lora_specs)
+
+    def control_nets(self, req: ResolvedRequest) -> list:
+        """The request's ControlNets, read (cached) and fitted to this model: a ModelLoadError (one line)
+        for a missing, corrupt or mismatched file or a name outside the ControlNet folder."""
+        return [self.controlnets.get(spec) for spec in req.controls]
+
+    def control_records(self, req: ResolvedRequest) -> list[dict]:
+        out = []
+        for spec, loaded in zip(req.controls, self.control_nets(req)):
+            entry = {"module": spec.module, "model": loaded.name, "hash": loaded.hash, "weight": spec.weight,
+                     "resize_mode": spec.resize, "guidance_start": spec.start, "guidance_end": spec.end,
+                     "control_mode": spec.mode, "image": spec.image_path, "image_sha256": spec.image_sha256}
+            if spec.is_path:
+                entry["path"] = str(loaded.path)
+            out.append(entry)
+        return out
+
+    def control_units(self, req: ResolvedRequest, width: int, height: int) -> list[ActiveUnit]:
+        """The request's units for a pass at width × height: each control image fitted (resize mode),
+        preprocessed (module) and handed to its ControlNet as a [0, 1] hint."""
+        m = self.model
+        units = []
+        for spec, loaded in zip(req.controls, self.control_nets(req)):
+            image = preprocess(resize_control(spec.image, width, height, spec.resize), spec.module,
+                               spec.threshold_a, spec.threshold_b)
+            hint = hint_tensor(image).to(m.device, m.dtype)
+            units.append(ActiveUnit.of_mode(loaded.net, hint, spec.weight, spec.start, spec.end, spec.mode))
+        return units
 
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
@@ -258,11 +356,12 @@ class Pipeline:
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
-        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None)
+        sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None, req.spacing)
         conditioning = self.conditioning(req)
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(init_pixels, mask, req.width, req.height),
-                                 self.vector_conditioning(m, conditioning, req, req.width, req.height))
+                                 self.vector_conditioning(m, conditioning, req, req.width, req.height),
+                                 control=self.control_units(req, req.width, req.height))
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
@@ -270,16 +369,18 @@ class Pipeline:
         hires_sigmas = hires_denoiser = None
         if req.hires is not None:
             hires_steps = req.hires.steps or req.steps
-            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise)
+            hires_sigmas = self.sigmas(req.sampler, hires_steps, req.hires.denoise, req.spacing)
             size = hires_size(req.width, req.height, scale=req.hires.scale, resize_x=req.hires.resize_x,
                               resize_y=req.hires.resize_y, factor=m.latent_factor)
             hires_conditioning = self.conditioning(req, hires_steps)
             hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
                                            self.extra_conditioning(None, None, size.width, size.height),
-                                           self.vector_conditioning(m, hires_conditioning, req, size.width, size.height))
+                                           self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
+                                           control=self.control_units(req, size.width, size.height))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        decoder = (self.refiner.model if self.refiner is not None else m).vae   # the last denoiser's VAE decodes
+        decoder = self.decoder if self.decoder is not None else \
+            (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):
@@ -308,10 +409,25 @@ class Pipeline:
         return self.generate(request).images[0]
 
 
+def check_decoder(model, codec) -> None:
+    """A replacement decoder must read this model's latents: same channels and downsampling."""
+    ours = (model.latent_channels, model.latent_factor)
+    theirs = (codec.config.latent_channels, codec.downsampling_factor)
+    if ours != theirs:
+        raise ModelLoadError(f"the decoder reads {theirs[0]}-channel latents at 1/{theirs[1]} of the image size; "
+                             f"this model's are {ours[0]}-channel at 1/{ours[1]} (TAESD is for SD1.x/2.x, "
+                             "TAESDXL for SDXL)")
+
+
 def check_refiner(base, refiner, switch: float) -> None:
     """A refiner continues the base's latent on the base's schedule: same latent space and schedule."""
     if not 0.0 < switch < 1.0:
         raise ModelLoadError(f"the refiner switch must be in (0, 1), not {switch}")
+    if refiner.config.vector is None or refiner.config.vector.micro != "aesthetic":
+        raise ModelLoadError(f"{refiner.config.name} is not an SDXL refiner (it takes no aesthetic score)")
+    if base.config.vector is None or base.config.vector.micro != "size":
+        raise ModelLoadError(f"a refiner needs an SDXL base model; {base.config.name} is not one"
+                             + (" (it is a refiner itself)" if base.config.vector is not None else ""))
     if (refiner.latent_channels, refiner.latent_factor) != (base.latent_channels, base.latent_factor) \
             or refiner.config.schedule != base.config.schedule:
         raise ModelLoadError(f"the refiner {refiner.config.name} does not share the latent space and noise schedule "
@@ -322,7 +438,17 @@ def check_refiner(base, refiner, switch: float) -> None:
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> Pipeline:
-    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle)
-    second = load_model(refiner, dtype, allow_pickle=allow_pickle) if refiner else None
-    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch)
+                  refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
+                  decoder: Path | None = None, trace: bool = False, control_dir: Path | None = None,
+                  max_control_units: int = 3, storage: torch.dtype | None = None) -> Pipeline:
+    """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
+    and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace; `storage`: keep the weights in fp16/bf16
+    and compute in `dtype` (marble.models.weight_cast)."""
+    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage)
+    second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage) if refiner else None
+    preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
+    final = read_taesd(decoder).to(base.model.device) if decoder else None
+    return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,
+                    preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None,
+                    trace=trace, control_dir=control_dir, max_control_units=max_control_units,
+                    allow_pickle=allow_pickle)

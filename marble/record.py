@@ -9,6 +9,9 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
+from marble.diffusion.samplers import get_sampler
+from marble.diffusion.schedule import SPACINGS
+
 EMPHASIS_NAMES = {"a1111": "Original", "no-norm": "No norm", "comfy": "ComfyUI", "none": "None"}  # A1111's names
 
 RECORD_VERSION = 1
@@ -39,14 +42,22 @@ class GenerationRecord:
     hires_steps: int = 0                  # steps of the second pass; 0 = the first pass's steps
     hires_denoise: float | None = None    # strength of the second pass, (0, 1]
     emphasis: str = "a1111"               # how prompt weights act (marble.prompts.encode.EMPHASIS)
+    spacing: str | None = None            # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
+    vae: str | None = None                # a replacement final decoder's name (--decoder, TAESD); None: the model's VAE
     refiner: str | None = None            # the refiner model's name, when one took over (SDXL)
     refiner_hash: str | None = None
+    refiner_path: str | None = None       # where the refiner was loaded from (--from reloads it)
     refiner_switch: float | None = None   # fraction of the schedule the base ran
+    dtype: str = "fp32"                   # the compute dtype (fp32, bf16, fp16): bits differ between them
+    micro: dict | None = None             # SDXL micro-conditioning asked for (MicroConditioning.given()); None: defaults
     marble_version: str = ""
     record_version: int = RECORD_VERSION
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
     # given as a file (--lora) rather than by a prompt tag, which the prompt itself keeps
     loras: tuple[dict, ...] = ()
+    # ControlNet units, in order: {"module", "model", "hash", "weight", "resize_mode", "guidance_start",
+    # "guidance_end", "control_mode", "image", "image_sha256"} and "path" for a model given as a file
+    controlnets: tuple[dict, ...] = ()
 
     def to_parameters(self) -> str:
         """A1111's infotext layout: prompt, optional negative line, then `Key: value` pairs in A1111's
@@ -71,8 +82,14 @@ class GenerationRecord:
         # A1111 writes it when not its default ("Original") and a prompt has brackets for it to act on
         if self.emphasis != "a1111" and any(c in self.prompt + self.negative_prompt for c in "(["):
             pairs.append(("Emphasis", EMPHASIS_NAMES.get(self.emphasis, self.emphasis)))
+        if self.spacing is not None and self.spacing != _sampler_spacing(self.sampler):
+            pairs.append(("Schedule type", self.spacing))   # A1111 >= 1.9's key; marble's spacing name
+        if self.vae is not None:
+            pairs.append(("VAE", self.vae))   # A1111's key for a separate VAE
         if self.loras:
             pairs.append(("Lora hashes", lora_hashes(self.loras)))
+        for i, unit in enumerate(self.controlnets):   # sd-webui-controlnet's unit text
+            pairs.append((f"ControlNet {i}", controlnet_text(unit)))
         if self.refiner is not None:   # A1111's names for its refiner
             pairs += [("Refiner", f"{self.refiner} [{self.refiner_hash}]"),
                       ("Refiner switch at", _num(self.refiner_switch))]
@@ -103,6 +120,7 @@ class GenerationRecord:
                 if "Hires resize" in p else (0, 0)
             denoise = float(p["Denoising strength"]) if "Denoising strength" in p else None
             names = {v.lower(): k for k, v in EMPHASIS_NAMES.items()}
+            schedule = p.get("Schedule type", "").lower()
             return cls(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], seed=int(p["Seed"]),
                        steps=int(p["Steps"]), sampler=sampler, cfg=float(p["CFG scale"]), width=width, height=height,
                        model_name="", model_hash=p.get("Model hash", ""),
@@ -111,7 +129,8 @@ class GenerationRecord:
                        hires_scale=float(p.get("Hires upscale", 2)) if hires else None,
                        hires_resize_x=resize_x, hires_resize_y=resize_y,
                        hires_steps=int(p.get("Hires steps", 0)), hires_denoise=denoise if hires else None,
-                       emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"))
+                       emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"),
+                       spacing=schedule if schedule in SPACINGS and schedule != "karras" else None)
         except ValueError as e:
             raise ValueError(f"the A1111 parameters have an unreadable value ({e})") from None
 
@@ -126,6 +145,10 @@ class GenerationRecord:
         if missing:
             raise ValueError(f"the marble record lacks {', '.join(missing)}")
         data["loras"] = _read_loras(data.get("loras", []))
+        data["controlnets"] = _read_controlnets(data.get("controlnets", []))
+        if data.get("micro") is not None:
+            from marble.models.conditioning import MicroConditioning   # here: reading a record needs no torch
+            data["micro"] = MicroConditioning.from_given(data["micro"]).given() or None
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -137,6 +160,34 @@ def _read_loras(loras) -> tuple[dict, ...]:
     if not ok:
         raise ValueError("the marble record's loras are malformed")
     return tuple(loras)
+
+
+def _sampler_spacing(sampler: str) -> str | None:
+    try:
+        return get_sampler(sampler).spacing
+    except KeyError:
+        return None
+
+
+_UNIT_TEXT = {"str": ("module", "model", "hash", "resize_mode", "control_mode", "image", "image_sha256"),
+              "num": ("weight", "guidance_start", "guidance_end")}
+
+
+def _read_controlnets(units) -> tuple[dict, ...]:
+    ok = isinstance(units, list) and all(
+        isinstance(e, dict) and all(isinstance(e.get(k), str) for k in _UNIT_TEXT["str"] if k not in ("image", "image_sha256"))
+        and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in _UNIT_TEXT["num"])
+        and all(isinstance(e.get(k), (str, type(None))) for k in ("image", "image_sha256", "path")) for e in units)
+    if not ok:
+        raise ValueError("the marble record's controlnets are malformed")
+    return tuple(units)
+
+
+def controlnet_text(unit: dict) -> str:
+    """sd-webui-controlnet's infotext of one unit: `Module: canny, Model: name [hash], Weight: 1, ...`."""
+    return (f"Module: {unit['module']}, Model: {unit['model']} [{unit['hash']}], Weight: {_num(unit['weight'])}, "
+            f"Resize Mode: {unit['resize_mode']}, Guidance Start: {_num(unit['guidance_start'])}, "
+            f"Guidance End: {_num(unit['guidance_end'])}, Control Mode: {unit['control_mode']}")
 
 
 def lora_hashes(loras) -> str:

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
 
+from marble.adapters.controlnet import ControlSpec, control_mode, resize_mode
 from marble.adapters.lora_loader import LoraSpec
+from marble.adapters.preprocess import module_name
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
+from marble.diffusion.few_step import FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
+from marble.diffusion.schedule import LCM_ORIGINAL_STEPS, SPACINGS
 from marble.hires import HiresError, HiresFix, check_hires
+from marble.models.conditioning import MicroConditioning
 from marble.prompts.encode import check_emphasis
 from marble.prompts.attention import PromptSyntaxError
 from marble.prompts.schedule import check_prompt
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_CONTROL_WEIGHT = 2.0   # sd-webui-controlnet's slider limit
+MAX_MICRO_SIZE = 16384   # SDXL micro-conditioning sizes and crops, pixels (SDXL was trained on ≤ 4096)
 MAX_CFG = 100.0   # ComfyUI's limit too; far past where guidance saturates, and keeps cfg·x0 finite in float32
 
 
@@ -52,6 +59,10 @@ class GenerationRequest:
     hires: HiresFix | None = None               # txt2img only: a second, img2img pass at a larger size
     emphasis: str | None = None                 # how prompt weights act (marble.prompts.encode.EMPHASIS); None: a1111
     loras: tuple[LoraSpec, ...] = ()            # LoRAs named outside the prompt (CLI --lora paths); tags stay in the prompt
+    spacing: str | None = None                  # sigma spacing (marble.diffusion.schedule.SPACINGS); None: the sampler's
+    preset: str | None = None                   # few-step settings by name (marble.diffusion.few_step.PRESETS)
+    controls: tuple[ControlSpec, ...] = ()      # ControlNet units (marble.adapters.controlnet), in order
+    micro: MicroConditioning = MicroConditioning()  # SDXL's size/crop/aesthetic conditioning (None fields: defaults)
 
     @property
     def mode(self) -> str:
@@ -70,6 +81,9 @@ class ModelDefaults:
     height: int
     latent_factor: int          # width and height must be multiples of it
     max_pixels: int             # width·height the model accepts at most
+    few_step: FewStepSettings | None = None     # a few-step model's card settings: its defaults, and warnings
+    max_control_units: int = 3  # ControlNet units a request may carry
+    micro: tuple[str, ...] = () # SDXL micro-conditioning the models take: "size" (base, refiner), "aesthetic" (refiner)
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class ResolvedRequest(GenerationRequest):
     keeps its <lora:...> tags, as A1111's does); the text encoder reads `text_prompt`."""
     text_prompt: str = ""                       # the prompt with its LoRA tags cut out
     lora_specs: tuple[LoraSpec, ...] = ()       # `loras`, then the prompt's tags in order
+    warnings: tuple[str, ...] = ()              # settings allowed but outside a few-step model's card
 
 
 def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequest:
@@ -88,30 +103,57 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     _check_text(request)
     text_prompt, lora_specs = _loras(request)
     seed = _seed(request.seed)
-    steps = defaults.steps if request.steps is None else request.steps
+    few = _few_step(request, defaults)   # a preset, else the model's card: defaults in place of the model's
+    steps = (few.default_steps if few else defaults.steps) if request.steps is None else request.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
         raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps}")
     try:
-        sampler = get_sampler(request.sampler or defaults.sampler).name
+        sampler = get_sampler(request.sampler or (few.sampler if few else defaults.sampler))
     except KeyError as e:
         raise RequestError(str(e.args[0]) if e.args else f"unknown sampler {request.sampler!r}") from None
-    cfg = defaults.cfg if request.cfg is None else request.cfg
+    cfg = (few.default_cfg if few else defaults.cfg) if request.cfg is None else request.cfg
     if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= MAX_CFG:
         raise RequestError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}")
+    spacing = _spacing(request.spacing or (few.spacing if few else sampler.spacing), steps)
     if not isinstance(request.n, int) or not 1 <= request.n <= MAX_BATCH:
         raise RequestError(f"n must be an integer in [1, {MAX_BATCH}], got {request.n}")
     width, height = _size(request, defaults)
     strength = _strength(request)
     _check_syntax(request, steps)
     hires = _hires(request, width, height, defaults)
+    _check_micro(request.micro, defaults)
+    if hires is not None and hires.steps:
+        _spacing(spacing, hires.steps)                  # the second pass walks the same spacing
     try:
         emphasis = check_emphasis("a1111" if request.emphasis is None else request.emphasis)
     except PromptSyntaxError as e:
         raise RequestError(str(e)) from None
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
-    fields_.update(seed=seed, steps=steps, sampler=sampler, cfg=float(cfg), width=width, height=height,
-                   strength=strength, hires=hires, emphasis=emphasis)
-    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs)
+    fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
+                   strength=strength, hires=hires, emphasis=emphasis, spacing=spacing,
+                   controls=_controls(request, defaults))
+    warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
+    return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
+
+
+def _few_step(request: GenerationRequest, defaults: ModelDefaults) -> FewStepSettings | None:
+    if request.preset is None:
+        return defaults.few_step
+    if not isinstance(request.preset, str):
+        raise RequestError("the preset must be a name")
+    try:
+        return get_preset(request.preset)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def _spacing(name, steps: int) -> str:
+    name = name.strip().lower() if isinstance(name, str) else name
+    if not isinstance(name, str) or name not in SPACINGS:
+        raise RequestError(f"unknown spacing {name!r}; choose from: {', '.join(SPACINGS)}")
+    if name == "lcm" and steps > LCM_ORIGINAL_STEPS:
+        raise RequestError(f"the lcm spacing takes at most {LCM_ORIGINAL_STEPS} steps, not {steps}")
+    return name
 
 
 def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:
@@ -128,6 +170,40 @@ def _loras(request: GenerationRequest) -> tuple[str, tuple[LoraSpec, ...]]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise RequestError(f"LoRA {spec.ref}: weight {value!r} is not a finite number")
     return text, tuple(request.loras) + tuple(LoraSpec(t.name, t.te, t.unet) for t in tags)
+
+
+def _controls(request: GenerationRequest, defaults: ModelDefaults) -> tuple[ControlSpec, ...]:
+    """The ControlNet units, checked and with their modes in canonical names (files are the pipeline's)."""
+    units = tuple(request.controls)
+    if len(units) > defaults.max_control_units:
+        raise RequestError(f"{len(units)} ControlNet units, at most {defaults.max_control_units} are allowed")
+    out = []
+    for i, u in enumerate(units):
+        label = f"ControlNet unit {i}"
+        if not isinstance(u, ControlSpec):
+            raise RequestError(f"{label} is malformed")
+        if not isinstance(u.image, Image.Image):
+            raise RequestError(f"{label}: the control image is missing or not an image")
+        if not isinstance(u.model, str) or not u.model.strip():
+            raise RequestError(f"{label}: a ControlNet model is required")
+        for what, value, low, high in (("weight", u.weight, 0.0, MAX_CONTROL_WEIGHT),
+                                       ("guidance start", u.start, 0.0, 1.0), ("guidance end", u.end, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise RequestError(f"{label}: {what} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if u.start >= u.end:
+            raise RequestError(f"{label}: guidance start {u.start:g} must be below guidance end {u.end:g}")
+        for what, value in (("threshold a", u.threshold_a), ("threshold b", u.threshold_b)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise RequestError(f"{label}: {what} must be a finite number, got {value!r}")
+        try:
+            module, mode, resize = module_name(u.module), control_mode(u.mode), resize_mode(u.resize)
+        except ValueError as e:
+            raise RequestError(f"{label}: {e}") from None
+        out.append(replace(u, module=module, mode=mode, resize=resize, weight=float(u.weight),
+                           start=float(u.start), end=float(u.end)))
+    return tuple(out)
 
 
 def _check_text(request: GenerationRequest) -> None:
@@ -159,6 +235,28 @@ def _hires(request: GenerationRequest, width: int, height: int, defaults: ModelD
         return check_hires(request.hires, width, height, defaults.latent_factor, defaults.max_pixels, MAX_STEPS)
     except HiresError as e:
         raise RequestError(str(e)) from None
+
+
+def _check_micro(micro: MicroConditioning, defaults: ModelDefaults) -> None:
+    if not isinstance(micro, MicroConditioning):
+        raise RequestError("micro must be a MicroConditioning")
+    given = micro.given()
+    sizes = [k for k in given if not k.endswith("aesthetic_score")]
+    scores = [k for k in given if k.endswith("aesthetic_score")]
+    if sizes and "size" not in defaults.micro:
+        raise RequestError(f"{sizes[0]} applies to SDXL models only")
+    if scores and "aesthetic" not in defaults.micro:
+        raise RequestError(f"{scores[0]} applies to an SDXL refiner only (--refiner)")
+    for k in sizes:
+        low = 0 if "crop" in k else 1
+        value = given[k]
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_MICRO_SIZE for v in value):
+            raise RequestError(f"{k} must be two integers in [{low}, {MAX_MICRO_SIZE}], got {given[k]}")
+    for k in scores:
+        v = given[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 10:
+            raise RequestError(f"{k} must be a number in [0, 10], got {v}")
 
 
 def _seed(seed: int | None) -> int:

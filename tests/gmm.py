@@ -60,6 +60,33 @@ class GaussianMixture:
         r = torch.softmax(log_p, dim=1)                                       # (B, K, M)
         return (r[..., None] * post).sum(1).reshape(shape).to(x.dtype)
 
+    def posterior_sampler(self, seed: int):
+        """D(x, σ) that draws x0 from the posterior p(x0 | x, σ) instead of taking its mean: a
+        component k with probability r_k(x), then N(μ_k + Σ_k(Σ_k + σ²I)⁻¹(x − μ_k),
+        Σ_k − Σ_k(Σ_k + σ²I)⁻¹Σ_k). What a few-step model distilled to produce samples (ADD,
+        SD-Turbo) aims at. An ancestral step on it is exact: with x0 ~ p(x0 | x), x − x0 = σ·eps
+        and eps ~ N(0, I) independent of x0, so x0 + σ_down·eps + σ_up·z ~ p_σ_next. Its own
+        generator: the sampler's NoiseSource stays the sampler's."""
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            shape, d = x.shape, self.dim
+            xb = x.to(F64).reshape(shape[0], -1, d)
+            sigma = torch.as_tensor(sigma, dtype=F64).reshape(-1).expand(shape[0])
+            log_p, post = self._component_terms(xb, sigma)                   # (B, K, M), (B, K, M, d)
+            r = torch.softmax(log_p, dim=1)
+            u = torch.rand(r.shape[0], 1, r.shape[2], generator=g, dtype=F64)
+            k = (r.cumsum(1) < u).sum(1).clamp(max=len(self.weights) - 1)   # (B, M)
+            noisy = self.covs[None] + (sigma ** 2)[:, None, None, None] * torch.eye(d, dtype=F64)
+            post_cov = self.covs[None] - self.covs[None] @ torch.linalg.solve(noisy, self.covs[None])
+            chol = torch.linalg.cholesky(post_cov)                            # (B, K, d, d)
+            b = torch.arange(shape[0])[:, None]
+            mean = post.permute(0, 2, 1, 3)[b, torch.arange(xb.shape[1])[None], k]   # (B, M, d)
+            z = torch.randn(xb.shape, generator=g, dtype=F64)
+            return (mean + (chol[b, k] @ z[..., None])[..., 0]).reshape(shape).to(x.dtype)
+
+        return draw
+
     def log_prob(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """log p_σ(x) for x (n, d)."""
         log_p, _ = self._component_terms(x.to(F64)[None], torch.tensor([sigma], dtype=F64))

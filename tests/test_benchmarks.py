@@ -81,3 +81,24 @@ def test_lora_curve_heart_drawn_judges_the_heart_alone():
     assert heart_drawn(count, [red_heart, blue_heart, red_heart, {"shape": "star", "color": "red"}])
     assert not heart_drawn(count, [red_heart, blue_heart])
     assert not heart_drawn(count, [red_heart] * 4)
+
+
+def test_preview_cost_measures_a_step_and_a_preview():
+    cost = load_script("preview_cost")
+    r = cost.measure("tiny-random", repeats=1)
+    assert r["model"] == "tiny-random" and r["previewer"] == "LatentRGB"
+    assert all(r[k] > 0 for k in ("step", "preview", "vae preview"))
+    assert cost.sd_sized_linear_preview(1) > 0
+
+
+def test_profile_unet_counts_attention_flops_and_sorts_operators():
+    prof = load_script("profile_unet")
+    q, k = torch.randn(2, 8, 16, 40), torch.randn(2, 8, 7, 40)
+    total, per = prof.flops_by_category(lambda: (torch.nn.functional.scaled_dot_product_attention(q, k, k),
+                                                 torch.nn.functional.conv2d(torch.randn(1, 3, 5, 5),
+                                                                            torch.randn(4, 3, 3, 3))))
+    assert per["attention"] == 2 * (2 * 2 * 8 * 16 * 7 * 40)          # Q·Kᵀ and P·V
+    assert per["convolution"] == 2 * 4 * 3 * 9 * 3 * 3                 # 'valid' 3×3: 3×3 outputs
+    assert total == per["attention"] + per["convolution"]
+    assert [prof.CATEGORY_OF[op] for op in ("mkldnn_convolution", "addmm", "native_group_norm", "copy_", "silu")] \
+        == ["convolution", "matmul", "GroupNorm", "copies/layout", "elementwise"]

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "marble"
 # Lower number = lower layer. A module may import its own package and any lower layer.
 LAYERS = {
     "marble": 0, "marble.errors": 0, "marble.config": 0, "marble.fileio": 0, "marble.tensor_file": 0,
-    "marble.diffusion": 0,
+    "marble.cpu_features": 0, "marble.threads": 0, "marble.diffusion": 0,
     "marble.models": 1,
     "marble.checkpoints": 2, "marble.data": 2,
     "marble.adapters": 3, "marble.prompts": 3, "marble.hires": 3, "marble.record": 3, "marble.request": 3,

@@ -8,6 +8,7 @@ import torch
 from diffusion_reference import noise_from_seed, sample
 from gmm import standard_mixture
 from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.few_step import PRESETS
 from marble.diffusion.noise import NoiseSource
 from marble.diffusion.samplers import (
     SAMPLERS, UnknownSampler, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
@@ -106,6 +107,49 @@ def test_bias_shrinks_at_the_samplers_rate(name, shrink):
     sigmas = spacing(spec.spacing, SD, 100)
     out = spec.fn(GMM.denoise, exact_start(float(sigmas[0]), seed=2), sigmas, noise=noise_from_seed(20, N_BATCH))
     assert_reproduces_mixture(out, tuple(a * shrink for a in ALLOWANCE[name]))
+
+
+# --- few-step settings: the model cards' samplers on their spacings (marble.diffusion.few_step) -----
+#
+# An ideal few-step model is exact at any step count on its card's setup, so the allowance is the
+# statistical one alone (4 SE), with no discretisation bias:
+#  - SD-Turbo (Euler a on trailing timesteps, 1-4 steps): the ancestral step is exact when the
+#    denoiser draws x0 from p(x0 | x, σ) (GaussianMixture.posterior_sampler says why), which is
+#    what adversarial distillation trains the one-step generator towards.
+#  - LCM-LoRA (LCM on LCMScheduler's timesteps, 2-8 steps): exact with the consistency function.
+
+@pytest.mark.unit
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sd_turbo_setup_is_exact_with_a_posterior_sampling_model(steps):
+    settings = PRESETS["sd-turbo"]
+    sigmas = spacing(settings.spacing, SD, steps)
+    assert float(sigmas[0]) == pytest.approx(SD.sigma_max, rel=1e-6)   # trailing starts at t = 999 for any count
+    x = exact_start(float(sigmas[0]), seed=30 + steps)
+    out = get_sampler(settings.sampler).fn(GMM.posterior_sampler(seed=steps), x, sigmas,
+                                           noise=noise_from_seed(40, N_BATCH))
+    assert_reproduces_mixture(out, (0.0, 0.0, 0.0))
+
+
+@pytest.mark.unit
+def test_the_turbo_oracle_can_fail():
+    # the same setup with the posterior mean (what a many-step teacher predicts) is far off at 4
+    # steps: the first mean from σ = 14.6 lies between the modes, and too much mass lands in the
+    # heaviest one (measured: weight 0.556 against 0.5, 35 SE), so the test above can fail
+    sigmas = spacing("trailing", SD, 4)
+    out = sample_euler_ancestral(GMM.denoise, exact_start(float(sigmas[0]), seed=5), sigmas,
+                                 noise=noise_from_seed(50, N_BATCH))
+    with pytest.raises(AssertionError, match="weight 0"):
+        assert_reproduces_mixture(out, (0.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("steps", [pytest.param(2, marks=pytest.mark.unit), 8])   # 8 steps: ~5 s, make test
+def test_lcm_lora_setup_is_exact_with_the_consistency_function(steps):
+    settings = PRESETS["lcm-lora"]
+    sigmas = spacing(settings.spacing, SD, steps)
+    x = exact_start(float(sigmas[0]), seed=60 + steps, per_item=2_500)
+    out = get_sampler(settings.sampler).fn(GMM.consistency_function(steps=64), x, sigmas,
+                                           noise=noise_from_seed(70, N_BATCH))
+    assert_reproduces_mixture(out, ALLOWANCE["LCM"])
 
 
 # --- order of convergence of the ODE samplers -----------------------------------------------------

@@ -10,7 +10,7 @@ from marble.diffusion.schedule import (
     SPACINGS, DiscreteSchedule, alphas_cumprod_from_betas, alphas_cumprod_from_sigmas,
     betas_cosine, betas_from_alphas_cumprod, betas_linear, betas_scaled_linear, make_schedule, sigmas_from_alphas_cumprod,
     spacing, spacing_exponential, spacing_karras, spacing_leading, spacing_normal, spacing_trailing, timesteps_leading,
-    timesteps_trailing,
+    timesteps_trailing, timesteps_lcm,
 )
 
 pytestmark = pytest.mark.unit
@@ -116,7 +116,7 @@ def test_spacing_shape_order_and_final_zero(name, steps):
     assert sigmas.dtype == torch.float32 and sigmas.shape == (steps + 1,)
     assert sigmas[-1].item() == 0.0
     assert (sigmas[1:] < sigmas[:-1]).all()
-    if name != "leading":
+    if name != "leading" and not (name == "linspace" and steps == 1):   # diffusers' 1 linspace step is t = 0
         assert sigmas[0].item() == pytest.approx(SD.sigma_max, rel=1e-6)
     if name in ("normal", "karras", "exponential") and steps > 1:
         assert sigmas[-2].item() == pytest.approx(SD.sigma_min, rel=1e-6)
@@ -159,6 +159,34 @@ TRAILING = {
     3: [999, 666, 332],
     1: [999],
 }
+
+
+# LCMScheduler (original_inference_steps 50): of 999, 979, …, 19 (k·20 − 1), the entries at
+# floor(linspace(0, 50, steps, endpoint=False)); for 8 steps indices 0, 6, 12, 18, 25, 31, 37, 43
+LCM = {
+    1: [999],
+    2: [999, 499],
+    4: [999, 759, 499, 259],
+    8: [999, 879, 759, 639, 499, 379, 259, 139],
+}
+
+
+@pytest.mark.parametrize("steps", list(LCM))
+def test_lcm_timesteps_golden(steps):
+    assert timesteps_lcm(1000, steps).tolist() == LCM[steps]
+    assert torch.equal(spacing("lcm", SD, steps), torch.cat([SD.sigmas[LCM[steps]], torch.zeros(1, dtype=F64)]).float())
+
+
+def test_lcm_and_linspace_limits():
+    assert timesteps_lcm(1000, 50).tolist() == list(range(999, 0, -20))
+    with pytest.raises(ValueError):
+        timesteps_lcm(1000, 51)                     # a subset of the 50 distillation timesteps
+    # linspace interpolates σ linearly in t, normal log σ: the same at integer t, and elsewhere the
+    # weighted arithmetic mean of the neighbouring levels is above their geometric mean
+    assert torch.equal(spacing("linspace", SD, 4), spacing("normal", SD, 4))          # t = 999, 666, 333, 0
+    lin, normal = spacing("linspace", SD, 20).double(), spacing("normal", SD, 20).double()
+    assert (lin[1:-2] > normal[1:-2]).all() and lin[0] == normal[0] and lin[-2] == normal[-2]
+    assert ((lin - normal) / normal.clamp(min=1e-9))[:-1].max() < 2e-3
 
 
 @pytest.mark.parametrize("steps,offset", list(LEADING))
@@ -222,6 +250,27 @@ def test_timesteps_and_sigmas_match_diffusers(steps):
     euler.set_timesteps(steps)
     assert np.allclose(euler.timesteps.numpy(), np.linspace(999, 0, steps), atol=1e-3)
     assert torch.allclose(euler.sigmas.double(), spacing_normal(SD, steps).double(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 20, 48, 50])
+def test_few_step_spacings_match_diffusers(steps):
+    """trailing (EulerAncestralDiscreteScheduler, SD-Turbo's), linspace and LCMScheduler's timesteps,
+    integer for integer; σ to diffusers' float32 precision."""
+    diffusers = pytest.importorskip("diffusers")
+    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ancestral = diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **config)
+    ancestral.set_timesteps(steps)
+    assert np.array_equal(ancestral.timesteps.numpy(), timesteps_trailing(1000, steps))
+    assert torch.allclose(ancestral.sigmas.double(), spacing("trailing", SD, steps).double(), rtol=1e-5, atol=0)
+    euler = diffusers.EulerDiscreteScheduler(timestep_spacing="linspace", **config)
+    euler.set_timesteps(steps)
+    # linspace ends at t = 0, where diffusers' float32 ā_0 = 1 − β_0 keeps 1 − ā_0 = 8.5e-4 to ±6e-8
+    # absolute, i.e. σ_min to ±3.5e-5 relative (measured 1.3e-5)
+    assert torch.allclose(euler.sigmas.double(), spacing("linspace", SD, steps).double(), rtol=5e-5, atol=0)
+    lcm = diffusers.LCMScheduler(**config)
+    lcm.set_timesteps(steps)
+    assert lcm.timesteps.tolist() == timesteps_lcm(1000, steps).tolist()
 
 
 # --- zero terminal SNR (Lin et al. 2024) ------------------------------------------------------------

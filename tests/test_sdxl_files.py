@@ -332,3 +332,51 @@ def test_full_size_sdxl_base_single_file_matches_diffusers_from_single_file(tmp_
         del tower, theirs
         gc.collect()
     assert seen == {k for k in ours if not k.startswith("vae.")}
+
+
+# --- memory ------------------------------------------------------------------------------------------
+
+SDXL_PEAK_SCRIPT = r"""
+import sys, torch
+from marble.checkpoints.resolve import load_model
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+storage = {"none": None, "fp16": torch.float16}[sys.argv[3]]
+load_model(sys.argv[2], storage=storage)   # warm-up on a tiny file: imports, tokenizer vocabulary, meta device
+open("/proc/self/clear_refs", "w").write("5")     # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+loaded = load_model(sys.argv[1], storage=storage)
+weights = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+print(status("VmHWM") - before, weights)
+"""
+
+
+@pytest.mark.parametrize("stored, storage", [(torch.float32, "none"), (torch.float16, "none"), (torch.float16, "fp16")],
+                         ids=["fp32-file", "fp16-file", "fp16-file-fp16-weights"])
+def test_sdxl_peak_memory_while_loading_stays_within_1_3x_of_the_weights(stored, storage, tmp_path):
+    """An SDXL-layout single file (the base U-Net's depths (0, 2, 10) at a fifth of the width, 91 M
+    parameters; bigG-shaped text with fused in_proj and the transposed projection) loads with peak
+    RSS growth ≤ 1.3 × the loaded weights, as the SD1 loader does: into float32, or kept in fp16
+    (--weights fp16), each tensor read once into place. One-time costs are paid on a tiny file first."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from marble.checkpoints.checkpoint import Checkpoint, expected_state
+    from marble.models.unet import UNET_PRESETS
+    unet = replace(UNET_PRESETS["sdxl-base"], model_channels=64, context_dim=64, adm_in_channels=80)
+    config = replace(tiny_sdxl(), unet=unet)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g).to(stored) for k, v in expected_state(config).items()}
+    path = write_single_file(Checkpoint(config, state, Path("x"), "", "marble"), tmp_path / "xl.safetensors")
+    del state
+    small = write_single_file(from_model(random_model(tiny_sdxl, seed=1)), tmp_path / "small.safetensors")
+    out = subprocess.run([sys.executable, "-c", SDXL_PEAK_SCRIPT, str(path), str(small), storage], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, weights = (int(v) for v in out.stdout.split())
+    assert weights > (170e6 if storage == "fp16" else 340e6)
+    assert peak <= 1.3 * weights, f"peak {peak / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"

@@ -1,7 +1,9 @@
 """The web UI end to end in headless Chromium (Debian's `chromium`, driven by Playwright; the
 browser is never downloaded): type a prompt, generate, see the image; inpaint with a drawn mask;
-watch the progress bar and preview; reuse a gallery entry's parameters."""
+watch the progress bar and preview; reuse a gallery entry's parameters; live mode, as you type."""
 import base64
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from marble.request import GenerationRequest, resolve
 from marble.server.app import create_app
 from marble.server.limits import ServerLimits
+from marble.server.live import FAST_CFG, FAST_SAMPLER, FAST_STEPS, LiveConfig
 from marble.server.state import ServerConfig
 from marble.server.thread import ServerThread
 from server_support import GatedPipeline, noise_image, png_array
@@ -46,17 +49,28 @@ def site(gated, tmp_path):
         yield url
 
 
-@pytest.fixture
-def page(browser, site):
+def open_page(browser, url):
     context = browser.new_context(viewport={"width": 1200, "height": 1000})
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(site + "/")
+    pg.goto(url + "/")
     pg.wait_for_function("document.getElementById('sampler').options.length > 0")
     yield pg
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, site):
+    yield from open_page(browser, site)
+
+
+@pytest.fixture
+def live_page(browser, tiny_pipe, tmp_path):
+    app = create_app([tiny_pipe], ServerConfig(outputs=tmp_path, live=LiveConfig(debounce_ms=50)))
+    with ServerThread(app) as url:
+        yield from open_page(browser, url)
 
 
 def fill_form(pg, prompt=PROMPT, seed=5, steps=2, size=32, sampler="Euler"):
@@ -141,3 +155,46 @@ def test_a_bad_request_shows_the_servers_message(page):
     page.click("#generate")
     page.locator("#error").wait_for(state="visible")
     assert page.inner_text("#error") == "400: steps 500 is over this server's limit of 100"
+
+
+LIVE_PROMPT = "a red circle"
+
+
+def test_live_mode_draws_the_prompt_as_it_is_typed(live_page, tiny_pipe, tmp_path):
+    pg = live_page
+    pg.fill("#width", "32")
+    pg.fill("#height", "32")
+    pg.check("#live")
+    pg.wait_for_function("window.marbleLive.stream !== null && window.marbleLive.shown.length === 1")
+    seed = int(pg.input_value("#seed"))                     # live mode fixed a random seed
+    assert (pg.input_value("#steps"), pg.input_value("#sampler")) == (str(FAST_STEPS), FAST_SAMPLER)
+    pg.click("#prompt")
+    pg.keyboard.type(LIVE_PROMPT[:6], delay=10)             # faster than the debounce: few requests
+    pg.keyboard.type(LIVE_PROMPT[6:], delay=150)            # slower: about one image a key
+    pg.wait_for_function(f"window.marbleLive.shown.at(-1).prompt === {json.dumps(LIVE_PROMPT)} "
+                         "&& window.marbleLive.pendingKeys.length === 0", timeout=60_000)
+    live = pg.evaluate("({shown: marbleLive.shown, stale: marbleLive.stale, latencies: marbleLive.latencies, "
+                       "seq: marbleLive.seq})")
+    seqs = [s["seq"] for s in live["shown"]]
+    assert seqs == sorted(set(seqs)) and live["stale"] == []      # never an older image after a newer one
+    assert seqs[-1] == live["seq"]                                # the last one drawn is the last one asked
+    assert all(LIVE_PROMPT.startswith(s["prompt"]) for s in live["shown"])
+    # the final image is the final prompt's, bit for bit, through the same settings
+    request = GenerationRequest(prompt=LIVE_PROMPT, seed=seed, steps=FAST_STEPS, sampler=FAST_SAMPLER, cfg=FAST_CFG,
+                                width=32, height=32)
+    want = tiny_pipe.generate(resolve(request, tiny_pipe.defaults)).images[0]
+    src = pg.get_attribute("#live-image", "src")
+    assert np.array_equal(png_array(base64.b64decode(src.split(",", 1)[1])), np.asarray(want))
+    assert pg.evaluate("getComputedStyle(document.getElementById('live-image')).imageRendering") == "pixelated"
+    assert f"Seed: {seed}" in pg.inner_text("#live-info")
+    # keystroke-to-image latency: recorded, not asserted (benchmarks/live_latency.py holds the bar)
+    out = Path(os.environ.get("MARBLE_LIVE_LATENCY_JSON", tmp_path / "live-latency.json"))
+    lat = sorted(live["latencies"])
+    out.write_text(json.dumps({"model": "tiny-random", "keys": len(LIVE_PROMPT), "latencies_ms": live["latencies"],
+                               "median_ms": lat[len(lat) // 2], "images": len(seqs)}, indent=1))
+    assert len(lat) == len(LIVE_PROMPT)                           # every key answered once
+    # a click keeps it: saved to the outputs with its record, shown in the gallery
+    pg.click("#live-image")
+    pg.locator("#gallery figure").first.wait_for()
+    assert pg.locator("#gallery figure pre").first.inner_text().startswith(f"{LIVE_PROMPT}\nSteps: {FAST_STEPS}")
+    assert len(list(tmp_path.glob("marble-*.png"))) == 1

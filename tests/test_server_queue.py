@@ -93,8 +93,12 @@ def test_progress_reports_the_step_and_an_exact_preview(tiny_pipe, tmp_path):
 
         seen = {}
         tiny_pipe.generate(req, callback=lambda step, total, x0: seen.setdefault(step, x0.clone()))
-        want = np.asarray(pixels_to_pil(tiny_pipe.model.vae.decode(seen[2]))[0])
-        assert np.array_equal(png_array(p.preview_png), want)   # the decoded x0 estimate after step 3
+        # the x0 estimate after step 3, drawn by the default previewer (the linear latent→RGB map,
+        # enlarged to the image's size), not by the VAE
+        linear = tiny_pipe.previewer(seen[2][:1])
+        want = np.asarray(pixels_to_pil(linear)[0].resize((32, 32), 0))
+        assert linear.shape == (1, 3, 16, 16) and tiny_pipe.previewer is not tiny_pipe.model.vae.decode
+        assert np.array_equal(png_array(p.preview_png), want)
         gated.gate.set()
         job.future.result(timeout=30)
     finally:

@@ -26,6 +26,7 @@ from torch import nn
 
 from marble.adapters.lora_files import Lora, LoraLayer, delta_weight
 from marble.adapters.lora_table import ModuleTable, Target, module_table
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ def overlay(model: nn.Module, uses: Sequence[LoraUse], table: ModuleTable | None
                     swapped.append((module, w))
                     module.weight = nn.Parameter((w.float() + delta.to(w.device)).to(w.dtype), requires_grad=False)
                     continue
-                down = torch.cat([layer.down for layer, _ in items]).to(w.device, w.dtype)
-                up = torch.cat([layer.up.float() * s for layer, s in items], dim=1).to(w.device, w.dtype)
+                dtype = compute_dtype(module)   # the weight's, or float32 for weights stored in fp16 (weight_cast)
+                down = torch.cat([layer.down for layer, _ in items]).to(w.device, dtype)
+                up = torch.cat([layer.up.float() * s for layer, s in items], dim=1).to(w.device, dtype)
                 handles.append(module.register_forward_hook(_add_output(lora_branch(module, down, up))))
         yield
     finally:
@@ -160,7 +162,7 @@ class TrainableLora(nn.Module):
             module = self.table.targets[name].module
             branch = lora_branch(module, down, up)
             self._handles.append(module.register_forward_hook(
-                _add_output(lambda x, b=branch, dtype=module.weight.dtype: (b(x.float()) * scale).to(dtype))))
+                _add_output(lambda x, b=branch, dtype=compute_dtype(module): (b(x.float()) * scale).to(dtype))))
         return self
 
     def detach(self) -> None:

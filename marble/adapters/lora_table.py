@@ -24,7 +24,7 @@ from torch import nn
 
 from marble.checkpoints.diffusers_keys import rename, unet_table
 from marble.models.layers import Downsample, SpatialTransformer, Upsample
-from marble.models.unet import ResBlock
+from marble.models.unet import ResBlock, UNetConfig
 
 # kinds of target, for choosing what to train: kohya's default LoRA patches the transformer blocks
 # ("attention"); LoCon adds the ResNet and down/upsample layers ("conv"); "text" is the text encoders;
@@ -96,7 +96,8 @@ def module_table(model: nn.Module) -> ModuleTable:
             if spellings.setdefault(name, target.name) != target.name:   # a real ambiguity, not a user error
                 raise RuntimeError(f"LoRA name {name!r} would mean both {spellings[name]} and {target.name}")
 
-    to_diffusers = unet_table(model.unet.config)
+    # a transformer denoiser (MMDiT) has no diffusers U-Net spelling: its LoRA names are marble's and kohya's
+    to_diffusers = unet_table(model.unet.config) if isinstance(model.unet.config, UNetConfig) else {}
     kinds = _unet_kinds(model.unet)
     for path, module in model.unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):

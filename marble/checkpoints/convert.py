@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from marble.checkpoints.checkpoint import Checkpoint, refuse_existing
+from marble.checkpoints.controlnet_files import ControlNetFile, holds_controlnet, read_controlnet, write_controlnet
 from marble.checkpoints.detect import open_checkpoint
 from marble.checkpoints.diffusers_folder import write_diffusers
 from marble.checkpoints.marble_format import write_marble
@@ -32,11 +33,18 @@ def write_checkpoint(ckpt: Checkpoint, dst: Path, to: str) -> Path:
 
 
 def convert(src: Path | str, dst: Path | str, to: str, *, allow_pickle: bool = False,
-            prediction: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+            prediction: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint | ControlNetFile:
     """Read `src` (any supported kind), write `dst` as `to`; returns what was read. `dtype` casts the
     floating tensors (None: as stored). Nothing is written when reading fails; `dst` is written
-    atomically and never replaced."""
+    atomically and never replaced. A ControlNet converts between marble's file, a diffusers
+    ControlNetModel folder and lllyasviel's single file ("single-file")."""
     dst = refuse_existing(dst)
+    if holds_controlnet(Path(src).expanduser(), allow_pickle):
+        if to not in WRITERS:
+            raise ValueError(f"unknown target format {to!r}; choose from {', '.join(WRITERS)}")
+        cn = read_controlnet(src, dtype=dtype, allow_pickle=allow_pickle)
+        write_controlnet(cn, dst, to)
+        return cn
     ckpt = open_checkpoint(src, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
     write_checkpoint(ckpt, dst, to)
     return ckpt

@@ -8,13 +8,17 @@ Anything else is refused with one line saying what was found; SD3 and Flux files
 """
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from marble.checkpoints.checkpoint import PICKLE_SUFFIXES, Checkpoint, PickleSource, pickle_refused
+from marble.checkpoints.controlnet_files import is_controlnet
 from marble.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers
 from marble.checkpoints.marble_format import FORMAT, read_marble
+from marble.diffusion.few_step import PRESETS
 from marble.checkpoints.sd_single_file import is_sd_single_file, read_single_file, refuse_unsupported
 from marble.errors import ModelLoadError
 from marble.tensor_file import read_header
@@ -25,6 +29,9 @@ KINDS = ("marble", "diffusers", "single-file")
 def detect_kind(path: Path, allow_pickle: bool = False) -> str:
     """"marble" | "diffusers" | "single-file" (pickles count as single files)."""
     path = Path(path)
+    if is_controlnet(path):
+        raise ModelLoadError(f"{path} is a ControlNet, not a model: give it with --control-model "
+                             "(and convert it with marble convert)")
     if path.is_dir():
         if is_diffusers_folder(path):
             return "diffusers"
@@ -64,4 +71,17 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, allow
         ckpt = read_single_file(path, dtype, allow_pickle=True, prediction=prediction, source=source)
     else:
         ckpt = read_single_file(path, dtype, prediction=prediction)
-    return ckpt.with_prediction(prediction)
+    return with_few_step(ckpt.with_prediction(prediction))
+
+
+# Stability's file and repository names: sd_turbo.safetensors, sd_xl_turbo_1.0_fp16.safetensors,
+# stabilityai/sd-turbo, stabilityai/sdxl-turbo. Their files carry no marker of being distilled.
+_TURBO = re.compile(r"(?:^|[^a-z0-9])(?:sd|sdxl|sd[-_]xl)[-_ ]?turbo", re.IGNORECASE)
+
+
+def with_few_step(ckpt: Checkpoint) -> Checkpoint:
+    """An SD/SDXL-Turbo checkpoint (known by its name) gets the SD-Turbo card's settings; a marble
+    file carries its own in its config."""
+    if ckpt.kind == "marble" or ckpt.config.few_step is not None or not _TURBO.search(ckpt.name):
+        return ckpt
+    return replace(ckpt, config=ckpt.config.replace(few_step=PRESETS["sd-turbo"]))

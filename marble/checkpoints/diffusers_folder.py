@@ -385,6 +385,8 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
 # --- configs: marble -> diffusers ------------------------------------------------------------------
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int, vector: VectorConditioning | None = None) -> dict:
+    if c.coord_channels or c.attention_position:
+        raise ValueError("this U-Net has explicit position inputs; diffusers' UNet2DConditionModel has none")
     levels = range(len(c.channel_mult))
     widths = [c.model_channels * m for m in c.channel_mult]
     heads = [c.heads_and_dim(w)[0] for w in widths]
@@ -473,6 +475,8 @@ def write_diffusers(ckpt: Checkpoint, folder: Path) -> Path:
         raise FileExistsError(f"{folder} exists; marble never overwrites a model")
     if text_is_external(config):
         raise ValueError("this model's text encoder is not CLIP; it has no diffusers layout")
+    if not isinstance(config.unet, UNetConfig):
+        raise ValueError("this model's denoiser is not a U-Net; it has no diffusers UNet2DConditionModel layout")
     text = text_config_from_dict(config.text)
     if isinstance(text, CLIPConcatConfig):   # SDXL: the last tower is text_encoder_2 (the refiner has only it)
         names = SDXL_TOWERS[len(SDXL_TOWERS) - len(text.encoders):]

@@ -120,3 +120,18 @@ def vae_reverse_table(c: VAEConfig) -> dict[str, str]:
         for old, ours in _VAE_ATTN_LEGACY.items():
             t[f"{part}.mid_block.attentions.0.{old}"] = f"{part}.mid.attn_1.{ours}"
     return t
+
+
+def controlnet_table(c: UNetConfig, hint_convs: int) -> dict[str, str]:
+    """marble (lllyasviel's cldm) ControlNet module path -> diffusers ControlNetModel module path.
+    The copied encoder keeps the U-Net's names; `hint_convs` counts input_hint_block's convolutions."""
+    t = {k: v for k, v in unet_table(c).items() if not k.startswith(("out.", "output_blocks."))}
+    t["input_hint_block.0"] = "controlnet_cond_embedding.conv_in"
+    for k in range(hint_convs - 2):
+        t[f"input_hint_block.{2 * k + 2}"] = f"controlnet_cond_embedding.blocks.{k}"
+    t[f"input_hint_block.{2 * hint_convs - 2}"] = "controlnet_cond_embedding.conv_out"
+    blocks = 1 + len(c.channel_mult) * c.num_res_blocks + len(c.channel_mult) - 1
+    for i in range(blocks):
+        t[f"zero_convs.{i}.0"] = f"controlnet_down_blocks.{i}"
+    t["middle_block_out.0"] = "controlnet_mid_block"
+    return t

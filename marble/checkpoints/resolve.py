@@ -11,6 +11,7 @@ from marble.checkpoints.checkpoint import state_hash, to_model
 from marble.checkpoints.detect import open_checkpoint
 from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, tiny_config
+from marble.models.weight_cast import store_weights
 
 DEFAULT_MODEL = "builtin"
 
@@ -56,16 +57,22 @@ class LoadedModel:
     model: LatentDiffusion
     name: str     # what the record calls it: the file stem or the registered name
     hash: str     # A1111 "Model hash": first 10 hex of the file's sha256
+    source: str = ""   # where it was loaded from (an absolute path, or the registered name): for --from
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, storage: torch.dtype | None = None) -> LoadedModel:
     """A registered name or a path: a marble file, a diffusers folder, an SD single file (.safetensors;
-    .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0."""
+    .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0. `storage`: keep
+    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast)."""
+    if storage is not None and storage != dtype:
+        loaded = load_model(spec, storage, prediction=prediction, allow_pickle=allow_pickle)
+        store_weights(loaded.model, storage, compute=dtype)
+        return loaded
     spec = spec or DEFAULT_MODEL
     if spec in NAMED:
         model = NAMED[spec]().to(dtype)
-        return LoadedModel(model, spec, state_hash(model))
+        return LoadedModel(model, spec, state_hash(model), spec)
     shipped = spec in SHIPPED
     path = models_dir() / f"{spec}.safetensors" if shipped else Path(spec).expanduser()
     if shipped and not path.is_file():
@@ -75,4 +82,5 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
         names = ", ".join([*SHIPPED, *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
     ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-    return LoadedModel(to_model(ckpt, dtype), spec if shipped else ckpt.name, ckpt.hash)
+    return LoadedModel(to_model(ckpt, dtype), spec if shipped else ckpt.name, ckpt.hash,
+                       spec if shipped else str(path.resolve()))

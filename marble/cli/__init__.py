@@ -4,7 +4,11 @@ Each command group lives in its own module and registers itself on `app`.
 """
 from __future__ import annotations
 
-from marble.cli.app import app
+from marble.threads import quiet_spin
+
+quiet_spin()   # before anything imports torch: libgomp reads its wait policy once, at load
+
+from marble.cli.app import app  # noqa: E402
 
 # Command modules register themselves on import.
 from marble.cli import generate as _generate  # noqa: F401,E402

@@ -12,8 +12,10 @@ from marble.cli.app import app, fail, info
 
 @app.command()
 def bench(
+    arch: str = typer.Option("sd15", "--arch", help="sd15: whole images, U-Net steps and decodes in one process; sdxl: one SDXL U-Net step (CFG batch 2) and one VAE decode, marble and diffusers each in its own subprocess, with peak RSS."),
     steps: int = typer.Option(20, "--steps", help="Euler steps per image."),
-    size: int = typer.Option(512, "--size", help="Image side in pixels (a multiple of 8)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (a multiple of 8). Default: 512 (sd15), 1024 (sdxl)."),
+    weights: str = typer.Option("fp16", "--weights", help="--arch sdxl: marble keeps its weights in fp16, bf16 or fp32 (computing in fp32); diffusers runs fp32 on the same values."),
     cfg: float = typer.Option(7.5, "--cfg", help="Classifier-free guidance scale."),
     unet_calls: int = typer.Option(3, "--unet-calls", help="Timed U-Net calls (median); 0 skips."),
     quick: bool = typer.Option(False, "--quick", help="Minutes, not a quarter hour: 2 steps per image, one timed U-Net call and decode."),
@@ -28,6 +30,8 @@ def bench(
                                         "image and cold `marble generate` wall time."),
     runs: int = typer.Option(7, "--runs", help="With --model: timed warm images (median)."),
     cold_runs: int = typer.Option(3, "--cold-runs", help="With --model: timed cold CLI runs (median); 0 skips."),
+    trace: bool = typer.Option(False, "--trace", help="With --model: also time the traced U-Net (`--trace`), "
+                               "interleaved with the eager one."),
 ) -> None:
     """Time Stable Diffusion 1.5's architecture (random weights from the config, no download):
     seconds per U-Net step, per VAE decode and per image, peak RSS, against diffusers' pipeline on
@@ -45,7 +49,7 @@ def bench(
         from marble.eval.speed import measure
 
         try:
-            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads)
+            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads, trace=trace)
         except ModelLoadError as e:
             fail(str(e))
         typer.echo(speed.markdown())
@@ -53,12 +57,13 @@ def bench(
             from marble.fileio import write_new
             write_new(json_out, speed.to_json().encode("utf-8"))
         return
+    if arch not in ("sd15", "sdxl"):
+        fail(f"--arch must be sd15 or sdxl, not {arch!r}")
+    size = size if size is not None else (1024 if arch == "sdxl" else 512)
     if size <= 0 or size % 8:
         fail(f"--size must be a positive multiple of 8, got {size}")
     if steps < 1 or unet_calls < 0:
         fail("--steps must be >= 1 and --unet-calls >= 0")
-    from marble.eval.sd_bench import BenchSettings, run_bench
-
     if not no_diffusers:
         try:
             import diffusers  # noqa: F401
@@ -66,10 +71,32 @@ def bench(
         except ImportError:
             fail("diffusers and transformers are needed to compare (pip install diffusers transformers), "
                  "or pass --no-diffusers")
+    if arch == "sdxl":
+        sdxl_bench(size, weights, 1, not no_diffusers, threads, json_out)   # one timed step and decode, after a warm-up
+        return
+    from marble.eval.sd_bench import BenchSettings, run_bench
+
     settings = BenchSettings(size=size, steps=2 if quick else steps, cfg=cfg, unet_calls=1 if quick else unet_calls,
                              decodes=1 if quick else 2, images=not no_images, diffusers=not no_diffusers,
                              bf16=not no_bf16, channels_last=channels_last, threads=threads)
     report = run_bench(settings, log=info)
+    typer.echo(report.markdown())
+    if json_out is not None:
+        from marble.fileio import write_new
+        write_new(json_out, report.to_json().encode("utf-8"))
+
+
+def sdxl_bench(size: int, weights: str, unet_calls: int, diffusers: bool, threads: int | None,
+               json_out: Path | None) -> None:
+    from marble.eval.sdxl_bench import SdxlBenchSettings, run_sdxl_bench
+    from marble.models.weight_cast import STORAGE_DTYPES
+    if weights not in STORAGE_DTYPES:
+        fail(f"--weights must be one of {', '.join(STORAGE_DTYPES)}, not {weights!r}")
+    settings = SdxlBenchSettings(size=size, weights=weights, unet_calls=max(1, unet_calls), threads=threads)
+    try:
+        report = run_sdxl_bench(settings, log=info, diffusers=diffusers)
+    except RuntimeError as e:
+        fail(str(e).splitlines()[-1] if str(e) else "the benchmark failed", code=1)
     typer.echo(report.markdown())
     if json_out is not None:
         from marble.fileio import write_new

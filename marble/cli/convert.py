@@ -31,7 +31,8 @@ class DType(str, Enum):
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 SRC_HELP = ("A marble .safetensors file, a diffusers pipeline folder (model_index.json), or an SD "
-            "single file (.safetensors; .ckpt/.pt with --allow-pickle).")
+            "single file (.safetensors; .ckpt/.pt with --allow-pickle). Also a ControlNet: lllyasviel's file "
+            "(single-file), a diffusers ControlNetModel folder or file, or marble's.")
 
 
 @app.command()
@@ -77,6 +78,12 @@ def convert(
     except (ModelLoadError, FileExistsError, ValueError) as e:
         fail(str(e))
     size = sum(t.numel() * t.element_size() for t in ckpt.state.values())
+    if not hasattr(ckpt.config, "prediction"):   # a ControlNet
+        info(f"converted {ckpt.kind} ControlNet {src} -> {to.value}: {len(ckpt.state)} tensors, {size / 2**20:.1f} MiB, "
+             f"{ckpt.config.unet.model_channels}-wide encoder, hint factor {ckpt.config.hint_factor}")
+        typer.echo(str(dst))
+        return
     info(f"converted {ckpt.kind} {src} -> {to.value}: {len(ckpt.state)} tensors, {size / 2**20:.1f} MiB, "
-         f"{ckpt.config.unet.in_channels}-channel U-Net, prediction {ckpt.config.prediction}")
+         f"{ckpt.config.unet.in_channels}-channel {getattr(ckpt.config.unet, 'kind', 'U-Net')}, "
+         f"prediction {ckpt.config.prediction}")
     typer.echo(str(dst))

@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 from marble.cli.app import app, fail, info, warn
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option, trace_option
+from marble.cpu_features import dtype_name
 
 BASELINES = ("groundtruth", "noise")
 SHEET_TILES = 96        # most images on a contact sheet (first seed, spread over the prompts)
@@ -16,7 +18,7 @@ PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 
 
 def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
-                 loras: list[str] | None = None):
+                 loras: list[str] | None = None, dtype=None, trace: bool = False):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made. `loras` (`PATH[:WEIGHT]`) are fused
     into the loaded model: every image of the run uses them."""
@@ -24,7 +26,7 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError, resolve
     try:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, trace=trace, **({} if dtype is None else {"dtype": dtype}))
         resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg),
                            pipe.defaults)
         applied = _fuse_loras(pipe.model, loras or [])
@@ -35,7 +37,8 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
     # the settings actually used (the model's defaults filled in), so the JSON says what was run
     return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
-                      "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied}
+                      "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied,
+                      "dtype": dtype_name(pipe.model.dtype)}
 
 
 def _fuse_loras(model, loras: list[str]) -> list[dict]:
@@ -92,8 +95,9 @@ def eval_command(
     prompts: int = typer.Option(200, "--prompts", help="About this many prompts, split over the six categories."),
     probe: bool = typer.Option(False, "--probe", help="Also run the bias and homogeneity probe on under-specified prompts "
                                "(with max(K, 8) seeds each)."),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads for the model; 0 = torch's default. "
-                                "On a busy machine 1 can be several times faster."),
+    threads: int = threads_option(),
+    dtype: str = dtype_option(),
+    trace: bool = trace_option(),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:WEIGHT]: a LoRA file fused into the model for the "
                                    "whole run (repeatable; weight 1 by default). Models only."),
 ) -> None:
@@ -105,7 +109,7 @@ def eval_command(
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     prompt_list = build_prompts(split, scale_counts(prompts))
-    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora)
+    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace)
     seed_list = list(range(seeds))
     result, tiles = _run(generate, prompt_list, seed_list, split, keep_tiles=sheet is not None)
     report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
@@ -139,14 +143,13 @@ def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: P
 
 
 def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int,
-            loras: list[str] = ()):
+            loras: list[str] = (), dtype: str = "auto", trace: bool = False):
     """`generate(prompt, seed) -> image` for a model or a baseline, and the settings to report."""
     from marble.eval import baselines
     if model not in BASELINES:
-        if threads:
-            import torch
-            torch.set_num_threads(threads)
-        return model_source(model, sampler, steps, cfg, list(loras))
+        compute_dtype = read_dtype(dtype)
+        apply_threads(threads)
+        return model_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace)
     if loras:
         fail(f"--lora applies to models, not to the {model} baseline")
     if sampler is not None or steps is not None or cfg is not None:

@@ -12,6 +12,7 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from marble.cli.app import app, fail, warn
+from marble.cli.compute import apply_threads, dtype_option, read_dtype, threads_option
 
 if TYPE_CHECKING:  # imported where used: `marble --help` should not load torch
     from marble.pipeline import Pipeline
@@ -71,6 +72,10 @@ class Flags:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
     emphasis: str | None = None
+    spacing: str | None = None
+    preset: str | None = None
+    controls: tuple | None = None       # ControlFlags per --control image (marble.cli.control)
+    micro: dict | None = None       # SDXL micro-conditioning flags given (MicroConditioning.given() layout)
 
     @property
     def hires(self) -> bool:
@@ -80,7 +85,7 @@ class Flags:
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
                 "sampler": "sampler", "strength": "strength", "model": "model_name",
-                "emphasis": "emphasis"}   # flag -> record field
+                "emphasis": "emphasis", "spacing": "spacing"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -104,6 +109,11 @@ def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
         given_size = flags.hires_scale is not None or flags.hires_resize is not None
         merged.update({k: v for k, v in ours.items() if getattr(flags, k) is None
                        and not (given_size and k in ("hires_scale", "hires_resize"))})
+    if record.controlnets:
+        from marble.cli.control import merge_record_controls
+        merged["controls"] = merge_record_controls(flags.controls, record.controlnets)
+    if record.micro:   # flags given win, field by field
+        merged["micro"] = {**record.micro, **(flags.micro or {})}
     if flags.loras is None and any("path" in e for e in record.loras):
         from marble.adapters.lora_loader import LoraSpec
         merged["loras"] = tuple(LoraSpec(e["path"], e["te"], e["unet"], is_path=True) for e in record.loras
@@ -129,6 +139,24 @@ def read_hires(flags: Flags):
                     upscaler=flags.hires_upscaler)
 
 
+def parse_micro(values: dict[str, str | float | None]) -> dict | None:
+    """The SDXL micro-conditioning flags given: sizes WIDTHxHEIGHT, crops TOP,LEFT, scores numbers."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key.endswith("aesthetic_score"):
+            out[key] = value
+            continue
+        sep, shape = (",", "TOP,LEFT") if "crop" in key else ("x", "WIDTHxHEIGHT")
+        try:
+            a, b = (int(v) for v in value.lower().split(sep))
+        except ValueError:
+            fail(f"--{key.replace('_', '-')} must look like {shape}, got {value!r}")
+        out[key] = [a, b]
+    return out or None
+
+
 def parse_loras(values: list[str] | None) -> tuple | None:
     """--lora PATH[:WEIGHT], repeatable -> LoraSpecs (the weight applies to text encoder and U-Net)."""
     if not values:
@@ -148,6 +176,7 @@ def parse_loras(values: list[str] | None) -> tuple | None:
 
 def read_request(flags: Flags, n: int) -> GenerationRequest:
     """The request the flags describe, with its images read; not yet resolved against a model."""
+    from marble.cli.control import read_controls
     from marble.request import GenerationRequest
     if flags.prompt is None:
         fail("a PROMPT is required (or --from PNG)")
@@ -164,12 +193,24 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         sampler=flags.sampler, cfg=flags.cfg, width=width, height=height, n=n, strength=flags.strength,
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
-        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or ())
+        hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
+        preset=flags.preset,
+        controls=read_controls(flags.controls, read_image), micro=read_micro(flags))
+
+
+def read_micro(flags: Flags):
+    from marble.models.conditioning import MicroConditioning
+    try:
+        return MicroConditioning.from_given(flags.micro or {})
+    except ValueError as e:
+        fail(str(e))
 
 
 def load_resolved(request: GenerationRequest, model: str | None, prediction: str | None,
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
-                  refiner: str | None = None, refiner_switch: float = 0.8) -> tuple[Pipeline, ResolvedRequest]:
+                  refiner: str | None = None, refiner_switch: float = 0.8,
+                  decoder: Path | None = None, dtype=None, control_dir: Path | None = None,
+                  max_pixels: int | None = None, weights: str | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -177,14 +218,49 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     from marble.request import RequestError, resolve
     if prediction not in (None, "eps", "v", "x0"):
         fail(f"--prediction must be eps, v or x0, not {prediction!r}")
+    storage = read_weights(weights)
+    if max_pixels is not None and max_pixels < 1:
+        fail(f"--max-pixels must be >= 1, got {max_pixels}")
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch)
-        resolved = resolve(request, pipe.defaults)
+                             lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
+                             decoder=decoder, control_dir=control_dir, storage=storage,
+                             **({} if dtype is None else {"dtype": dtype}))
+        defaults = pipe.defaults if max_pixels is None else replace(pipe.defaults, max_pixels=max_pixels)
+        resolved = resolve(request, defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
+        pipe.control_nets(resolved)   # ControlNets too: a file for another architecture fails here
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
+
+
+def read_weights(weights: str | None):
+    """--weights fp16|bf16|fp32 -> the storage dtype (None: as the model computes, float32)."""
+    if weights is None:
+        return None
+    from marble.models.weight_cast import storage_dtype
+    try:
+        return storage_dtype(weights)
+    except ValueError as e:
+        fail(f"--{e}")
+
+
+def recorded_refiner(record: GenerationRecord | None, refiner: str | None,
+                     switch: float | None) -> tuple[str | None, float]:
+    """--from: the record's refiner (by the path it was loaded from) and switch where no --refiner /
+    --refiner-switch is given; one line if the record names a refiner that cannot be found."""
+    if record is not None and record.refiner:
+        if refiner is None:
+            refiner = record.refiner_path
+            if not refiner or not Path(refiner).exists():
+                fail(f"the record names the refiner {record.refiner} [{record.refiner_hash}]"
+                     f"{f' at {refiner}' if refiner else ''}, which is not there; pass --refiner PATH")
+        if switch is None:
+            switch = record.refiner_switch
+    if refiner is None and switch is not None:
+        fail("--refiner-switch needs --refiner (the model that takes over)")
+    return refiner, 0.8 if switch is None else switch
 
 
 def run_and_save(pipe: Pipeline, request: ResolvedRequest, out: Path) -> None:
@@ -218,6 +294,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps, 1..1000. Default: the model's."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, 0..100 (1 = no guidance). Default: the model's."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name, see `marble samplers`. Default: the model's."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Sigma spacing: normal, karras, exponential, leading, trailing, linspace or lcm (diffusers' timestep_spacing names). Default: the sampler's (a few-step model's: its card's)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Few-step settings by name: sd-turbo (Euler a, trailing, 1 step, CFG 1) or lcm-lora (LCM, lcm spacing, 4 steps, CFG 1); flags given override them. See docs/few-step.md."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of the model's latent factor. Default: the model's (or the init image's)."),
     n: int = typer.Option(1, "-n", "--n", help="Number of images (seeds seed..seed+n-1)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
@@ -238,7 +316,29 @@ def generate(
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder where <lora:NAME> tags are looked up (names never resolve outside it). Default: $MARBLE_LORA_DIR, else models/lora."),
     lora_lenient: bool = typer.Option(False, "--lora-lenient", help="Skip (with a warning) the layers of a LoRA file this model lacks, instead of refusing the file."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="A refiner model (SDXL refiner) that takes over the end of the schedule and decodes."),
-    refiner_switch: float = typer.Option(0.8, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end)."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that decodes the image instead of the VAE: faster, softer. See docs/few-step.md."),
+    refiner_switch: Optional[float] = typer.Option(None, "--refiner-switch", help="Fraction of the schedule the base runs before the refiner takes over, (0, 1) (diffusers' denoising_end). Default 0.8."),
+    threads: int = threads_option(),
+    dtype: str = dtype_option(),
+    control: Optional[list[Path]] = typer.Option(None, "--control", help="ControlNet: a control image (edges, sketch, ...). Repeatable; each takes the i-th of every --control-* flag (docs/controlnet.md)."),
+    control_model: Optional[list[str]] = typer.Option(None, "--control-model", help="ControlNet: its file or folder (lllyasviel, diffusers or marble), or a name in --control-dir."),
+    control_module: Optional[list[str]] = typer.Option(None, "--control-module", help="ControlNet: preprocessor none (default), canny, invert, threshold, scribble or seg."),
+    control_weight: Optional[list[float]] = typer.Option(None, "--control-weight", help="ControlNet: weight (conditioning scale), 0..2 (default 1)."),
+    control_start: Optional[list[float]] = typer.Option(None, "--control-start", help="ControlNet: fraction of the steps where it starts acting, 0..1 (default 0)."),
+    control_end: Optional[list[float]] = typer.Option(None, "--control-end", help="ControlNet: fraction of the steps where it stops, 0..1 (default 1)."),
+    control_mode: Optional[list[str]] = typer.Option(None, "--control-mode", help="ControlNet: 'Balanced' (default), 'My prompt is more important' or 'ControlNet is more important' (or 0, 1, 2)."),
+    control_resize: Optional[list[str]] = typer.Option(None, "--control-resize", help="ControlNet: how the control image fits the size: 'Just Resize', 'Crop and Resize' (default), 'Resize and Fill'."),
+    control_dir: Optional[Path] = typer.Option(None, "--control-dir", help="Folder where ControlNet names are looked up. Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
+    weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32 (exactly a float32 model with rounded weights); fp32 (default) keeps them as computed. Also $MARBLE_WEIGHTS."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", envvar="MARBLE_MAX_PIXELS", help="Largest width·height to accept (default: the model's, 2048² for SD and SDXL). Also $MARBLE_MAX_PIXELS."),
+    original_size: Optional[str] = typer.Option(None, "--original-size", help="SDXL: WIDTHxHEIGHT the image is conditioned as coming from (default: --size)."),
+    crop_top_left: Optional[str] = typer.Option(None, "--crop-top-left", help="SDXL: TOP,LEFT of the crop it is conditioned as being (default 0,0)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="SDXL base: WIDTHxHEIGHT conditioned as asked for (default: --size)."),
+    negative_original_size: Optional[str] = typer.Option(None, "--negative-original-size", help="SDXL: --original-size of the negative prompt (default: the prompt's)."),
+    negative_crop_top_left: Optional[str] = typer.Option(None, "--negative-crop-top-left", help="SDXL: --crop-top-left of the negative prompt (default: the prompt's)."),
+    negative_target_size: Optional[str] = typer.Option(None, "--negative-target-size", help="SDXL base: --target-size of the negative prompt (default: the prompt's)."),
+    aesthetic_score: Optional[float] = typer.Option(None, "--aesthetic-score", help="SDXL refiner: aesthetic score of the prompt, 0..10 (default 6)."),
+    negative_aesthetic_score: Optional[float] = typer.Option(None, "--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the negative prompt, 0..10 (default 2.5)."),
 ) -> None:
     """Generate images from a prompt (txt2img), an init image (img2img) or an image + mask (inpainting).
 
@@ -246,12 +346,21 @@ def generate(
     editing, any length (docs/prompts.md). Prints the paths of the PNG files it wrote. Each PNG carries A1111's `parameters` text and
     marble's full JSON record.
     """
+    from marble.cli.control import control_flags
     from marble.png import read_record
 
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora))
+                  loras=parse_loras(lora), spacing=spacing, preset=preset,
+                  controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,
+                                         start=control_start, end=control_end, mode=control_mode,
+                                         resize=control_resize),
+                  micro=parse_micro(dict(original_size=original_size, crop_top_left=crop_top_left,
+                                         target_size=target_size, negative_original_size=negative_original_size,
+                                         negative_crop_top_left=negative_crop_top_left,
+                                         negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                                         negative_aesthetic_score=negative_aesthetic_score)))
     record = None
     if from_png is not None:
         try:
@@ -259,17 +368,27 @@ def generate(
         except ValueError as e:
             fail(str(e))
         flags = merge_record(flags, record)
+    refiner, refiner_switch = recorded_refiner(record, refiner, refiner_switch)
     request = read_request(flags, n)
+    compute_dtype = read_dtype(dtype)
+    apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch)
+                                   refiner, refiner_switch, decoder, compute_dtype, control_dir, max_pixels, weights)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
+    if record is not None and record.refiner_hash and pipe.refiner is not None \
+            and record.refiner_hash != pipe.refiner.hash:
+        warn(f"the record was made with refiner hash {record.refiner_hash}, this refiner's is {pipe.refiner.hash}")
     if record is not None:
         recorded = {e["name"]: e["hash"] for e in record.loras}
         for use in pipe.lora_uses(resolved):
             if recorded.get(use.lora.name, use.lora.hash) != use.lora.hash:
                 warn(f"the record was made with LoRA {use.lora.name} hash {recorded[use.lora.name]}, "
                      f"this file's is {use.lora.hash}")
+        for unit, loaded in zip(record.controlnets, pipe.control_nets(resolved)):
+            if unit["hash"] != loaded.hash:
+                warn(f"the record was made with ControlNet {unit['model']} hash {unit['hash']}, "
+                     f"this file's ({loaded.name}) is {loaded.hash}")
     if resolved.prompt == "":
         warn("empty prompt: generating unconditionally")
     run_and_save(pipe, resolved, out)
@@ -304,9 +423,16 @@ def info(
 
 @app.command()
 def samplers() -> None:
-    """List the samplers with their default steps and sigma spacing."""
+    """List the samplers with their default steps and sigma spacing, then the spacings and the
+    few-step presets (--spacing, --preset)."""
+    from marble.diffusion.few_step import PRESETS
     from marble.diffusion.samplers import SAMPLERS
+    from marble.diffusion.schedule import SPACINGS
 
     width = max(len(name) for name in SAMPLERS)
     for name, spec in SAMPLERS.items():
         typer.echo(f"{name:<{width}}  steps {spec.default_steps:<3} spacing {spec.spacing:<8} {spec.description}")
+    typer.echo(f"\nspacings (--spacing): {', '.join(SPACINGS)}")
+    typer.echo("presets (--preset):")
+    for name, settings in PRESETS.items():
+        typer.echo(f"  {name:<9} {settings.describe()}")

@@ -75,7 +75,8 @@ def _register(kind: str, doc: str) -> None:
 
 
 _register("vae", "Train the KL autoencoder; writes RUN_DIR/vae.safetensors.")
-_register("diffusion", "Train the U-Net by noise prediction on cached latents; writes RUN_DIR/model.safetensors.")
+_register("diffusion", "Train the denoiser (U-Net or MMDiT) by noise, v or flow prediction on cached latents; "
+                       "writes RUN_DIR/model.safetensors.")
 _register("lora", "Train a LoRA on an image folder on top of a frozen model; writes RUN_DIR/NAME.safetensors "
                   "(kohya format). See docs/lora-training.md.")
 _register("lcm", "Distil a model into a few-step student without CFG by latent consistency distillation; writes "

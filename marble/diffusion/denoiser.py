@@ -7,6 +7,9 @@ The samplers see only the VE view of the forward process (k-diffusion, Karras et
     x = x0 + σ·eps,    eps ~ N(0, I)
 A network trained in the VP view (DDPM, Stable Diffusion) sees z = sqrt(ā)·x0 + sqrt(1 − ā)·eps
 with ā = 1 / (1 + σ²), i.e. z = c_in(σ)·x, and predicts eps, v or x0 from z.
+A rectified-flow network (Liu et al. 2022; Esser et al. 2024) sees x_t = (1 − t)·x0 + t·eps,
+t ∈ [0, 1], and predicts the velocity u = eps − x0. Dividing by 1 − t gives the VE view:
+x_t/(1 − t) = x0 + t/(1 − t)·eps, so σ = t/(1 − t), t = σ/(1 + σ), x_t = x/(1 + σ).
 `sigma` is a tensor of shape (B,) (one level per batch item); a 0-d tensor or a float is broadcast.
 """
 from __future__ import annotations
@@ -94,6 +97,33 @@ def x0_conversion(prediction: str) -> Callable[[torch.Tensor, Sigma, torch.Tenso
     return X0_FROM[prediction]
 
 
+# --- rectified flow: its time t <-> σ ----------------------------------------------------------------
+
+FLOW_TIME_SCALE = 1000.0    # the network sees 1000·t, as SD3 embeds it: the sinusoids' range of timesteps
+
+
+def flow_t(sigma: Sigma) -> Sigma:
+    """t = σ/(1 + σ): x_t = (1 − t)·x0 + t·eps is the VE sample x = x0 + σ·eps times 1 − t."""
+    return sigma / (1 + sigma)
+
+
+def flow_sigma(t: Sigma) -> Sigma:
+    """σ = t/(1 − t), the inverse of flow_t."""
+    return t / (1 - t)
+
+
+def add_noise_flow(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow forward process: x_t = (1 − t)·x0 + t·eps, t (B,) in [0, 1]."""
+    t = broadcast_sigma(t, x0)
+    return (1 - t) * x0 + t * eps
+
+
+def x0_from_flow(x: torch.Tensor, sigma: Sigma, u: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t − t·u with x_t = x/(1 + σ), t = σ/(1 + σ): x0 = (x − σ·u)/(1 + σ)."""
+    s = broadcast_sigma(sigma, x)
+    return (x - s * u) / (1 + s)
+
+
 # --- wrappers: network -> denoiser -----------------------------------------------------------------
 
 def wrap_network(network: Network, scale_in, network_time, to_x0) -> Denoiser:
@@ -112,3 +142,10 @@ def discrete_denoiser(network: Network, schedule: DiscreteSchedule, prediction: 
     z = c_in(σ)·x and the fractional timestep t = schedule.sigma_to_t(σ), shape (B,), float32 or
     wider, and predicts `prediction` ("eps", "v" or "x0")."""
     return wrap_network(network, c_in, schedule.sigma_to_t, x0_conversion(prediction))
+
+
+def flow_denoiser(network: Network) -> Denoiser:
+    """A rectified-flow network: it sees x_t = x/(1 + σ) and FLOW_TIME_SCALE·t with t = σ/(1 + σ),
+    and predicts the velocity eps − x0. No discrete timesteps: any σ > 0 is a valid time."""
+    return wrap_network(network, lambda s: 1 / (1 + s), lambda s: FLOW_TIME_SCALE * flow_t(s),
+                        x0_from_flow)

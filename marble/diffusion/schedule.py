@@ -155,9 +155,26 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return betas_from_alphas_cumprod(root ** 2)
 
 
+def flow_schedule(n: int = 1000, shift: float = 1.0) -> DiscreteSchedule:
+    """The noise levels of a rectified-flow model (marble.diffusion.denoiser: σ = t/(1 − t)) at
+    t_i = (i + 1)/n, shifted toward noise by `shift` as SD3 does (Esser et al. 2024 eq. 23:
+    t' = shift·t/(1 + (shift − 1)·t)). t = 1 is pure noise and σ = ∞: the last level is clamped to
+    σ = 4096, the zero-terminal-SNR floor (ā = 2^-24). The spacings ("normal" is uniform in t) and
+    the σ range for Karras read it as they read any schedule."""
+    t = torch.arange(1, n + 1, dtype=F64) / n
+    t = shift * t / (1 + (shift - 1) * t)
+    cap = 1 / ZERO_SNR_FLOOR ** 0.5                     # σ at ā = 2^-24
+    return DiscreteSchedule((t / (1 - t).clamp(min=1e-12)).clamp(max=cap))
+
+
 def make_schedule(name: str, n: int = 1000, zero_terminal_snr: bool = False, **kw) -> DiscreteSchedule:
     """A DiscreteSchedule from a beta schedule by name: "linear", "scaled_linear", "cosine";
-    `zero_terminal_snr` rescales it so the last timestep is pure noise (clamped, see ZERO_SNR_FLOOR)."""
+    `zero_terminal_snr` rescales it so the last timestep is pure noise (clamped, see ZERO_SNR_FLOOR).
+    "flow" (with `shift`) is a rectified-flow model's (flow_schedule)."""
+    if name == "flow":
+        if zero_terminal_snr:
+            raise ValueError("a flow schedule ends in pure noise already; zero_terminal_snr does not apply")
+        return flow_schedule(n, **kw)
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; choose from {', '.join(BETA_SCHEDULES)}")
     betas = BETA_SCHEDULES[name](n, **kw)
@@ -215,6 +232,36 @@ def timesteps_trailing(num_timesteps: int, steps: int) -> np.ndarray:
     return t.round().astype(np.int64) - 1
 
 
+LCM_ORIGINAL_STEPS = 50   # diffusers' LCMScheduler default: the distillation's skipping-step schedule
+
+
+def timesteps_lcm(num_timesteps: int, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """diffusers' LCMScheduler timesteps: of the distillation's `original_steps` timesteps
+    (k · T/original − 1, k = 1..original, so t = 999 is one), `steps` evenly spaced by index from
+    the top: floor(linspace(0, original, steps, endpoint=False)). 4 steps: 999, 759, 499, 259."""
+    _check_steps(steps)
+    if steps > original_steps or num_timesteps // original_steps < 1:
+        raise ValueError(f"the LCM spacing takes at most {original_steps} steps, not {steps}")
+    origin = (np.arange(1, original_steps + 1) * (num_timesteps // original_steps) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
+def spacing_linspace(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """diffusers' "linspace": t = linspace(0, T-1, steps) reversed, σ interpolated linearly in t
+    (np.interp), where "normal" interpolates log σ. For 1 step diffusers takes t = 0 (σ_min), and so
+    does this: it is kept for exact parity, not for use."""
+    _check_steps(steps)
+    t = np.linspace(0, schedule.num_timesteps - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+    sigmas = np.interp(t, np.arange(schedule.num_timesteps), schedule.sigmas.numpy())
+    return _append_zero(torch.from_numpy(sigmas))
+
+
+def spacing_lcm(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """σ at diffusers' LCMScheduler timesteps (the LCM-LoRA cards' scheduler)."""
+    t = timesteps_lcm(schedule.num_timesteps, steps)
+    return _append_zero(schedule.sigmas[torch.from_numpy(t)])
+
+
 def spacing_leading(schedule: DiscreteSchedule, steps: int, offset: int = 1) -> torch.Tensor:
     """σ at diffusers' "leading" timesteps (SD1.5's scheduler config: steps_offset = 1)."""
     t = timesteps_leading(schedule.num_timesteps, steps, offset)
@@ -264,6 +311,14 @@ def _trailing(schedule: Schedule, steps: int) -> torch.Tensor:
     return spacing_trailing(_need_discrete(schedule, "trailing"), steps)
 
 
+def _linspace(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_linspace(_need_discrete(schedule, "linspace"), steps)
+
+
+def _lcm(schedule: Schedule, steps: int) -> torch.Tensor:
+    return spacing_lcm(_need_discrete(schedule, "lcm"), steps)
+
+
 def _karras(schedule: Schedule, steps: int) -> torch.Tensor:
     return spacing_karras(schedule.sigma_min, schedule.sigma_max, steps)
 
@@ -278,6 +333,8 @@ SPACINGS: dict[str, Callable[[Schedule, int], torch.Tensor]] = {
     "exponential": _exponential,
     "leading": _leading,
     "trailing": _trailing,
+    "linspace": _linspace,
+    "lcm": _lcm,
 }
 
 

@@ -3,7 +3,9 @@
 The benchmark knows nothing about models: an image source is any callable
 `generate(prompt: str, seed: int) -> PIL.Image.Image` (marble.eval.baselines has two).
 A category's accuracy is the share of its images that pass; the overall score is the mean of the
-category accuracies, as GenEval reports it.
+category accuracies, as GenEval reports it. Every image is also judged by the strict rules
+(marble.eval.strict: exactly the prompt's objects, position on the stated axis only), reported
+beside GenEval's as `strict_accuracy` per category and `overall_strict`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from PIL import Image
 
 from marble.eval.detector import Detection, detect
 from marble.eval.prompts import CATEGORIES, Prompt
+from marble.eval.strict import judge_strict
 from marble.eval.verdict import judge
 
 Generate = Callable[[str, int], Image.Image]
@@ -27,10 +30,12 @@ class ImageVerdict:
     passed: bool
     reason: str
     found: list[Detection]
+    strict: bool = False
+    strict_reason: str = ""
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "pass": self.passed, "reason": self.reason,
-                "detected": [d.to_dict() for d in self.found]}
+        return {"seed": self.seed, "pass": self.passed, "reason": self.reason, "strict_pass": self.strict,
+                "strict_reason": self.strict_reason, "detected": [d.to_dict() for d in self.found]}
 
 
 @dataclass
@@ -49,23 +54,28 @@ class BenchmarkResult:
     seconds: float
 
     def per_category(self) -> dict[str, dict]:
-        """category -> {accuracy, passed, images, prompts}, in GenEval's category order."""
+        """category -> {accuracy, passed, images, prompts, strict_accuracy, strict_passed}, in
+        GenEval's category order."""
         out = {}
         for cat in CATEGORIES:
             rows = [r for r in self.prompts if r.prompt.category == cat]
             if not rows:
                 continue
             verdicts = [v.passed for r in rows for v in r.images]
+            strict = [v.strict for r in rows for v in r.images]
             out[cat] = {"accuracy": sum(verdicts) / len(verdicts), "passed": sum(verdicts),
-                        "images": len(verdicts), "prompts": len(rows)}
+                        "images": len(verdicts), "prompts": len(rows),
+                        "strict_accuracy": sum(strict) / len(strict), "strict_passed": sum(strict)}
         return out
 
-    def overall(self) -> float:
+    def overall(self, key: str = "accuracy") -> float:
+        """The mean of the category accuracies; key="strict_accuracy" for the strict score."""
         cats = self.per_category()
-        return sum(c["accuracy"] for c in cats.values()) / len(cats) if cats else 0.0
+        return sum(c[key] for c in cats.values()) / len(cats) if cats else 0.0
 
     def to_dict(self) -> dict:
         return {"categories": self.per_category(), "overall": self.overall(),
+                "overall_strict": self.overall("strict_accuracy"),
                 "images": sum(len(r.images) for r in self.prompts), "seconds": round(self.seconds, 3),
                 "prompts": [r.to_dict() for r in self.prompts]}
 
@@ -86,7 +96,8 @@ def run_benchmark(generate: Generate, prompts: Sequence[Prompt], seeds: Sequence
                 seen[key] = (image, detect(image))
             image, found = seen[key]
             passed, reason = judge(prompt.requirement, found)
-            row.images.append(ImageVerdict(seed, passed, reason, found))
+            strict, strict_reason = judge_strict(prompt.requirement, found)
+            row.images.append(ImageVerdict(seed, passed, reason, found, strict, strict_reason))
             if on_image is not None:
                 on_image(prompt, seed, image, passed)
         results.append(row)
@@ -94,8 +105,11 @@ def run_benchmark(generate: Generate, prompts: Sequence[Prompt], seeds: Sequence
 
 
 def markdown_table(result: BenchmarkResult) -> str:
-    lines = ["| category | accuracy | passed / images | prompts |", "|---|---:|---:|---:|"]
+    """GenEval's accuracy and the strict one side by side, per category and overall."""
+    lines = ["| category | accuracy | strict | passed / images | strict passed | prompts |",
+             "|---|---:|---:|---:|---:|---:|"]
     for cat, c in result.per_category().items():
-        lines.append(f"| {cat} | {c['accuracy']:.3f} | {c['passed']} / {c['images']} | {c['prompts']} |")
-    lines.append(f"| **overall** | **{result.overall():.3f}** | | |")
+        lines.append(f"| {cat} | {c['accuracy']:.3f} | {c['strict_accuracy']:.3f} | {c['passed']} / {c['images']} "
+                     f"| {c['strict_passed']} | {c['prompts']} |")
+    lines.append(f"| **overall** | **{result.overall():.3f}** | **{result.overall('strict_accuracy'):.3f}** | | | |")
     return "\n".join(lines)

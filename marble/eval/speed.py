@@ -5,27 +5,16 @@ Medians of repeated runs, measured side by side in one process (this machine is 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from marble.cpu_features import cpu_name
 
 PROMPT = "two red circles above a blue square"
-
-
-def cpu_name() -> str:
-    """The processor's model name: timings are only comparable on the same one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -35,11 +24,15 @@ class SpeedReport:
     warm_image_s: list[float]
     cold_cli_s: list[float]
     cpu: str = field(default_factory=cpu_name)
+    warm_traced_s: list[float] = field(default_factory=list)   # with --trace, interleaved with warm_image_s
 
     def rows(self) -> list[tuple[str, str]]:
         med = statistics.median
         out = [("settings", self.settings), ("CPU", self.cpu),
                ("one image, warm (median of %d)" % len(self.warm_image_s), f"{med(self.warm_image_s):.3f} s")]
+        if self.warm_traced_s:
+            out.append(("one image, warm, traced U-Net (median of %d, interleaved)" % len(self.warm_traced_s),
+                        f"{med(self.warm_traced_s):.3f} s"))
         if self.cold_cli_s:
             out.append(("`marble generate`, cold, wall (median of %d)" % len(self.cold_cli_s),
                         f"{med(self.cold_cli_s):.2f} s"))
@@ -49,7 +42,7 @@ class SpeedReport:
         med = statistics.median
         return json.dumps({"model": self.model, "settings": self.settings, "cpu": self.cpu,
                            "warm_image_s": self.warm_image_s, "warm_image_median_s": med(self.warm_image_s),
-                           "cold_cli_s": self.cold_cli_s,
+                           "cold_cli_s": self.cold_cli_s, "warm_traced_s": self.warm_traced_s,
                            "cold_cli_median_s": med(self.cold_cli_s) if self.cold_cli_s else None}, indent=2)
 
     def markdown(self) -> str:
@@ -58,7 +51,8 @@ class SpeedReport:
         return "\n".join(lines)
 
 
-def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: int | None = None) -> SpeedReport:
+def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: int | None = None,
+            trace: bool = False) -> SpeedReport:
     import torch
 
     from marble.pipeline import load_pipeline
@@ -69,12 +63,15 @@ def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: 
     pipe = load_pipeline(model)
     request = GenerationRequest(prompt=PROMPT, seed=0)
     resolved = resolve(request, pipe.defaults)
-    pipe.generate(resolved)  # warm-up: first calls allocate and pick kernels
-    warm = []
+    pipes = [pipe] + ([load_pipeline(model, trace=True)] if trace else [])
+    for p in pipes:
+        p.generate(resolved)  # warm-up: first calls allocate, pick kernels and trace
+    times: list[list[float]] = [[] for _ in pipes]
     for i in range(runs):
-        t0 = time.perf_counter()
-        pipe.generate(resolve(GenerationRequest(prompt=PROMPT, seed=i), pipe.defaults))
-        warm.append(time.perf_counter() - t0)
+        for p, warm in zip(pipes, times):
+            t0 = time.perf_counter()
+            p.generate(resolve(GenerationRequest(prompt=PROMPT, seed=i), p.defaults))
+            warm.append(time.perf_counter() - t0)
     cold = []
     with tempfile.TemporaryDirectory() as out:
         for i in range(cold_runs):
@@ -84,4 +81,4 @@ def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: 
             cold.append(time.perf_counter() - t0)
     settings = (f"{resolved.width}x{resolved.height}, {resolved.sampler}, {resolved.steps} steps, "
                 f"CFG {resolved.cfg:g}, {torch.get_num_threads()} threads")
-    return SpeedReport(model, settings, warm, cold)
+    return SpeedReport(model, settings, times[0], cold, warm_traced_s=times[1] if trace else [])

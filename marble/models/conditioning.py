@@ -11,7 +11,7 @@ difference is data in the model config (`VectorConditioning`), and the one funct
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -39,15 +39,70 @@ class VectorConditioning:
 
 @dataclass(frozen=True)
 class SizeConditioning:
-    """SDXL's micro-conditioning of one request, in pixels."""
+    """SDXL's micro-conditioning of one branch (prompt or negative prompt), in pixels."""
     original: tuple[int, int]              # (height, width) the image is said to come from
     crop: tuple[int, int]                  # (top, left) of the crop it is said to be
     target: tuple[int, int]                # (height, width) asked for
+    aesthetic: float | None = None         # refiner: the score; None: the model config's for the branch
 
     @classmethod
     def of_image(cls, width: int, height: int) -> "SizeConditioning":
         """diffusers' defaults: original = target = the image size, no crop."""
         return cls((height, width), (0, 0), (height, width))
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """What a request asks SDXL's y to say, as the user gives it: sizes (width, height) like --size,
+    crops (top, left) like diffusers' crops_coords_top_left; None: the default. Defaults are
+    diffusers': original = target = the image size, crop (0, 0), the refiner's scores 6.0 / 2.5 (the
+    model config's); each negative_* defaults to its positive (diffusers' StableDiffusionXLPipeline
+    uses the prompt's numbers for the negative prompt unless told otherwise; A1111 always does)."""
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crop_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None            # refiner only
+    negative_aesthetic_score: float | None = None   # refiner only
+
+    def branches(self, width: int, height: int) -> tuple[SizeConditioning, SizeConditioning]:
+        """(prompt, negative prompt) numbers for a width × height pass."""
+        original = self.original_size or (width, height)
+        target = self.target_size or (width, height)
+        crop = self.crop_top_left or (0, 0)
+        cond = SizeConditioning(original[::-1], crop, target[::-1], self.aesthetic_score)
+        negative = SizeConditioning((self.negative_original_size or original)[::-1],
+                                    self.negative_crop_top_left or crop,
+                                    (self.negative_target_size or target)[::-1], self.negative_aesthetic_score)
+        return cond, negative
+
+    def given(self) -> dict:
+        """The fields set, for the record: {"original_size": [w, h], ...}."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_given(cls, data: dict) -> "MicroConditioning":
+        """The inverse of `given`; ValueError for unknown keys or values of the wrong shape."""
+        if not isinstance(data, dict):
+            raise ValueError("micro-conditioning must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown micro-conditioning fields: {', '.join(unknown)}")
+        out = {}
+        for k, v in data.items():
+            if k.endswith("aesthetic_score"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{k} must be a number, got {v!r}")
+                out[k] = float(v)
+            else:
+                if not (isinstance(v, (list, tuple)) and len(v) == 2
+                        and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+                    raise ValueError(f"{k} must be two integers, got {v!r}")
+                out[k] = tuple(v)
+        return cls(**out)
 
 
 def fourier_features(numbers: torch.Tensor, dim: int) -> torch.Tensor:
@@ -57,8 +112,10 @@ def fourier_features(numbers: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def micro_numbers(vector: VectorConditioning, size: SizeConditioning, negative: bool) -> list[float]:
-    tail = (size.target if vector.micro == "size" else
-            (vector.negative_aesthetic_score if negative else vector.aesthetic_score,))
+    score = size.aesthetic
+    if score is None:
+        score = vector.negative_aesthetic_score if negative else vector.aesthetic_score
+    tail = size.target if vector.micro == "size" else (score,)
     return [float(v) for v in (*size.original, *size.crop, *tail)]
 
 

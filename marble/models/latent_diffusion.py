@@ -1,7 +1,10 @@
-"""A latent-diffusion model: text encoder + U-Net + VAE codec + the noise schedule they were trained on.
+"""A latent-diffusion model: text encoder + denoising network + VAE codec + the noise schedule
+they were trained on.
 
 `LatentDiffusionConfig` is the typed, JSON-serialisable description stored inside model files;
-`LatentDiffusion` holds the three networks and wraps the U-Net into the denoiser contract.
+`LatentDiffusion` holds the three networks and wraps the denoising network (a U-Net, or an MMDiT
+transformer, both under the name `unet` so every key and tool that reaches it stays the same) into
+the denoiser contract: discrete VP timesteps for eps/v/x0 networks, rectified-flow time for "flow".
 """
 from __future__ import annotations
 
@@ -11,25 +14,28 @@ import torch
 from torch import nn
 
 from marble.config import config_from_dict, config_to_dict
-from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.denoiser import Denoiser, discrete_denoiser, flow_denoiser
+from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.schedule import DiscreteSchedule, make_schedule
 from marble.models.conditioning import VectorConditioning
+from marble.models.mmdit import MMDiT, MMDiTConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNet, UNetConfig
 from marble.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from marble.models.weight_cast import compute_dtype
 
-PREDICTIONS = ("eps", "v", "x0")
+PREDICTIONS = ("eps", "v", "x0", "flow")     # flow: rectified-flow velocity eps − x0 on a "flow" schedule
 
 
 @dataclass(frozen=True)
 class LatentDiffusionConfig:
     name: str
-    unet: UNetConfig
+    unet: UNetConfig | MMDiTConfig              # the denoising network (MMDiT configs carry kind = "mmdit")
     vae: VAEConfig
     text: dict                                  # text encoder config (see marble.models.text)
     schedule: dict = field(default_factory=lambda: {"name": "scaled_linear", "n": 1000,
                                                     "beta_start": 0.00085, "beta_end": 0.012})
-    prediction: str = "eps"                     # what the U-Net predicts: eps | v | x0
+    prediction: str = "eps"                     # what the network predicts: eps | v | x0 | flow
     default_width: int = 512
     default_height: int = 512
     max_pixels: int = 2048 * 2048               # requests above this are refused
@@ -37,10 +43,14 @@ class LatentDiffusionConfig:
     default_cfg: float = 7.0
     default_sampler: str = "Euler a"
     vector: VectorConditioning | None = None    # SDXL's vector conditioning y (marble.models.conditioning); None for SD1/SD2
+    few_step: FewStepSettings | None = None     # a few-step model's card settings (marble.diffusion.few_step): the
+                                                # defaults of its requests, and warnings outside them
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
+        if (self.prediction == "flow") != (self.schedule.get("name") == "flow"):
+            raise ValueError('prediction "flow" and a "flow" schedule go together, and only together')
         if (self.vector is None) != (not self.unet.adm_in_channels):
             raise ValueError("a U-Net with adm_in_channels needs the vector conditioning that fills it, and only it")
 
@@ -57,12 +67,18 @@ class LatentDiffusion(nn.Module):
     def __init__(self, config: LatentDiffusionConfig, text_encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.unet = UNet(config.unet)
+        self.unet = MMDiT(config.unet) if isinstance(config.unet, MMDiTConfig) else UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config.text)
         with torch.device("cpu"):  # real numbers even when the networks are built on the meta device
             self.schedule: DiscreteSchedule = make_schedule(**config.schedule)
-        self.denoiser = discrete_denoiser(self.unet, self.schedule, config.prediction)
+        self.denoiser = self.denoiser_for(self.unet)
+
+    def denoiser_for(self, network) -> "Denoiser":
+        """D(x, sigma) -> x0 around `network` (this model's own, or a stand-in for it: a trace)."""
+        if self.config.prediction == "flow":
+            return flow_denoiser(network)
+        return discrete_denoiser(network, self.schedule, self.config.prediction)
 
     @property
     def latent_channels(self) -> int:
@@ -78,7 +94,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """What the networks compute in (weights may be stored narrower: marble.models.weight_cast)."""
+        return compute_dtype(self.unet)
 
 
 def tiny_config(name: str = "tiny-random") -> LatentDiffusionConfig:

@@ -40,6 +40,31 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def position_embedding_2d(h: int, w: int, dim: int, reference: int = 16) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of an h×w grid, (h·w, dim) in row-major token order
+    (ViT/MAE, Dosovitskiy et al. 2021; DiT): half the channels encode the row, half the column,
+    each as `timestep_embedding` of the cell centre. Positions are measured on a `reference`-cell
+    grid whatever the resolution ((i + 0.5)·reference/h), so a place in the image keeps its code at
+    every U-Net level and at every latent size."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs channels divisible by 4, got {dim}")
+    rows = (torch.arange(h, dtype=torch.float32) + 0.5) * (reference / h)
+    cols = (torch.arange(w, dtype=torch.float32) + 0.5) * (reference / w)
+    ey = timestep_embedding(rows, dim // 2)[:, None, :].expand(h, w, dim // 2)
+    ex = timestep_embedding(cols, dim // 2)[None, :, :].expand(h, w, dim // 2)
+    return torch.cat([ey, ex], dim=-1).reshape(h * w, dim)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w): the x and y coordinate of each cell centre in [-1, 1] (CoordConv, Liu et al.
+    2018), to concatenate to a feature map so convolutions know where they are."""
+    b, _, h, w = x.shape
+    ys = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5) * (2 / h) - 1
+    xs = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5) * (2 / w) - 1
+    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+    return grid[None].expand(b, 2, h, w)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention over (B, N, heads*dh) tensors through SDPA (flash / memory-efficient
     kernels where the backend has them)."""
@@ -109,13 +134,16 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on text through cross-attention.
-    SD1 projects in/out with 1×1 convolutions, SD2 with linear layers (`linear_projection`)."""
+    SD1 projects in/out with 1×1 convolutions, SD2 with linear layers (`linear_projection`).
+    `position`: add a fixed 2-D sin-cos embedding to the tokens after the input projection, so
+    self-attention, cross-attention queries and the feed-forward all see where each token is."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int, depth: int = 1,
-                 linear_projection: bool = False, groups: int = 32, dropout: float = 0.0):
+                 linear_projection: bool = False, groups: int = 32, dropout: float = 0.0, position: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.linear_projection = linear_projection
+        self.position = position
         self.norm = normalization(channels, groups, eps=1e-6)
         if linear_projection:
             self.proj_in = nn.Linear(channels, inner)
@@ -135,6 +163,8 @@ class SpatialTransformer(nn.Module):
         else:
             x = self.proj_in(x)
             x = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
+        if self.position:
+            x = x + position_embedding_2d(h, w, x.shape[-1]).to(x.device, x.dtype)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.linear_projection:

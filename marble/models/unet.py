@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marble.models.layers import (Downsample, SpatialTransformer, Upsample, normalization,
-                                  timestep_embedding, zero_module)
+from marble.models.layers import (Downsample, SpatialTransformer, Upsample, coordinate_channels,
+                                  normalization, timestep_embedding, zero_module)
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class UNetConfig:
     linear_projection: bool = False            # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
     groups: int = 32                           # GroupNorm groups
     dropout: float = 0.0
+    coord_channels: bool = False               # join x, y coordinate channels to the input (CoordConv); the input conv takes 2 more
+    attention_position: bool = False           # add a 2-D sin-cos position embedding to every spatial transformer's tokens
 
     def __post_init__(self):
         if self.level_depths and len(self.level_depths) != len(self.channel_mult):
@@ -109,16 +112,14 @@ class TimestepEmbedSequential(nn.ModuleList):
         return x
 
 
-class UNet(nn.Module):
-    """network(x, t, context, concat=None, y=None) -> prediction; x (B, C, h, w), t (B,) timesteps
-    (fractional allowed), context (B, T, context_dim). `concat` holds extra input channels joined to x
-    after the denoiser's input scaling (ldm's c_concat: mask + masked-image latent for 9-channel
-    inpainting U-Nets); `y` (B, adm_in_channels) is ldm's vector conditioning, embedded by
-    `label_emb` and added to the time embedding (SDXL's pooled text and size conditioning)."""
+class UNetEncoder(nn.Module):
+    """The U-Net's way down: time embedding, ldm's `label_emb` (SDXL's y), input blocks and middle
+    block. The U-Net adds the way up; a ControlNet (marble.models.controlnet) is a trainable copy of
+    exactly this part, so both build it here, under the same module names."""
 
-    def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = c = config
+    def _build_encoder(self, c: UNetConfig) -> list[int]:
+        """Create the encoder's modules in the U-Net's order; returns the skip channels (one per input block)."""
+        self.encoder_config = c
         ch = c.model_channels
         emb_dim = ch * 4
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -128,19 +129,15 @@ class UNet(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
 
-        def transformer(channels: int, level: int) -> SpatialTransformer:
-            heads, dim = c.heads_and_dim(channels)
-            return SpatialTransformer(channels, heads, dim, c.context_dim, c.depth(level),
-                                      c.linear_projection, c.groups, c.dropout)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        conv_in = nn.Conv2d(c.in_channels + 2 * c.coord_channels, ch, 3, padding=1)   # + x, y coordinates (CoordConv)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_in])])
         skip_channels = [ch]
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * c.model_channels, c.groups, c.dropout)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(transformer(ch, level))
+                    layers.append(transformer(c, ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -148,8 +145,45 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(ch, -1),
+            ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(c, ch, -1),
             ResBlock(ch, emb_dim, ch, c.groups, c.dropout)])
+        return skip_channels
+
+    def _embedding(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The time embedding of t (B,) or a single t, plus label_emb(y) for models with vector conditioning."""
+        dtype = compute_dtype(self.time_embed[0])
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        c = self.encoder_config
+        emb = self.time_embed(timestep_embedding(t, c.model_channels).to(dtype))
+        if (y is None) != (not c.adm_in_channels):
+            raise ValueError(f"this U-Net takes a vector y of width {c.adm_in_channels}"
+                             if y is None else "this U-Net takes no vector conditioning y")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
+
+def transformer(c: UNetConfig, channels: int, level: int) -> SpatialTransformer:
+    heads, dim = c.heads_and_dim(channels)
+    return SpatialTransformer(channels, heads, dim, c.context_dim, c.depth(level),
+                              c.linear_projection, c.groups, c.dropout, c.attention_position)
+
+
+class UNet(UNetEncoder):
+    """network(x, t, context, concat=None, y=None, control=None) -> prediction; x (B, C, h, w), t (B,)
+    timesteps (fractional allowed), context (B, T, context_dim). `concat` holds extra input channels
+    joined to x after the denoiser's input scaling (ldm's c_concat: mask + masked-image latent for
+    9-channel inpainting U-Nets); `y` (B, adm_in_channels) is ldm's vector conditioning, embedded by
+    `label_emb` and added to the time embedding (SDXL's pooled text and size conditioning).
+    `control` (ControlNet, Zhang et al. 2023): one residual per input block, then one for the middle
+    block, added to the skip connections and to the middle block's output (cldm's ControlledUnetModel)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = c.model_channels * 4
+        skip_channels = self._build_encoder(c)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -157,7 +191,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels, c.groups, c.dropout)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(transformer(ch, level))
+                    layers.append(transformer(c, ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
@@ -170,24 +204,26 @@ class UNet(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                concat: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.to(self.time_embed[0].weight.dtype)   # samplers keep float32 state; the network runs in its own dtype
+                concat: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x.to(compute_dtype(self.time_embed[0]))   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
-        if (y is None) != (not self.config.adm_in_channels):
-            raise ValueError(f"this U-Net takes a vector y of width {self.config.adm_in_channels}"
-                             if y is None else "this U-Net takes no vector conditioning y")
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        if self.config.coord_channels:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
+        emb = self._embedding(t, y, x.shape[0])
         context = context.to(x.dtype)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control takes {len(self.input_blocks) + 1} residuals, got {len(control)}")
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, control)]
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # upsample to the next skip's size, so latent sides need not be multiples of 2^levels

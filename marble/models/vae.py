@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marble.models.layers import normalization
+from marble.models.weight_cast import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,11 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.posterior(pixels.to(self.quant_conv.weight.dtype))   # the VAE may run wider than the model (decode_fp32)
+        mean, _ = self.posterior(pixels.to(compute_dtype(self.quant_conv)))   # the VAE may run wider than the model (decode_fp32)
         return (mean - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z = latent.to(self.post_quant_conv.weight.dtype) / self.config.scaling_factor + self.config.shift_factor
+        z = latent.to(compute_dtype(self.post_quant_conv)) / self.config.scaling_factor + self.config.shift_factor
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, pixels: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,17 +29,23 @@ class PromptConditioning:
     hires_steps: for the second pass of a hires fix, that pass's steps (`steps` then is the first pass's);
     emphasis: how weights act, one of marble.prompts.encode.EMPHASIS.
     Contexts are float32 unless `dtype` is given, on the encoder's device unless `device` is.
+    known: texts already encoded (float32, as `encode_prompts` gives them, with this encoder and
+    emphasis), which are not encoded again; `encoded` holds every text's float32 context.
     """
 
     def __init__(self, encoder, prompt: str, negative_prompt: str, steps: int, *, hires_steps: int | None = None,
-                 emphasis: str = "a1111", device: torch.device | None = None, dtype: torch.dtype | None = None):
+                 emphasis: str = "a1111", device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 known: dict[str, torch.Tensor] | None = None):
         emphasis = check_emphasis(emphasis)
         self.schedule = schedule_prompt(prompt, steps, hires_steps)
         self.negative_schedule = schedule_prompt(negative_prompt, steps, hires_steps)
         texts = list(dict.fromkeys([t for _, t in self.schedule] + [t for _, t in self.negative_schedule]))
-        contexts = encode_prompts(encoder, texts, emphasis)
+        known = known or {}
+        todo = [t for t in texts if t not in known]
+        fresh = dict(zip(todo, encode_prompts(encoder, todo, emphasis))) if todo else {}
+        self.encoded = {t: known[t] if t in known else fresh[t] for t in texts}
         self.window = encoder.max_tokens
-        self.contexts = {t: c.to(device=device, dtype=dtype) for t, c in zip(texts, contexts)}
+        self.contexts = {t: c.to(device=device, dtype=dtype) for t, c in self.encoded.items()}
         self._empty = self.contexts.get("")
         self._encoder, self._emphasis, self._device, self._dtype = encoder, emphasis, device, dtype
         self._pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}

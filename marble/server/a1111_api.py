@@ -24,9 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from marble import __version__
 from marble.diffusion.samplers import SAMPLERS
 from marble.hires import DEFAULT_DENOISE, IMAGE_UPSCALERS, LATENT_UPSCALERS, HiresFix
+from marble.models.conditioning import MicroConditioning
 from marble.record import parse_parameters
 from marble.adapters.lora_folder import list_loras
 from marble.request import GenerationRequest, RequestError, ResolvedRequest
+from marble.server.control_units import parse_units
 from marble.server.state import ServerState, state_of
 from marble.server.images import base64_image, decode_base64, open_image, to_base64
 from marble.server.worker import INTERRUPTED, Cancelled, JobResult
@@ -46,6 +48,11 @@ class Txt2ImgParams(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = Field(None, description="Old name for sampler_name.")
+    scheduler: str | None = Field(None, description="A1111 >= 1.9's schedule type: Automatic (the sampler's), "
+                                                    "Uniform, Karras, Exponential, or a marble spacing name "
+                                                    "(normal, leading, trailing, linspace, lcm).")
+    preset: str | None = Field(None, description="marble: few-step settings by name (sd-turbo, lcm-lora); "
+                                                 "fields given override them.")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -59,9 +66,14 @@ class Txt2ImgParams(BaseModel):
     hr_resize_x: int = Field(0, description="Hires fix: target width instead of hr_scale (0: from the height).")
     hr_resize_y: int = Field(0, description="Hires fix: target height instead of hr_scale (0: from the width).")
     override_settings: dict[str, Any] | None = Field(
-        None, description="Read: sd_model_checkpoint (the model to use) and emphasis (Original, No norm, None; "
-                          "marble also takes ComfyUI).")
+        None, description="Read: sd_model_checkpoint (the model to use), emphasis (Original, No norm, None; "
+                          "marble also takes ComfyUI), and for SDXL sdxl_crop_top, sdxl_crop_left (the crop "
+                          "conditioning) and sdxl_refiner_high_aesthetic_score / sdxl_refiner_low_aesthetic_score "
+                          "(a refiner's scores; 6 and 2.5 by default). Like A1111's settings, the SDXL ones apply "
+                          "only where the model takes them.")
     send_images: bool = True
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None, description="Read: controlnet.args, the sd-webui-controlnet extension's units (docs/controlnet.md).")
 
 
 class Img2ImgParams(Txt2ImgParams):
@@ -98,11 +110,39 @@ def _hires(params: Txt2ImgParams) -> HiresFix | None:
                     steps=params.hr_second_pass_steps, denoise=denoise, upscaler=params.hr_upscaler)
 
 
-def _request(params: Txt2ImgParams, **images) -> GenerationRequest:
+def _request(params: Txt2ImgParams, micro_kinds: tuple[str, ...] = (), **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt or "", negative_prompt=params.negative_prompt or "", seed=params.seed, steps=params.steps,
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
-        height=params.height, n=_count(params), emphasis=_emphasis(params), **images)
+        height=params.height, n=_count(params), emphasis=_emphasis(params),
+        spacing=_spacing(params.scheduler), preset=params.preset, micro=_micro(params, micro_kinds),
+        **images)
+
+
+def _spacing(scheduler: str | None) -> str | None:
+    """A1111's schedule type as a marble spacing: Automatic is the sampler's own, Uniform is
+    k-diffusion's model timesteps (marble's normal); other names are marble's (checked by resolve)."""
+    name = (scheduler or "").strip().lower()
+    return {"": None, "automatic": None, "uniform": "normal"}.get(name, name)
+
+
+_MICRO_SETTINGS = {"sdxl_crop_top": "size", "sdxl_crop_left": "size", "sdxl_refiner_high_aesthetic_score": "aesthetic",
+                   "sdxl_refiner_low_aesthetic_score": "aesthetic"}
+
+
+def _micro(params: Txt2ImgParams, kinds: tuple[str, ...]) -> MicroConditioning:
+    """A1111's SDXL settings in override_settings, for a model that takes them (A1111 reads them only
+    for SDXL, and the scores only for a refiner); the request checks the values."""
+    settings = params.override_settings or {}
+    given = {k: settings[k] for k, kind in _MICRO_SETTINGS.items() if k in settings and kind in kinds}
+    out = {}
+    if "sdxl_crop_top" in given or "sdxl_crop_left" in given:
+        out["crop_top_left"] = (given.get("sdxl_crop_top", 0), given.get("sdxl_crop_left", 0))
+    if "sdxl_refiner_high_aesthetic_score" in given:
+        out["aesthetic_score"] = given["sdxl_refiner_high_aesthetic_score"]
+    if "sdxl_refiner_low_aesthetic_score" in given:
+        out["negative_aesthetic_score"] = given["sdxl_refiner_low_aesthetic_score"]
+    return MicroConditioning(**out)
 
 
 def _emphasis(params: Txt2ImgParams) -> str | None:
@@ -130,8 +170,9 @@ def _info(params: Txt2ImgParams, resolved: ResolvedRequest, result: JobResult | 
 
 
 async def _generate(state: ServerState, params: Txt2ImgParams, request: Request, echo: dict, **images) -> dict:
-    worker = state.worker(_model_name(params))
-    resolved = await state.prepare(worker, _request(params, **images))
+    worker = await state.select(_model_name(params))
+    controls = await state.offload(parse_units, params.alwayson_scripts, state.limits, images.get("init_image"))
+    resolved = await state.prepare(worker, _request(params, worker.pipe.defaults.micro, controls=controls, **images))
     try:
         result = await state.run(worker, resolved, request)
     except Cancelled as e:
@@ -195,14 +236,50 @@ async def samplers() -> list[dict]:
     return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
 
 
-@router.get("/sd-models", summary="Loaded models (A1111)")
+@router.get("/sd-models", summary="The models this server can use: loaded ones and its models folder (A1111)")
 async def sd_models(request: Request) -> list[dict]:
+    state = state_of(request)
+    hashes = state.hashes()
     out = []
-    for worker in state_of(request).workers.values():
-        name, model_hash = worker.name, worker.pipe.loaded.hash
-        out.append({"title": f"{name} [{model_hash}]", "model_name": name, "hash": model_hash,
-                    "sha256": None, "filename": name, "config": None})
+    for entry in state.catalog.entries():
+        short = hashes.get(entry.name)
+        out.append({"title": entry.title(short), "model_name": entry.name, "hash": short,
+                    "sha256": state.catalog.sha256(entry) if short else None, "filename": str(entry.path),
+                    "config": None})
+    listed = {m["model_name"] for m in out}
+    for name, short in hashes.items():   # loaded from outside the folder (--model PATH, built-in names)
+        if name not in listed:
+            out.append({"title": f"{name} [{short}]", "model_name": name, "hash": short, "sha256": None,
+                        "filename": name, "config": None})
     return out
+
+
+def _title(state: ServerState, name: str) -> str:
+    entry = state.catalog.find(name)
+    short = state.workers[name].pipe.loaded.hash
+    return entry.title(short) if entry is not None and entry.name == name else f"{name} [{short}]"
+
+
+@router.get("/options", summary="The settings marble has: the model being served (A1111)")
+async def get_options(request: Request) -> dict:
+    state = state_of(request)
+    entry = state.catalog.find(state.default)
+    sha = state.catalog.sha256(entry) if entry is not None else None
+    return {"sd_model_checkpoint": _title(state, state.default), "sd_checkpoint_hash": sha}
+
+
+@router.post("/options", summary="Switch the served model with sd_model_checkpoint (A1111); other settings are "
+                                 "ignored")
+async def set_options(options: dict[str, Any], request: Request) -> None:
+    name = options.get("sd_model_checkpoint")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise RequestError("sd_model_checkpoint must be a model's name or title")
+    state = state_of(request)
+    worker = await state.select(name)   # loaded first when it is only in the models folder
+    state.default = worker.name
+    return None
 
 
 @router.get("/upscalers", summary="Image upscalers marble can run for the hires fix (A1111)")

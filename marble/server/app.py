@@ -18,7 +18,7 @@ from marble import __version__
 from marble.errors import LoraError
 from marble.pipeline import Pipeline
 from marble.request import RequestError
-from marble.server import a1111_api, openai_api, ui
+from marble.server import a1111_api, controlnet_api, live_api, openai_api, ui
 from marble.server.auth import ApiKeyAuth
 from marble.server.errors import error_response, is_openai_path, responder
 from marble.server.limits import BodySizeLimit
@@ -84,10 +84,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def create_app(pipes: list[Pipeline], config: ServerConfig | None = None) -> FastAPI:
-    """The whole server for already-loaded pipelines (the first is the default model)."""
+def create_app(pipes: list[Pipeline], config: ServerConfig | None = None, load=None,
+               live_pipe: Pipeline | None = None) -> FastAPI:
+    """The whole server for already-loaded pipelines (the first is the default model); `load`
+    (path -> Pipeline) loads a model of `config.models_dir` when a client switches to it;
+    `live_pipe`: a few-step model for the live mode (default: the first model, at config.live's settings)."""
     config = config or ServerConfig()
-    state = ServerState(pipes, config)
+    state = ServerState(pipes, config, live_pipe=live_pipe) if load is None else \
+        ServerState(pipes, config, load, live_pipe=live_pipe)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -112,7 +116,9 @@ def create_app(pipes: list[Pipeline], config: ServerConfig | None = None) -> Fas
 
     app.include_router(openai_api.router)
     app.include_router(a1111_api.router)
+    app.include_router(controlnet_api.router)
     app.include_router(ui.router)
+    app.include_router(live_api.router)
     # added last = outermost: the key is checked before any body is read
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes, respond=responder)
     if config.api_key:

@@ -31,7 +31,8 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(description="What to draw.")
-    model: str | None = Field(None, description="A loaded model's name (see /sdapi/v1/sd-models); default: the first.")
+    model: str | None = Field(None, description="A model's name or title from /sdapi/v1/sd-models (one of the models "
+                                                "folder is loaded and becomes the default); default: the default model.")
     n: int | None = Field(None, description="Number of images, seeds seed..seed+n-1.")
     size: str | None = Field(None, description="WIDTHxHEIGHT, or 'auto' for the model's default.")
     response_format: Literal["b64_json", "url"] | None = Field(
@@ -44,6 +45,9 @@ class _Common(BaseModel):
     steps: int | None = None
     cfg_scale: float | None = None
     sampler: str | None = Field(None, description="A sampler name, see /sdapi/v1/samplers.")
+    spacing: str | None = Field(None, description="Sigma spacing (normal, karras, exponential, leading, trailing, "
+                                                  "linspace, lcm). Default: the sampler's.")
+    preset: str | None = Field(None, description="Few-step settings by name (sd-turbo, lcm-lora).")
 
 
 class ImageGenerationParams(_Common):
@@ -73,7 +77,7 @@ def _request(params: _Common, **images) -> GenerationRequest:
     return GenerationRequest(
         prompt=params.prompt, negative_prompt=params.negative_prompt or "", seed=params.seed,
         steps=params.steps, sampler=params.sampler, cfg=params.cfg_scale, width=width, height=height,
-        n=1 if params.n is None else params.n, **images)
+        n=1 if params.n is None else params.n, spacing=params.spacing, preset=params.preset, **images)
 
 
 async def _respond(state: ServerState, result: JobResult, response_format: str | None, request: Request) -> dict:
@@ -88,10 +92,18 @@ async def _respond(state: ServerState, result: JobResult, response_format: str |
 
 
 async def _generate(state: ServerState, params: _Common, request: Request, **images) -> dict:
-    worker = state.worker(params.model)
+    worker = await state.select(params.model)
     resolved = await state.prepare(worker, _request(params, **images))
     result = await state.run(worker, resolved, request)
     return await _respond(state, result, params.response_format, request)
+
+
+@router.get("/models", summary="The models `model` may name: loaded ones, then the models folder (OpenAI API)")
+async def models(request: Request) -> dict:
+    state = state_of(request)
+    names = list(state.workers) + [e.name for e in state.catalog.entries() if e.name not in state.workers]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "marble"}
+                                       for name in names]}
 
 
 @router.post("/images/generations", summary="Create images from a prompt (OpenAI Images API)")

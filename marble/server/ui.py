@@ -2,7 +2,7 @@
 
 Why not Gradio: it pulls in a large dependency tree and its own frontend build for what is one
 form, a canvas and a grid; a static page calls the same A1111 routes any client uses, so the UI
-exercises the public API and adds no server-side generation path of its own.
+exercises the public API. Its live mode (live.js) uses /api/live (live_api.py), open to any client too.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from marble.server.state import state_of
 
 STATIC = Path(__file__).with_name("static")
-_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+_FILES = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
 
 router = APIRouter(tags=["web UI"])
 

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 import torch
 from PIL import Image
 
-from marble.pipeline import Pipeline, pixels_to_pil
+from marble.pipeline import Pipeline
 from marble.record import GenerationRecord
 from marble.request import ResolvedRequest
 from marble.server.outputs import OutputStore
@@ -45,6 +45,7 @@ class Cancelled(Exception):
 INTERRUPTED = "interrupted"
 DISCONNECTED = "client disconnected"
 STOPPING = "server stopping"
+SUPERSEDED = "superseded"           # live mode: a newer request of the same stream replaced it
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
+    save: bool = True               # False: a live preview, kept in memory unless the user keeps it
 
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -99,7 +101,7 @@ class Worker:
         self.pipe = pipe
         self.store = store
         self.max_queue = max_queue              # jobs that may wait behind the running one
-        self.preview_interval = preview_interval  # seconds between preview decodes (each costs a VAE call)
+        self.preview_interval = preview_interval  # seconds between preview decodes
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._current: Job | None = None
@@ -110,6 +112,7 @@ class Worker:
         self._last_preview = 0.0
         self._durations: deque[float] = deque(maxlen=16)  # seconds per recent job, for Retry-After
         self._stopping = False
+        self._draining = False                  # retiring: finish the queue, take nothing new
         self._thread: threading.Thread | None = None
 
     @property
@@ -136,12 +139,22 @@ class Worker:
             self._thread.join(timeout)
             self._thread = None
 
-    # -- the queue ---------------------------------------------------------------------------
-    def submit(self, request: ResolvedRequest) -> Job:
-        """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one."""
-        job = Job(request)
+    def retire(self, timeout: float = 3600.0) -> None:
+        """Take no new jobs, finish the queued ones, then stop (a model switched away from)."""
         with self._cond:
-            if self._stopping:
+            self._draining = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- the queue ---------------------------------------------------------------------------
+    def submit(self, request: ResolvedRequest, save: bool = True) -> Job:
+        """Queue a resolved request; QueueFull if max_queue jobs already wait behind a running one.
+        `save`: write the images to the outputs folder (live previews are not)."""
+        job = Job(request, save=save)
+        with self._cond:
+            if self._stopping or self._draining:
                 raise Cancelled(STOPPING)
             # full: max_queue waiting plus one running (or about to be picked up by the thread)
             in_system = len(self._pending) + (self._current is not None)
@@ -182,7 +195,7 @@ class Worker:
         now = time.monotonic()
         with self._cond:
             if want_preview:
-                # previews cost a VAE decode each, so they are made only while someone is watching
+                # previews cost a decode each (cheap by default), so they are made only while someone watches
                 self._preview_wanted_until = now + 5.0
             job = self._current
             preview = self._preview if job is not None else None
@@ -196,10 +209,9 @@ class Worker:
         if now > self._preview_wanted_until or now - self._last_preview < self.preview_interval:
             return
         self._last_preview = now
-        with torch.inference_mode():
-            image = pixels_to_pil(self.pipe.model.vae.decode(x0[:1]))[0]
+        image = self.pipe.preview(x0)   # a linear map or TAESD by default, not the VAE (pipeline.Pipeline)
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=1)   # a transient picture: 3x faster than level 6
         with self._cond:
             self._preview = (step + 1, buf.getvalue())
 
@@ -226,9 +238,9 @@ class Worker:
     def _next_locked(self) -> Job | None:
         """Wait for the next job still wanted and make it current; None when stopping."""
         while True:
-            while not self._pending and not self._stopping:
+            while not self._pending and not self._stopping and not self._draining:
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or (self._draining and not self._pending):
                 return None
             job = self._pending.popleft()
             if job.future.set_running_or_notify_cancel():   # False: its waiter gave up while it was queued
@@ -248,7 +260,8 @@ class Worker:
             raise Cancelled(job.cancel_reason)
         t0 = time.monotonic()
         result = self.pipe.generate(job.request, callback=callback)
-        paths = [self.store.save(image, record) for image, record in zip(result.images, result.records)]
+        paths = [self.store.save(image, record) for image, record in zip(result.images, result.records)] \
+            if job.save else []
         return JobResult(result.images, result.records, paths, result.warnings, time.monotonic() - t0)
 
 

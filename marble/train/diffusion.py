@@ -6,16 +6,21 @@ model table:
   init            a marble model file to start from (fine-tuning, e.g. models/builtin.safetensors):
                   its U-Net weights, and its VAE, text encoder, U-Net shape, prediction, schedule
                   and defaults wherever this table does not name them
-  unet            a U-Net preset name, or a table of UNetConfig fields (with optional `preset`); with
-                  `init` it must equal the init's
+  unet            the denoising network: a U-Net preset name, or a table of UNetConfig fields (with
+                  optional `preset`; coord_channels / attention_position add explicit 2-D position),
+                  or a table with kind = "mmdit" and MMDiTConfig fields (marble/models/mmdit.py);
+                  with `init` it must equal the init's
   vae             path to a VAE file from `marble train vae`, or a table {preset = NAME} for a
                   seeded random VAE (tests); with `init` it must equal the init's
   text            the text encoder config, e.g. {pretrained = "all-MiniLM-L6-v2"} or {preset = "clip-tiny"}
-  prediction      eps | v
+  prediction      eps | v | flow (rectified flow, logit-normal t; needs schedule {name = "flow"})
   schedule        {name = "scaled_linear", beta_start = ..., beta_end = ..., zero_terminal_snr = false};
-                  zero_terminal_snr rescales it so the last timestep is pure noise (Lin et al. 2024)
+                  zero_terminal_snr rescales it so the last timestep is pure noise (Lin et al. 2024);
+                  {name = "flow", shift = 1.0} for prediction = "flow"
   export_dtype    float16 | float32 for the shipped file
   min_snr_gamma   > 0: Min-SNR-γ timestep weighting (Hang et al. 2023); 0 = the plain simple loss
+  snapshot_every  > 0: also write the EMA model every this many steps to
+                  run_dir/snapshots/step-NNNNNN.safetensors (for learning curves: `marble eval` on each)
   default_steps / default_cfg / default_sampler / default_width / default_height / max_pixels
 Output: run_dir/model.safetensors (marble format, EMA weights), samples in run_dir/samples/.
 """
@@ -29,6 +34,7 @@ from marble.checkpoints.checkpoint import from_model, to_model
 from marble.checkpoints.marble_format import read_marble, read_vae, write_marble
 from marble.config import config_from_dict, config_to_dict
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from marble.models.mmdit import MMDIT_PRESETS, MMDiTConfig
 from marble.models.text import build_text_encoder
 from marble.models.unet import UNET_PRESETS, UNetConfig
 from marble.models.vae import AutoencoderKL
@@ -36,17 +42,23 @@ from marble.train.config import ConfigError, TrainConfig
 from marble.train.data import batch_indices, digest, latent_cache, load_captioned, text_cache
 from marble.train.distributed import World, barrier, shard
 from marble.train.loop import TrainLoop
-from marble.train.objective import diffusion_loss
+from marble.train.objective import diffusion_loss, flow_loss, logit_normal_t
 from marble.train.vae import vae_config
 
 # the model's settings that are not networks: from the table, else the init's, else the defaults
 SETTINGS = ("name", "prediction", "schedule", "default_steps", "default_cfg", "default_sampler", "default_width",
             "default_height", "max_pixels")
-MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", *SETTINGS}
+MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", "snapshot_every", *SETTINGS}
 
 
-def unet_config(spec, context_dim: int) -> UNetConfig:
+def unet_config(spec, context_dim: int) -> UNetConfig | MMDiTConfig:
     spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+    if spec.get("kind") == "mmdit":
+        preset = spec.pop("preset", None)
+        if preset is not None and preset not in MMDIT_PRESETS:
+            raise ConfigError(f"unknown MMDiT preset {preset!r}; choose from {', '.join(MMDIT_PRESETS)}")
+        base = config_to_dict(MMDIT_PRESETS[preset]) if preset else {}
+        return config_from_dict(MMDiTConfig, {**base, "context_dim": context_dim, **spec}, "model.unet")
     preset = spec.pop("preset", None)
     if preset is not None and preset not in UNET_PRESETS:
         raise ConfigError(f"unknown U-Net preset {preset!r}; choose from {', '.join(UNET_PRESETS)}")
@@ -141,17 +153,24 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
     if resume:
         loop.resume()
     T = model.schedule.num_timesteps
+    flow = config.prediction == "flow"
+    if flow and float(cfg.model.get("min_snr_gamma", 0.0)) > 0:
+        raise ConfigError("min_snr_gamma weights discrete VP timesteps; rectified flow (prediction = \"flow\") "
+                          "samples its time logit-normal instead")
 
     def step_loss(net, step, gen):
         # Draw for the whole global batch, then take this rank's slice: every world size sees
         # the same numbers, so DDP training equals single-process training on the global batch.
         idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
-        t = torch.randint(0, T, (cfg.batch,), generator=gen)
+        t = logit_normal_t(torch.randn(cfg.batch, generator=gen)) if flow else torch.randint(0, T, (cfg.batch,), generator=gen)
         eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
         drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
         context_rows = torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])
         mine = slice(world.rank * (cfg.batch // world.size), (world.rank + 1) * (cfg.batch // world.size))
         dev = world.device
+        if flow:
+            return flow_loss(net, latents[idx[mine]].to(dev), states[context_rows[mine]].to(dev), t[mine].to(dev),
+                             eps[mine].to(dev)), {}
         loss = diffusion_loss(net, model.schedule, config.prediction, latents[idx[mine]].to(dev),
                               states[context_rows[mine]].to(dev), t[mine].to(dev), eps[mine].to(dev),
                               float(cfg.model.get("min_snr_gamma", 0.0)))
@@ -160,16 +179,37 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
     def on_sample(step: int) -> None:
         write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")
 
-    loop.fit(step_loss, on_sample)
+    dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
+    snapshot_every = cfg.model.get("snapshot_every", 0)
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
+        raise ConfigError(f"model.snapshot_every must be an integer >= 0, got {snapshot_every!r}")
+
+    def on_step(step: int) -> None:
+        if snapshot_every and step % snapshot_every == 0:
+            write_snapshot(loop, model, run_dir / "snapshots" / f"step-{step:06d}.safetensors", dtype)
+
+    loop.fit(step_loss, on_sample, on_step)
     out = run_dir / "model.safetensors"
     if world.is_main:
         loop.ema.copy_to(model.unet)
         if not out.exists():
-            dtype = torch.float16 if cfg.model.get("export_dtype", "float32") == "float16" else None
             write_marble(from_model(model, dtype=dtype), out)
         write_samples(loop, model, run_dir / "samples" / "final.png", ema_loaded=True)
     barrier(world)
     return out
+
+
+def write_snapshot(loop: TrainLoop, model: LatentDiffusion, path: Path, dtype: torch.dtype | None) -> None:
+    """The EMA weights as a model file, the training weights put back exactly after. A snapshot
+    that exists (a resumed run passing the step again) is kept."""
+    if path.exists():
+        return
+    saved = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    loop.ema.copy_to(model.unet)
+    try:
+        write_marble(from_model(model, dtype=dtype), path)
+    finally:
+        model.unet.load_state_dict(saved)
 
 
 SAMPLE_PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",

@@ -25,6 +25,7 @@ from marble.adapters.lora import TrainableLora, attach_trainable
 from marble.adapters.lora_files import save_kohya
 from marble.adapters.lora_table import module_table
 from marble.checkpoints.resolve import LoadedModel, load_model
+from marble.models.unet import UNetConfig
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.data import batch_indices, digest, latent_cache, load_captioned, text_cache
 from marble.train.distributed import World
@@ -102,6 +103,9 @@ def train_lora(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     if cfg.data.folder is None:
         raise ConfigError("a LoRA trains on an image folder: set data.folder (a folder with metadata.jsonl)")
     loaded = load_base(cfg)
+    if loaded.model.config.prediction == "flow" or not isinstance(loaded.model.config.unet, UNetConfig):
+        raise ConfigError(f"LoRA training needs a U-Net model trained on discrete timesteps; {loaded.name} is "
+                          f"a {type(loaded.model.unet).__name__} with prediction {loaded.model.config.prediction!r}")
     model = loaded.model.to(world.device).eval().requires_grad_(False)
     table = module_table(model)
     trainable = attach_trainable(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, table,

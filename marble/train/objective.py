@@ -5,6 +5,11 @@ the VP view z = sqrt(ā_t)·x0 + sqrt(1 − ā_t)·eps, and regress the network'
 (or v = sqrt(ā)·eps − sqrt(1 − ā)·x0, Salimans & Ho 2022). This is the same correspondence the
 sampler's `discrete_denoiser` inverts, so what is trained is what is sampled.
 
+Rectified flow (Liu et al. 2022; Esser et al. 2024, SD3): x_t = (1 − t)·x0 + t·eps, regress the
+velocity eps − x0, with t drawn logit-normal (SD3 §3.1: t = sigmoid(n), n ~ N(0, 1), its best
+sampler of t), which spends the training on the middle times where the velocity is hardest to
+predict. marble.diffusion.denoiser's flow_denoiser inverts the same parametrisation.
+
 VAE (Rombach et al. 2022 §3 without the adversarial and perceptual terms, which a world of flat
 shapes does not need): reconstruction + a small KL pulling q(z|x) toward N(0, I).
 """
@@ -14,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from marble.diffusion.denoiser import add_noise_vp, v_from_x0_eps
+from marble.diffusion.denoiser import FLOW_TIME_SCALE, add_noise_flow, add_noise_vp, v_from_x0_eps
 from marble.diffusion.schedule import DiscreteSchedule
 
 
@@ -51,6 +56,19 @@ def diffusion_loss(network: Callable[..., torch.Tensor], schedule: DiscreteSched
     if min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weight(prediction, sigma, min_snr_gamma)
     return per_sample.mean()
+
+
+def logit_normal_t(normal: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """SD3's logit-normal time: t = sigmoid(mean + std·n), from standard normal draws n."""
+    return torch.sigmoid(mean + std * normal)
+
+
+def flow_loss(network: Callable[..., torch.Tensor], x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+              eps: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted velocity against eps − x0; x0 (B, C, h, w) latents,
+    t (B,) in (0, 1), eps standard normal noise. The network sees FLOW_TIME_SCALE·t."""
+    out = network(add_noise_flow(x0, t.to(x0.dtype), eps), FLOW_TIME_SCALE * t.float(), context=context)
+    return torch.mean((out.float() - (eps - x0).float()) ** 2)
 
 
 def vae_loss(vae: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pixels: torch.Tensor,

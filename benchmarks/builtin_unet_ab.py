@@ -1,0 +1,55 @@
+"""One U-Net call of the built-in model, eager against channels-last and against a TorchScript
+trace, interleaved in one process (medians), with the largest output difference of each.
+
+    python benchmarks/builtin_unet_ab.py --threads 1 --calls 25
+"""
+from __future__ import annotations
+
+from marble.threads import quiet_spin
+
+quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from marble.models.traced import TracedNetwork
+from marble.pipeline import load_pipeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--calls", type=int, default=25)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet = load_pipeline("builtin").model.unet
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    traced = TracedNetwork(unet)
+    print("| batch | variant | median ms | max |output − eager| |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for batch in (2, 1):   # CFG's batch, and the conditional branch alone (few-step models)
+            x, t, ctx = torch.randn(batch, 4, 16, 16), torch.full((batch,), 500.0), torch.randn(batch, 32, 384)
+            variants = {"eager": lambda: unet(x, t, ctx),
+                        "channels-last": lambda: nhwc(x.contiguous(memory_format=torch.channels_last), t, ctx),
+                        "traced": lambda: traced(x, t, ctx)}
+            reference = unet(x, t, ctx)
+            diffs = {k: float((f() - reference).abs().max()) for k, f in variants.items()}   # also traces
+            for f in variants.values():   # TorchScript optimises a trace over its first calls
+                f(), f()
+            times = {k: [] for k in variants}
+            for _ in range(args.calls):
+                for k, f in variants.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+            for k in variants:
+                print(f"| {batch} | {k} | {statistics.median(times[k]) * 1e3:.1f} | {diffs[k]:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

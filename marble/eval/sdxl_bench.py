@@ -1,0 +1,257 @@
+"""`marble bench --arch sdxl`: one SDXL U-Net step at 1024² (CFG batch 2) and one VAE decode, in
+marble and in diffusers on the same random weights, each side in its own subprocess so that its
+peak RSS is its own.
+
+The weights are drawn per tensor in float32 from one seed and rounded to the storage dtype marble
+keeps them in (fp16 by default: marble.models.weight_cast), so both sides compute in float32 on
+identical values: diffusers holds them as float32 tensors, marble in fp16 and casts per layer.
+Nothing is downloaded; the text encoders are not built (the step takes a random context and y).
+Reported: seconds per U-Net step and per decode, weight bytes and peak RSS of each side, and the
+relative difference of the two U-Net outputs (a parity check at full size).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+Log = Callable[[str], None]
+SIDES = ("marble", "diffusers")
+
+
+@dataclass
+class SdxlBenchSettings:
+    size: int = 1024              # pixels per side
+    weights: str = "fp16"         # marble's storage dtype (weight_cast.STORAGE_DTYPES); diffusers runs float32
+    unet_calls: int = 1           # timed U-Net calls (median), after one warm-up call when `warmup`
+    decodes: int = 1              # timed VAE decodes (median), after one warm-up when `warmup`
+    warmup: bool = True           # one untimed call first (oneDNN picks and caches kernels)
+    seed: int = 0
+    threads: int | None = None
+    config: dict | None = None    # a LatentDiffusionConfig as a dict (tests: a tiny SDXL); None: SDXL base
+
+
+@dataclass
+class SideResult:
+    side: str
+    unet_step_s: float
+    vae_decode_s: float
+    weights_gb: float             # U-Net + VAE as held in memory
+    peak_rss_gb: float            # the subprocess's whole peak (build included)
+    build_s: float
+    threads: int
+    output: np.ndarray | None = field(default=None, repr=False)   # the U-Net output, float32
+
+
+def _config(s: SdxlBenchSettings):
+    from marble.config import config_from_dict
+    from marble.models.latent_diffusion import LatentDiffusionConfig
+    from marble.models.stable_diffusion import sdxl_config
+    return sdxl_config("sdxl-base") if s.config is None else config_from_dict(LatentDiffusionConfig, s.config)
+
+
+@torch.no_grad()
+def random_networks(config, seed: int, storage: torch.dtype):
+    """The U-Net and VAE of `config` with seeded random weights, each tensor drawn in float32 (the
+    scheme of resolve.random_model) and stored in `storage`: never the whole model in float32."""
+    from marble.models.skeleton import skeleton
+    from marble.models.unet import UNet
+    from marble.models.vae import AutoencoderKL
+    with skeleton():
+        unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
+    g = torch.Generator().manual_seed(seed)
+    for net in (unet, vae):
+        for module in net.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                t = torch.empty(p.shape)
+                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+                    t.normal_(1.0, 0.1, generator=g)
+                elif p.ndim > 1:
+                    t.normal_(0.0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=g)
+                else:
+                    t.normal_(0.0, 0.1, generator=g)
+                setattr(module, name, torch.nn.Parameter(t.to(storage), requires_grad=False))
+        if any(b.is_meta for b in net.buffers()):
+            raise RuntimeError("a network kept a buffer on the meta device")
+    return unet.eval(), vae.eval()
+
+
+def _inputs(config, size: int):
+    """The step's inputs: a latent, CFG-batched; t; context; the pooled text and the six size numbers."""
+    g = torch.Generator().manual_seed(1)
+    latent = size // config.latent_factor
+    x = torch.randn(1, config.unet.in_channels, latent, latent, generator=g)
+    context = torch.randn(2, 77, config.unet.context_dim, generator=g)
+    pooled_dim = config.unet.adm_in_channels - 6 * config.vector.fourier_dim
+    pooled = torch.randn(2, pooled_dim, generator=g)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+    return torch.cat([x, x]), torch.tensor([500.0, 500.0]), context, pooled, time_ids, x
+
+
+def _median(fn, n: int, warmup: bool) -> tuple[float, object]:
+    out = fn() if warmup else None
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def _rss_gb() -> float:
+    from marble.eval.sd_bench import rss_gb
+    return rss_gb()
+
+
+@torch.inference_mode()
+def run_side(side: str, s: SdxlBenchSettings, output: Path | None = None) -> SideResult:
+    """One side, in this process: build, one U-Net step and one decode, timed."""
+    from marble.models.conditioning import fourier_features
+    from marble.models.weight_cast import store_weights, storage_dtype
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    config = _config(s)
+    storage = storage_dtype(s.weights)
+    t0 = time.perf_counter()
+    unet, vae = random_networks(config, s.seed, storage)
+    x2, t, context, pooled, time_ids, x = _inputs(config, s.size)
+    if side == "marble":
+        store_weights(unet, storage)
+        store_weights(vae, storage)
+        y = torch.cat([pooled, fourier_features(time_ids, config.vector.fourier_dim)], dim=1)
+        step = lambda: unet(x2, t, context, y=y)   # noqa: E731
+        decode = lambda: vae.decode(x)             # noqa: E731
+    else:
+        unet, vae = _diffusers_networks(config, unet, vae)
+        step = lambda: unet(x2, t, encoder_hidden_states=context,   # noqa: E731
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        decode = lambda: vae.decode(x / config.vae.scaling_factor).sample   # noqa: E731
+    weights = sum(p.numel() * p.element_size() for net in (unet, vae) for p in net.parameters()) / 1e9
+    build = time.perf_counter() - t0
+    unet_s, out = _median(step, s.unet_calls, s.warmup)
+    decode_s, _ = _median(decode, s.decodes, s.warmup)
+    if output is not None:
+        np.save(output, out.float().numpy(), allow_pickle=False)
+    return SideResult(side, unet_s, decode_s, weights, _rss_gb(), build, torch.get_num_threads())
+
+
+def _diffusers_networks(config, unet, vae):
+    """diffusers' UNet2DConditionModel and AutoencoderKL holding the same values in float32 (each
+    tensor widened as it is handed over, so the float32 copy is built once)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from marble.checkpoints.diffusers_folder import (rename, unet_config_to_diffusers, unet_table,
+                                                     vae_config_to_diffusers, vae_table, vae_to_diffusers_tensor)
+    strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}   # noqa: E731
+    with torch.device("meta"):
+        theirs_unet = UNet2DConditionModel(**strip(unet_config_to_diffusers(
+            config.unet, config.default_height // config.latent_factor, config.vector)))
+        theirs_vae = AutoencoderKL(**strip(vae_config_to_diffusers(config.vae, config.default_height)))
+    ut, vt = unet_table(config.unet), vae_table(config.vae)
+    state = unet.state_dict()
+    del unet
+    theirs_unet.load_state_dict({rename(k, ut): state.pop(k).float() for k in list(state)}, assign=True)
+    state = vae.state_dict()
+    del vae
+    theirs_vae.load_state_dict({rename(k, vt): vae_to_diffusers_tensor(k, state.pop(k).float()) for k in list(state)},
+                               assign=True)
+    return theirs_unet.eval(), theirs_vae.eval()
+
+
+# --- the parent: one subprocess per side -----------------------------------------------------------
+
+@dataclass
+class SdxlBenchReport:
+    settings: SdxlBenchSettings
+    sides: dict[str, SideResult]
+    unet_rel_diff: float | None = None   # max |marble − diffusers| / max |diffusers| of the U-Net outputs
+    cpu: str = ""
+
+    def ratios(self) -> dict[str, float]:
+        if set(self.sides) != set(SIDES):
+            return {}
+        m, d = self.sides["marble"], self.sides["diffusers"]
+        return {"unet_step_s": m.unet_step_s / d.unet_step_s, "vae_decode_s": m.vae_decode_s / d.vae_decode_s}
+
+    def markdown(self) -> str:
+        s = self.settings
+        cols = [(f"marble ({s.weights} weights, fp32 compute)" if s.weights != "fp32" else "marble fp32",
+                 self.sides.get("marble")), ("diffusers fp32", self.sides.get("diffusers"))]
+        cols = [(n, r) for n, r in cols if r is not None]
+        lines = [f"SDXL base U-Net + VAE, random weights, {s.size}×{s.size}, "
+                 f"{next(iter(self.sides.values())).threads} threads{', ' + self.cpu if self.cpu else ''}", "",
+                 "| | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        rows = [("U-Net step (CFG batch 2)", lambda r: f"{r.unet_step_s:.2f} s"),
+                (f"VAE decode {s.size}²", lambda r: f"{r.vae_decode_s:.2f} s"),
+                ("weights (U-Net + VAE)", lambda r: f"{r.weights_gb:.2f} GB"),
+                ("peak RSS", lambda r: f"{r.peak_rss_gb:.2f} GB"),
+                ("peak RSS / weights", lambda r: f"{r.peak_rss_gb / r.weights_gb:.2f}×")]
+        for label, fmt in rows:
+            lines.append(f"| {label} | " + " | ".join(fmt(r) for _, r in cols) + " |")
+        extra = []
+        if self.ratios():
+            extra.append("marble / diffusers: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}×"
+                                                            for k, v in self.ratios().items()))
+        if self.unet_rel_diff is not None:
+            extra.append(f"U-Net outputs, marble vs diffusers on the same weights: {self.unet_rel_diff:.1e} relative")
+        return "\n".join(lines + [""] + extra)
+
+    def to_json(self) -> str:
+        sides = {k: {f: getattr(v, f) for f in ("unet_step_s", "vae_decode_s", "weights_gb", "peak_rss_gb", "build_s",
+                                                 "threads")} for k, v in self.sides.items()}
+        return json.dumps({"settings": asdict(self.settings), "cpu": self.cpu, "sides": sides,
+                           "marble_over_diffusers": self.ratios(), "unet_rel_diff": self.unet_rel_diff}, indent=2)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def run_sdxl_bench(s: SdxlBenchSettings, log: Log = print, diffusers: bool = True) -> SdxlBenchReport:
+    """Each side in a fresh `python -m marble.eval.sdxl_bench` (this interpreter, this PYTHONPATH)."""
+    sides = SIDES if diffusers else SIDES[:1]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            log(f"{side}: building and timing in a subprocess ...")
+            out = Path(tmp) / f"{side}.npy"
+            proc = subprocess.run([sys.executable, "-m", "marble.eval.sdxl_bench", side, json.dumps(asdict(s)),
+                                   str(out)], capture_output=True, text=True, env=os.environ.copy())
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {side} side failed: {proc.stderr.strip()[-2000:]}")
+            data = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[side] = SideResult(**data, output=np.load(out, allow_pickle=False))
+            r = results[side]
+            log(f"  U-Net step {r.unet_step_s:.2f} s, VAE decode {r.vae_decode_s:.2f} s, peak RSS {r.peak_rss_gb:.2f} GB")
+    report = SdxlBenchReport(s, results, cpu=cpu_model())
+    if diffusers:
+        a, b = results["marble"].output, results["diffusers"].output
+        report.unet_rel_diff = float(np.abs(a - b).max() / np.abs(b).max())
+    return report
+
+
+def main(argv: list[str]) -> None:
+    side, settings, output = argv
+    if side not in SIDES:
+        raise SystemExit(f"side must be one of {SIDES}")
+    result = run_side(side, SdxlBenchSettings(**json.loads(settings)), Path(output))
+    print(json.dumps({k: v for k, v in asdict(result).items() if k != "output"}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
