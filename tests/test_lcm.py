@@ -187,6 +187,8 @@ def test_the_student_file_loads_samples_and_carries_its_settings(tmp_path, teach
     loaded = load_model(str(out))
     c = loaded.model.config
     assert (c.name, c.default_sampler, c.default_steps, c.default_cfg) == ("tiny-random-lcm", "LCM", 4, 1.0)
+    card = c.few_step
+    assert (card.sampler, card.spacing, card.steps, card.cfg, card.default_steps) == ("LCM", "lcm", (1, 4), (1.0, 1.0), 4)
     pipe = Pipeline(loaded)
     a, b = pipe.generate_image("a red square", seed=5), pipe.generate_image("a red square", seed=5)
     assert a.size == (64, 64) and a.tobytes() == b.tobytes()

@@ -13,7 +13,8 @@ model table:
   solver_steps  the teacher's DDIM grid, a divisor of T: skipping step k = T / solver_steps (default 50)
   huber_c       the pseudo-Huber constant c (default 0.001, as LCM-SD; 0 = L1)
   export_dtype  float16 (default) | float32 for the shipped file
-  default_steps / default_sampler / default_cfg   written into the student (default 4 / LCM / 1)
+  default_steps / default_sampler / default_cfg   written into the student (default 4 / LCM / 1), also
+                as its few-step card (`few_step`: 1-4 steps, CFG 1, the `lcm` spacing of its training grid)
 ema_decay is μ of the target network f_θ⁻ (LCM: 0.95); the shipped weights are that EMA.
 Output: run_dir/model.safetensors; every sample_every steps a grid in run_dir/samples/ and the EMA
 student as run_dir/snapshots/step-NNNNNN.safetensors (to evaluate a run while it continues).
@@ -30,6 +31,7 @@ from marble.checkpoints.checkpoint import from_model
 from marble.checkpoints.marble_format import write_marble
 from marble.checkpoints.resolve import load_model
 from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.guidance import guided_denoiser
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.consistency import lcd_loss, skipping_grid
@@ -55,10 +57,17 @@ def check_model_table(m: dict) -> None:
         raise ConfigError(f"model.export_dtype must be float16 or float32, not {m['export_dtype']!r}")
 
 
-def student_config(m: dict, teacher_config):
-    """The teacher's config under the student's name, with the student's sampler settings."""
+def student_config(m: dict, teacher_config, solver_steps: int):
+    """The teacher's config under the student's name, with the student's sampler settings, also as
+    its few-step card (defaults, and warnings outside 1-4 steps and CFG 1). Its spacing is `lcm`,
+    the grid it was trained on, when that grid is LCM's 50 steps, else `trailing`."""
     name = m.get("name") or f"{teacher_config.name}-lcm"
-    return teacher_config.replace(name=name, **{k: m.get(k, v) for k, v in STUDENT_DEFAULTS.items()})
+    settings = {k: m.get(k, v) for k, v in STUDENT_DEFAULTS.items()}
+    card = FewStepSettings(f"{name} (marble train lcm)", settings["default_sampler"],
+                           "lcm" if solver_steps == 50 else "trailing", (1, max(4, settings["default_steps"])),
+                           (1.0, max(1.0, float(settings["default_cfg"]))), settings["default_steps"],
+                           float(settings["default_cfg"]))
+    return teacher_config.replace(name=name, few_step=card, **settings)
 
 
 def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
@@ -72,7 +81,7 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     guidance = float(m.get("guidance", model.config.default_cfg))
     try:
         grid = skipping_grid(model.schedule.num_timesteps, int(m.get("solver_steps", 50)))
-        model.config = student_config(m, model.config)
+        model.config = student_config(m, model.config, len(grid))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     k = model.schedule.num_timesteps // len(grid)
