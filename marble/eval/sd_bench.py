@@ -107,13 +107,18 @@ def random_sd_model(preset: str | LatentDiffusionConfig = "sd15", seed: int = 0)
     g = torch.Generator().manual_seed(seed)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
-                p.normal_(1.0, 0.1, generator=g)
-            elif p.ndim > 1:
-                p.normal_(0.0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=g)
-            else:
-                p.normal_(0.0, 0.1, generator=g)
+            draw_weight(module, name, p, g)
     return model.eval().requires_grad_(False)
+
+
+def draw_weight(module: torch.nn.Module, name: str, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Fill `t` (parameter `name` of `module`) in place: norms' weights near 1, matrices and kernels
+    normal with std 1/sqrt(fan_in), other vectors small."""
+    if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+        return t.normal_(1.0, 0.1, generator=g)
+    if t.ndim > 1:
+        return t.normal_(0.0, 1.0 / max(1, t[0].numel()) ** 0.5, generator=g)
+    return t.normal_(0.0, 0.1, generator=g)
 
 
 def use_channels_last(model: LatentDiffusion) -> LatentDiffusion:

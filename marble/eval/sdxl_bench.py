@@ -63,6 +63,7 @@ def _config(s: SdxlBenchSettings):
 def random_networks(config, seed: int, storage: torch.dtype):
     """The U-Net and VAE of `config` with seeded random weights, each tensor drawn in float32 (the
     scheme of resolve.random_model) and stored in `storage`: never the whole model in float32."""
+    from marble.eval.sd_bench import draw_weight
     from marble.models.skeleton import skeleton
     from marble.models.unet import UNet
     from marble.models.vae import AutoencoderKL
@@ -72,13 +73,7 @@ def random_networks(config, seed: int, storage: torch.dtype):
     for net in (unet, vae):
         for module in net.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                t = torch.empty(p.shape)
-                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
-                    t.normal_(1.0, 0.1, generator=g)
-                elif p.ndim > 1:
-                    t.normal_(0.0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=g)
-                else:
-                    t.normal_(0.0, 0.1, generator=g)
+                t = draw_weight(module, name, torch.empty(p.shape), g)
                 setattr(module, name, torch.nn.Parameter(t.to(storage), requires_grad=False))
         if any(b.is_meta for b in net.buffers()):
             raise RuntimeError("a network kept a buffer on the meta device")

@@ -84,18 +84,10 @@ function onLiveChange() {
 async function sendLive() {
   if (!live.on || !live.stream) return;
   const seq = ++live.seq;
-  const body = {
-    seq,
-    prompt: $("prompt").value,
-    negative_prompt: $("negative").value,
-    seed: numberOrNull("seed", (v) => parseInt(v, 10)) ?? -1,
-    steps: numberOrNull("steps", (v) => parseInt(v, 10)),
-    cfg_scale: numberOrNull("cfg", parseFloat),
-    sampler_name: $("sampler").value,
-    width: numberOrNull("width", (v) => parseInt(v, 10)),
-    height: numberOrNull("height", (v) => parseInt(v, 10)),
-  };
-  for (const k of Object.keys(body)) if (body[k] === null || Number.isNaN(body[k])) delete body[k];
+  // the page's own form fields (app.js's payload), minus what a live image does not take
+  const { prompt, negative_prompt, seed, steps, cfg_scale, sampler_name, width, height } = payload();
+  const body = { seq, prompt, negative_prompt, seed, steps, cfg_scale, sampler_name, width, height };
+  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   live.sent.set(seq, performance.now());
   try {
     await api(`/api/live/${live.stream}`, { method: "POST", headers: { "Content-Type": "application/json" },
