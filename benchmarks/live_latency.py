@@ -75,7 +75,7 @@ def run(args) -> dict:
     live = LiveConfig(steps=args.live_steps, sampler=args.live_sampler, cfg=args.live_cfg,
                       own_model=live_pipe is not None, debounce_ms=args.debounce_ms)
     with tempfile.TemporaryDirectory() as out, \
-            ServerThread(create_app([pipe], ServerConfig(outputs=Path(out), live=live), live_pipe)) as url, \
+            ServerThread(create_app([pipe], ServerConfig(outputs=Path(out), live=live), live_pipe=live_pipe)) as url, \
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         page = browser.new_page()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from marble.cli import app as cli
 from marble.request import GenerationRequest, ModelDefaults, resolve
+from marble.pipeline import load_pipeline
 from marble.server.app import create_app
 from marble.server.limits import ServerLimits
 from marble.server.live import FAST_CFG, FAST_SAMPLER, FAST_STEPS, LiveConfig, check_live
@@ -204,3 +205,14 @@ def test_fuzz_live_requests_only_ever_get_2xx_or_4xx(fuzz_client, body, keep):
     r = c.post(f"/api/live/{sid}", content=json.dumps(body), headers=as_json)
     assert r.status_code in (202, 400, 409, 422, 429), (r.status_code, r.text)
     assert c.post(f"/api/live/{sid}/keep", content=json.dumps(keep), headers=as_json).status_code in (200, 404, 422)
+
+
+def test_a_live_model_of_its_own_serves_the_live_mode(tiny_pipe, tmp_path):
+    """create_app(..., live_pipe=) gives the live mode its own model and worker; the default model
+    keeps serving the other routes (the benchmark and `marble serve --live-model` rely on it)."""
+    live_pipe = load_pipeline("tiny-random")
+    live_pipe.loaded.name = "live-tiny"
+    app = create_app([tiny_pipe], ServerConfig(outputs=tmp_path, live=LiveConfig(own_model=True)), live_pipe=live_pipe)
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/api/live").json()["model"] == "live-tiny"
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(tiny_pipe.name)

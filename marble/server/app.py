@@ -84,7 +84,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def create_app(pipes: list[Pipeline], config: ServerConfig | None = None, load=None,
+def create_app(pipes: list[Pipeline], config: ServerConfig | None = None, *, load=None,
                live_pipe: Pipeline | None = None) -> FastAPI:
     """The whole server for already-loaded pipelines (the first is the default model); `load`
     (path -> Pipeline) loads a model of `config.models_dir` when a client switches to it;
