@@ -21,6 +21,14 @@ def diffusers_oracle():
     diffusers = pytest.importorskip("diffusers")
     from marble.eval.sd_bench import import_diffusers
     import_diffusers()
+    # the oracles' warnings and progress bars only bury a failing test's own output
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
     return diffusers
 
 

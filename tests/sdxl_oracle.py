@@ -15,8 +15,6 @@ from sd_fixtures import diffusers_oracle, diffusers_vae_kwargs, oracle_tokenizer
 
 diffusers = diffusers_oracle()
 transformers = pytest.importorskip("transformers")
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
 
 
 def diffusers_sdxl_unet_kwargs() -> dict:

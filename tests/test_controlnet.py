@@ -26,7 +26,6 @@ from marble.fileio import write_new
 from sd_fixtures import SD1_UNET, SD2_UNET, diffusers_oracle, diffusers_unet_kwargs, randomize_
 
 diffusers = diffusers_oracle()
-diffusers.utils.logging.set_verbosity_error()
 
 HINT = (16, 32, 64)    # two stride-2 steps: the tiny VAE's factor 4
 

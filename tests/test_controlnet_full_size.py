@@ -17,7 +17,6 @@ from sd_fixtures import diffusers_oracle
 pytestmark = pytest.mark.slow
 
 diffusers = diffusers_oracle()
-diffusers.utils.logging.set_verbosity_error()
 
 
 @torch.no_grad()

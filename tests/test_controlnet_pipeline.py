@@ -22,8 +22,6 @@ from sd_fixtures import diffusers_oracle, randomize_, tiny_sd
 from test_controlnet import controlnet_kwargs
 
 diffusers = diffusers_oracle()
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
 
 SIZE, STEPS, SEED, PROMPT = 64, 10, 42, "a red cat on a blue chair"
 

@@ -30,9 +30,6 @@ from sd_fixtures import (clip_text_kwargs, diffusers_oracle, diffusers_unet_kwar
 diffusers = diffusers_oracle()
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
 
 PROMPTS = ["a red cat on a blue chair", ""]
 

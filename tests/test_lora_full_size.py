@@ -15,9 +15,6 @@ from sd_fixtures import diffusers_oracle, diffusers_vae_kwargs, oracle_tokenizer
 diffusers = diffusers_oracle()
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
 
 
 @pytest.mark.slow

@@ -31,9 +31,6 @@ from sd_fixtures import (SD1_UNET, SD2_UNET, TINY_VAE, clip_text_kwargs, diffuse
 
 diffusers = diffusers_oracle()
 transformers = pytest.importorskip("transformers")
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
 
 PROMPTS = ["a red cat on a blue chair", "", "castle " * 90]   # the last is over 77 tokens
 
