@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from marble.adapters.file_cache import FileCache
 from marble.diffusion.denoiser import Denoiser
 from marble.errors import ModelLoadError
 from marble.models.unet import UNetConfig
@@ -232,9 +233,9 @@ class ControlNetLoader:
     (at most `keep`), each fitted to the model's U-Net: a file for another architecture is refused."""
 
     def __init__(self, model, folder: Path | None = None, allow_pickle: bool = False, keep: int = 4):
-        self.model, self.allow_pickle, self.keep = model, allow_pickle, keep
+        self.model, self.allow_pickle = model, allow_pickle
         self.folder = Path(folder) if folder is not None else default_controlnet_dir()
-        self._cache: dict[Path, LoadedControlNet] = {}
+        self._cache: FileCache[LoadedControlNet] = FileCache(keep)
 
     def path_of(self, spec: ControlSpec) -> Path:
         if spec.is_path:
@@ -245,24 +246,23 @@ class ControlNetLoader:
         return resolve_controlnet(spec.model, self.folder)
 
     def get(self, spec: ControlSpec) -> LoadedControlNet:
-        from marble.checkpoints.controlnet_files import load_controlnet, read_controlnet
         path = self.path_of(spec)
-        if path not in self._cache:
-            m = self.model
-            if not isinstance(m.config.unet, UNetConfig):
-                raise ModelLoadError(f"ControlNets steer U-Nets; this model's denoiser is a {type(m.unet).__name__}")
-            cn = read_controlnet(path, allow_pickle=self.allow_pickle, unet=m.config.unet)
-            if cn.config.hint_factor != m.latent_factor:
-                raise ModelLoadError(f"the ControlNet {cn.name} reads control images at {cn.config.hint_factor}× the "
-                                     f"latent size, this model's latent factor is {m.latent_factor}")
-            if cn.config.unet.in_channels != m.latent_channels:
-                raise ModelLoadError(f"the ControlNet {cn.name} takes {cn.config.unet.in_channels} input channels, "
-                                     f"this model's latent has {m.latent_channels}")
-            if len(self._cache) >= self.keep:
-                self._cache.pop(next(iter(self._cache)))
-            storage = next(m.unet.parameters()).dtype   # stored as the U-Net is (fp16 storage: fp16), computed in m.dtype
-            net = load_controlnet(cn, storage).to(m.device)
-            if storage != m.dtype:
-                store_weights(net, storage, compute=m.dtype)
-            self._cache[path] = LoadedControlNet(net, cn.name, cn.hash, path)
-        return self._cache[path]
+        return self._cache.get(path, lambda: self._read(path))
+
+    def _read(self, path: Path) -> LoadedControlNet:
+        from marble.checkpoints.controlnet_files import load_controlnet, read_controlnet
+        m = self.model
+        if not isinstance(m.config.unet, UNetConfig):
+            raise ModelLoadError(f"ControlNets steer U-Nets; this model's denoiser is a {type(m.unet).__name__}")
+        cn = read_controlnet(path, allow_pickle=self.allow_pickle, unet=m.config.unet)
+        if cn.config.hint_factor != m.latent_factor:
+            raise ModelLoadError(f"the ControlNet {cn.name} reads control images at {cn.config.hint_factor}× the "
+                                 f"latent size, this model's latent factor is {m.latent_factor}")
+        if cn.config.unet.in_channels != m.latent_channels:
+            raise ModelLoadError(f"the ControlNet {cn.name} takes {cn.config.unet.in_channels} input channels, "
+                                 f"this model's latent has {m.latent_channels}")
+        storage = next(m.unet.parameters()).dtype   # stored as the U-Net is (fp16 storage: fp16), computed in m.dtype
+        net = load_controlnet(cn, storage).to(m.device)
+        if storage != m.dtype:
+            store_weights(net, storage, compute=m.dtype)
+        return LoadedControlNet(net, cn.name, cn.hash, path)

@@ -7,14 +7,13 @@ reads each file once.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from torch import nn
 
+from marble.adapters.file_cache import FileCache
 from marble.adapters.lora import LoraUse
 from marble.adapters.lora_files import Lora, read_lora
 from marble.errors import LoraError
@@ -38,9 +37,7 @@ class LoraLoader:
         self.table: ModuleTable = module_table(model)
         self.folder = Path(folder) if folder is not None else default_lora_dir()
         self.lenient = lenient
-        self.keep = keep                       # files kept in memory, least recently used dropped first
-        self._cache: OrderedDict[tuple, Lora] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: FileCache[Lora] = FileCache(keep)   # files kept in memory, least recently used dropped first
 
     def path_of(self, spec: LoraSpec) -> Path:
         if spec.is_path:
@@ -52,19 +49,9 @@ class LoraLoader:
 
     def read(self, spec: LoraSpec) -> Lora:
         path = self.path_of(spec)
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns, self.lenient)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
         name = Path(spec.ref).stem if spec.is_path else spec.ref.removesuffix(".safetensors")
-        lora = read_lora(path, self.table, lenient=self.lenient, name=name)
-        with self._lock:
-            self._cache[key] = lora
-            while len(self._cache) > self.keep:
-                self._cache.popitem(last=False)
-        return lora
+        return self._cache.get(path, lambda: read_lora(path, self.table, lenient=self.lenient, name=name),
+                               self.lenient)
 
     def uses(self, specs: Sequence[LoraSpec]) -> list[LoraUse]:
         """Every spec read (LoraError on the first that fails, before anything is applied)."""
