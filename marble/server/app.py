@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from marble import __version__
 from marble.errors import LoraError
-from marble.pipeline import Pipeline
+from marble.pipeline import Pipeline, load_pipeline
 from marble.request import RequestError
 from marble.server import a1111_api, controlnet_api, live_api, openai_api, ui
 from marble.server.auth import ApiKeyAuth
@@ -90,8 +90,7 @@ def create_app(pipes: list[Pipeline], config: ServerConfig | None = None, *, loa
     (path -> Pipeline) loads a model of `config.models_dir` when a client switches to it;
     `live_pipe`: a few-step model for the live mode (default: the first model, at config.live's settings)."""
     config = config or ServerConfig()
-    state = ServerState(pipes, config, live_pipe=live_pipe) if load is None else \
-        ServerState(pipes, config, load, live_pipe=live_pipe)
+    state = ServerState(pipes, config, load or load_pipeline, live_pipe=live_pipe)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
