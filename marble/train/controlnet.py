@@ -206,7 +206,6 @@ def write_samples(loaded: LoadedModel, controlnet_path: Path, size: int, path: P
     from marble.fileio import write_replace
     from marble.pipeline import Pipeline
 
-    was_training = loaded.model.training
     pipe = Pipeline(loaded)
     scenes = sample_scenes(size=size)
     controls = [sketch(scene, size) for scene, _ in scenes]
@@ -215,7 +214,6 @@ def write_samples(loaded: LoadedModel, controlnet_path: Path, size: int, path: P
         for control, (_, caption) in zip(controls, scenes):
             spec = ControlSpec(image=control, model=str(controlnet_path), is_path=True, resize="Just Resize")
             images.append(pipe.generate_image(caption, seed=seed, width=size, height=size, controls=(spec,)))
-    loaded.model.train(was_training)
     cols = len(scenes)
     grid = Image.new("RGB", (size * cols, size * 3))
     for i, im in enumerate(images):
