@@ -147,8 +147,9 @@ def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Pa
                           "its sketches are drawn from the scenes' truth")
     loaded = load_base(cfg)
     model = loaded.model.to(world.device).eval().requires_grad_(False)
-    if model.latent_factor * 2 > cfg.data.size:
-        raise ConfigError(f"data.size {cfg.data.size} is too small for {loaded.name}'s latent factor {model.latent_factor}")
+    if cfg.data.size % model.latent_factor:
+        raise ConfigError(f"data.size must be a multiple of {loaded.name}'s latent factor {model.latent_factor}, "
+                          f"not {cfg.data.size}")
     net = initial_controlnet(model, cfg.seed).train()
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
