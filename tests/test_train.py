@@ -246,6 +246,11 @@ def test_committed_configs_load_and_name_only_known_keys(path):
         check_model_table(cfg.model)
         init = cfg.model["init"]
         assert init == "builtin" or (Path(__file__).resolve().parents[1] / init).is_file()
+    elif cfg.kind == "controlnet":   # the frozen base: builtin or a path from the repo root
+        from marble.train.controlnet import check_model_table
+        check_model_table(cfg.model)
+        base = cfg.model.get("base", "builtin")
+        assert base == "builtin" or (Path(__file__).resolve().parents[1] / base).is_file()
     else:
         check_keys(cfg.model, "init" in cfg.model)
         if "init" in cfg.model:

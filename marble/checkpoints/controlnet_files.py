@@ -333,12 +333,14 @@ def controlnet_config_to_diffusers(c: ControlNetConfig) -> dict:
             "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
 
 
-def write_controlnet(cn: ControlNetFile, dst: Path | str, to: str) -> Path:
+def write_controlnet(cn: ControlNetFile, dst: Path | str, to: str, metadata: dict[str, str] | None = None) -> Path:
     """`to`: "marble" (config in the metadata), "single-file" (lllyasviel's, under control_model.) or
-    "diffusers" (a new folder: config.json + diffusion_pytorch_model.safetensors). Atomic, never over a file."""
+    "diffusers" (a new folder: config.json + diffusion_pytorch_model.safetensors). Atomic, never over a file.
+    `metadata`: more string fields for a marble file (a trained one's base model and training)."""
     dst = refuse_existing(dst)
     if to == "marble":
-        return write_new(dst, safetensors_writer(cn.state, {"format": FORMAT, "config": config_to_json(cn.config)}))
+        meta = {**(metadata or {}), "format": FORMAT, "config": config_to_json(cn.config)}
+        return write_new(dst, safetensors_writer(cn.state, meta))
     if to == "single-file":
         state = {PREFIX + k: v for k, v in cn.state.items()}
         return write_new(dst, safetensors_writer(state, {"format": "pt"}))

@@ -1,4 +1,5 @@
-"""`marble eval`: the GenEval-style benchmark on the shapes world, and the bias/diversity probe."""
+"""`marble eval`: the GenEval-style benchmark on the shapes world, the bias/diversity probe, and the
+benchmark controlled by each prompt's sketch (`--control sketch`)."""
 from __future__ import annotations
 
 import io
@@ -22,6 +23,16 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made. `loras` (`PATH[:WEIGHT]`) are fused
     into the loaded model: every image of the run uses them."""
+    pipe, settings = load_source(model, sampler, steps, cfg, loras, dtype, trace)
+
+    def generate(prompt: str, seed: int):
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
+    return generate, settings
+
+
+def load_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
+                loras: list[str] | None = None, dtype=None, trace: bool = False):
+    """The pipeline model_source generates with, and the settings it reports (exit 2 on bad input)."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError, resolve
@@ -32,11 +43,8 @@ def model_source(model: str | None, sampler: str | None, steps: int | None, cfg:
         applied = _fuse_loras(pipe.model, loras or [])
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
-
-    def generate(prompt: str, seed: int):
-        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
     # the settings actually used (the model's defaults filled in), so the JSON says what was run
-    return generate, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
+    return pipe, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
                       "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied,
                       "dtype": dtype_name(pipe.model.dtype)}
 
@@ -100,6 +108,11 @@ def eval_command(
     trace: bool = trace_option(),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:WEIGHT]: a LoRA file fused into the model for the "
                                    "whole run (repeatable; weight 1 by default). Models only."),
+    control: Optional[str] = typer.Option(None, "--control", help="'sketch': each prompt's scene, sketched "
+                                          "(flat-coloured silhouettes), is the control image of --control-model; "
+                                          "the same prompts also run without it, side by side in the JSON."),
+    control_model: Optional[Path] = typer.Option(None, "--control-model", help="The ControlNet for --control "
+                                                 "(default: models/builtin-controlnet.safetensors)."),
 ) -> None:
     """Score a model on six GenEval categories (single object, two objects, counting, colors,
     position, color attribution) with an exact detector; prints a markdown table and writes JSON
@@ -108,6 +121,15 @@ def eval_command(
     from marble.eval.prompts import build_prompts, scale_counts
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
+    if control is not None or control_model is not None:
+        control_path = check_control(control, control_model, model, probe)
+        prompt_list = build_prompts(split, scale_counts(prompts))
+        report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
+                                     threads, lora, dtype, trace, keep_tiles=sheet is not None)
+        _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
+        if sheet is not None:
+            _write_sheet(sheet, tiles)
+        return
     prompt_list = build_prompts(split, scale_counts(prompts))
     generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace)
     seed_list = list(range(seeds))
@@ -195,3 +217,94 @@ def _write_sheet(sheet: Path, tiles: list) -> None:
     buf = io.BytesIO()
     contact_sheet(tiles[::step]).save(buf, format="PNG")
     _write_new(sheet, buf.getvalue(), "--sheet")
+
+
+# --- --control sketch: the benchmark controlled by each prompt's sketch (marble/eval/control.py) ---
+
+CONTROLS = ("sketch",)
+DEFAULT_CONTROLNET = "builtin-controlnet.safetensors"
+
+
+def check_control(control: str | None, control_model: Path | None, model: str, probe: bool) -> Path:
+    """The ControlNet file to use; one line and exit 2 for anything that cannot run."""
+    if control is None:
+        fail("--control-model needs --control sketch")
+    if control not in CONTROLS:
+        fail(f"--control must be one of {', '.join(CONTROLS)}, got {control!r}")
+    if model in BASELINES:
+        fail(f"--control applies to models, not to the {model} baseline")
+    if probe:
+        fail("--probe does not apply with --control (its prompts have no scenes to sketch)")
+    if control_model is None:
+        from marble.checkpoints.resolve import models_dir
+        path = models_dir() / DEFAULT_CONTROLNET
+        if not path.is_file():
+            fail(f"no ControlNet at {path}: train it (marble train controlnet configs/builtin-controlnet.toml, "
+                 "see docs/controlnet-training.md) or pass --control-model PATH")
+        return path
+    path = control_model.expanduser()
+    if not path.exists():
+        fail(f"--control-model {control_model}: no such file")
+    return path.resolve()
+
+
+def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[int], split: str, sampler, steps, cfg,
+                 threads: int, loras, dtype: str, trace: bool, keep_tiles: bool) -> tuple[dict, list]:
+    """Both runs on one loaded model: with the sketch ControlNet, then without it. Prints the
+    side-by-side table and returns the JSON report and the controlled run's sheet tiles."""
+    from marble.adapters.controlnet import ControlSpec
+    from marble.errors import ModelLoadError
+    from marble.eval.benchmark import markdown_table
+    from marble.eval.control import bar_verdict, comparison_table, prompt_scenes, side_by_side, sketch_source
+    from marble.request import GenerationRequest, resolve
+
+    compute_dtype = read_dtype(dtype)
+    apply_threads(threads)
+    pipe, settings = load_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace)
+    req = resolve(GenerationRequest(prompt="a shape", seed=0), pipe.defaults)
+    spec = ControlSpec(model=str(control_path), is_path=True, resize="Just Resize")
+    try:
+        loaded = pipe.controlnets.get(spec)    # a file for another architecture: exit 2 before any image
+    except ModelLoadError as e:
+        fail(str(e))
+    base_hash = _base_hash(control_path)
+    if base_hash and base_hash != pipe.loaded.hash:
+        warn(f"the ControlNet {loaded.name} was trained for the model with hash {base_hash}; this one's is "
+             f"{pipe.loaded.hash}: retrain it for this model (docs/controlnet-training.md)")
+
+    def controlled(prompt: str, seed: int, image):
+        unit = ControlSpec(image=image, model=str(control_path), is_path=True, resize="Just Resize")
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg, controls=(unit,))
+
+    def plain(prompt: str, seed: int):
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
+
+    scenes = prompt_scenes(prompt_list, min(req.width, req.height))
+    with_result, tiles = _run(sketch_source(controlled, scenes, min(req.width, req.height)), prompt_list,
+                              seed_list, f"{split} + sketch", keep_tiles)
+    without_result, _ = _run(plain, prompt_list, seed_list, split, False)
+    with_d, without_d = with_result.to_dict(), without_result.to_dict()
+    table = side_by_side(with_d, without_d)
+    typer.echo(markdown_table(with_result))
+    typer.echo("")
+    typer.echo(comparison_table(table))
+    info(f"{with_d['images'] + without_d['images']} images in {with_result.seconds + without_result.seconds:.1f} s")
+    report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
+              "cfg": cfg, **settings, "split": split, "seeds": seed_list, "control": "sketch",
+              "control_model": {"name": loaded.name, "hash": loaded.hash, "path": str(control_path),
+                                "base_model_hash": base_hash},
+              "side_by_side": table, "bar": bar_verdict(table), "with_control": with_d, "without_control": without_d,
+              "scenes": {text: scene.to_dict() for text, scene in scenes.items()}}
+    return report, tiles
+
+
+def _base_hash(path: Path) -> str | None:
+    """The base model a marble-trained ControlNet file names in its metadata (None for other files)."""
+    if not path.is_file():
+        return None
+    from marble.errors import ModelLoadError
+    from marble.tensor_file import read_header
+    try:
+        return read_header(path).metadata.get("base_model_hash")
+    except ModelLoadError:
+        return None

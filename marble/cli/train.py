@@ -1,5 +1,5 @@
-"""`marble train vae CONFIG`, `marble train diffusion CONFIG` (also under torchrun), `marble train lora CONFIG`
-and `marble train lcm CONFIG`."""
+"""`marble train vae CONFIG`, `marble train diffusion CONFIG` (also under torchrun), `marble train lora CONFIG`,
+`marble train lcm CONFIG` and `marble train controlnet CONFIG`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import typer
 
 from marble.cli.app import app, fail
 
-train_app = typer.Typer(help="Train a VAE, a diffusion U-Net, a LoRA or a few-step LCM student from a TOML config "
+train_app = typer.Typer(help="Train a VAE, a diffusion U-Net, a LoRA, a few-step LCM student or a ControlNet from a TOML config "
                              "(see configs/).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -49,6 +49,9 @@ def _run(kind: str, config: Path, resume: bool, run_dir: Optional[Path], steps: 
         elif kind == "lcm":
             from marble.train.lcm import train_lcm
             result = train_lcm(cfg, world, resume)
+        elif kind == "controlnet":
+            from marble.train.controlnet import train_controlnet
+            result = train_controlnet(cfg, world, resume)
         else:
             from marble.train.diffusion import train_diffusion
             result = train_diffusion(cfg, world, resume)
@@ -81,3 +84,5 @@ _register("lora", "Train a LoRA on an image folder on top of a frozen model; wri
                   "(kohya format). See docs/lora-training.md.")
 _register("lcm", "Distil a model into a few-step student without CFG by latent consistency distillation; writes "
                  "RUN_DIR/model.safetensors. See docs/few-step.md.")
+_register("controlnet", "Train a ControlNet for a frozen model on the shapes world's sketches (flat-coloured "
+                        "silhouettes); writes RUN_DIR/controlnet.safetensors. See docs/controlnet-training.md.")

@@ -49,11 +49,12 @@ class LoraConfig:
 
 
 LORA_TARGETS = ("attention", "conv", "text")
+KINDS = ("diffusion", "vae", "lora", "lcm", "controlnet")
 
 
 @dataclass
 class TrainConfig:
-    kind: str = "diffusion"           # diffusion | vae | lora | lcm
+    kind: str = "diffusion"           # diffusion | vae | lora | lcm | controlnet
     run_dir: str = "runs/default"
     steps: int = 1000
     batch: int = 32                   # global batch (split across DDP ranks)
@@ -64,7 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     sample_every: int = 0             # 0: only at the end
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
-    model: dict = field(default_factory=dict)   # kind-specific: see marble/train/diffusion.py, vae.py, lora.py, lcm.py
+    model: dict = field(default_factory=dict)   # kind-specific: see marble/train/diffusion.py, vae.py, lora.py, lcm.py, controlnet.py
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -83,8 +84,8 @@ def load_config(path: Path, overrides: dict | None = None) -> TrainConfig:
     for key, value in (overrides or {}).items():
         data[key] = value
     cfg = config_from_dict(TrainConfig, data)   # keys added since a file was written take their defaults
-    if cfg.kind not in ("diffusion", "vae", "lora", "lcm"):
-        raise ConfigError(f"kind must be 'diffusion', 'vae', 'lora' or 'lcm', not {cfg.kind!r}")
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"kind must be one of {', '.join(map(repr, KINDS))}, not {cfg.kind!r}")
     if cfg.steps < 1 or cfg.batch < 1:
         raise ConfigError("steps and batch must be positive")
     if cfg.kind == "lora":
