@@ -75,7 +75,9 @@ def generate(pg, url_part="/sdapi/v1/txt2img"):
     with pg.expect_request(lambda r: r.url.endswith(url_part) and r.method == "POST") as sent:
         pg.click("#generate")
     pg.wait_for_function(f"(() => {{ const i = document.querySelector('#results img'); "
-                         f"return i && i.complete && i.naturalWidth === {SIZE}; }})()")
+                         f"return (i && i.complete && i.naturalWidth === {SIZE}) "
+                         f"|| !document.getElementById('error').hidden; }})()", timeout=120_000)
+    assert pg.is_hidden("#error"), pg.inner_text("#error")
     return sent.value.post_data_json, result_pixels(pg)
 
 

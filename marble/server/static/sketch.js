@@ -34,16 +34,17 @@ function sizePad() {
   const c = padCanvas();
   const w = Math.max(8, parseInt($("width").value, 10) || 64), h = Math.max(8, parseInt($("height").value, 10) || 64);
   if (c.width === w && c.height === h) return;
-  const old = document.createElement("canvas");
+  const old = document.createElement("canvas");   // what was drawn, scaled to the new size
   old.width = c.width;
   old.height = c.height;
-  old.getContext("2d").drawImage(c, 0, 0);
+  const drawn = c.width > 0 && c.height > 0;      // a 0-size canvas cannot be drawn (the first show)
+  if (drawn) old.getContext("2d").drawImage(c, 0, 0);
   c.width = w;
   c.height = h;
   fillBackground();
   const ctx = c.getContext("2d");
   ctx.imageSmoothingEnabled = false;    // keep flat colours flat
-  if (old.width && old.height) ctx.drawImage(old, 0, 0, w, h);
+  if (drawn) ctx.drawImage(old, 0, 0, w, h);
   sketch.undo = [];
 }
 
