@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marble import __version__
-from marble.adapters.controlnet import ActiveUnit, ControlNetLoader, controlled_denoiser, hint_tensor, resize_control
+from marble.adapters.controlnet import (ActiveUnit, ControlNetLoader, controlled_denoiser, hint_tensor,
+                                       pixel_perfect_resolution, resize_control)
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
-from marble.adapters.preprocess import preprocess
+from marble.adapters.preprocess import PROCESSOR_RES, preprocess
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
 from marble.cpu_features import dtype_name
@@ -327,20 +328,24 @@ class Pipeline:
         for spec, loaded in zip(req.controls, self.control_nets(req)):
             entry = {"module": spec.module, "model": loaded.name, "hash": loaded.hash, "weight": spec.weight,
                      "resize_mode": spec.resize, "guidance_start": spec.start, "guidance_end": spec.end,
-                     "control_mode": spec.mode, "image": spec.image_path, "image_sha256": spec.image_sha256}
+                     "control_mode": spec.mode, "image": spec.image_path, "image_sha256": spec.image_sha256,
+                     "processor_res": spec.processor_res or PROCESSOR_RES, "pixel_perfect": spec.pixel_perfect}
             if spec.is_path:
                 entry["path"] = str(loaded.path)
             out.append(entry)
         return out
 
     def control_units(self, req: ResolvedRequest, width: int, height: int) -> list[ActiveUnit]:
-        """The request's units for a pass at width × height: each control image fitted (resize mode),
-        preprocessed (module) and handed to its ControlNet as a [0, 1] hint."""
+        """The request's units for a pass at width × height: each control image preprocessed (module, at
+        its processor resolution), fitted (resize mode) and handed to its ControlNet as a [0, 1] hint:
+        sd-webui-controlnet's order, so a map made at 512 px is then resized to the output."""
         m = self.model
         units = []
         for spec, loaded in zip(req.controls, self.control_nets(req)):
-            image = preprocess(resize_control(spec.image, width, height, spec.resize), spec.module,
-                               spec.threshold_a, spec.threshold_b)
+            res = (pixel_perfect_resolution(spec.image.size, width, height, spec.resize) if spec.pixel_perfect
+                   else spec.processor_res or PROCESSOR_RES)
+            image = resize_control(preprocess(spec.image, spec.module, spec.threshold_a, spec.threshold_b, res),
+                                   width, height, spec.resize)
             hint = hint_tensor(image).to(m.device, m.dtype)
             units.append(ActiveUnit.of_mode(loaded.net, hint, spec.weight, spec.start, spec.end, spec.mode))
         return units

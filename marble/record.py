@@ -56,7 +56,8 @@ class GenerationRecord:
     # given as a file (--lora) rather than by a prompt tag, which the prompt itself keeps
     loras: tuple[dict, ...] = ()
     # ControlNet units, in order: {"module", "model", "hash", "weight", "resize_mode", "guidance_start",
-    # "guidance_end", "control_mode", "image", "image_sha256"} and "path" for a model given as a file
+    # "guidance_end", "control_mode", "image", "image_sha256", "processor_res", "pixel_perfect"} and "path"
+    # for a model given as a file (records before processor_res lack the last two)
     controlnets: tuple[dict, ...] = ()
 
     def to_parameters(self) -> str:
@@ -177,17 +178,24 @@ def _read_controlnets(units) -> tuple[dict, ...]:
     ok = isinstance(units, list) and all(
         isinstance(e, dict) and all(isinstance(e.get(k), str) for k in _UNIT_TEXT["str"] if k not in ("image", "image_sha256"))
         and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in _UNIT_TEXT["num"])
-        and all(isinstance(e.get(k), (str, type(None))) for k in ("image", "image_sha256", "path")) for e in units)
+        and all(isinstance(e.get(k), (str, type(None))) for k in ("image", "image_sha256", "path"))
+        and (isinstance(e.get("processor_res", 512), int) and not isinstance(e.get("processor_res"), bool))
+        and isinstance(e.get("pixel_perfect", False), bool) for e in units)
     if not ok:
         raise ValueError("the marble record's controlnets are malformed")
     return tuple(units)
 
 
 def controlnet_text(unit: dict) -> str:
-    """sd-webui-controlnet's infotext of one unit: `Module: canny, Model: name [hash], Weight: 1, ...`."""
-    return (f"Module: {unit['module']}, Model: {unit['model']} [{unit['hash']}], Weight: {_num(unit['weight'])}, "
+    """sd-webui-controlnet's infotext of one unit: `Module: canny, Model: name [hash], Weight: 1, ...`
+    (its keys; the extension reads them by name, so Processor Res and Pixel Perfect, which records
+    before them lack, come last)."""
+    text = (f"Module: {unit['module']}, Model: {unit['model']} [{unit['hash']}], Weight: {_num(unit['weight'])}, "
             f"Resize Mode: {unit['resize_mode']}, Guidance Start: {_num(unit['guidance_start'])}, "
             f"Guidance End: {_num(unit['guidance_end'])}, Control Mode: {unit['control_mode']}")
+    if "processor_res" in unit:
+        text += f", Processor Res: {unit['processor_res']}, Pixel Perfect: {bool(unit.get('pixel_perfect'))}"
+    return text
 
 
 def lora_hashes(loras) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from marble.adapters.controlnet import ControlSpec, control_mode, resize_mode
 from marble.adapters.lora_loader import LoraSpec
-from marble.adapters.preprocess import module_name
+from marble.adapters.preprocess import PROCESSOR_RES, PROCESSOR_RES_RANGE, module_name
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
 from marble.diffusion.few_step import FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.noise import SEED_MAX
@@ -197,6 +197,13 @@ def _controls(request: GenerationRequest, defaults: ModelDefaults) -> tuple[Cont
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise RequestError(f"{label}: {what} must be a finite number, got {value!r}")
+        low, high = PROCESSOR_RES_RANGE
+        if u.processor_res is not None and (isinstance(u.processor_res, bool) or not isinstance(u.processor_res, int)
+                                            or not low <= u.processor_res <= high):
+            raise RequestError(f"{label}: processor_res must be a whole number of pixels in [{low}, {high}] "
+                               f"(or -1 for the default {PROCESSOR_RES}), got {u.processor_res!r}")
+        if not isinstance(u.pixel_perfect, bool):
+            raise RequestError(f"{label}: pixel_perfect must be true or false, got {u.pixel_perfect!r}")
         try:
             module, mode, resize = module_name(u.module), control_mode(u.mode), resize_mode(u.resize)
         except ValueError as e:

@@ -193,7 +193,8 @@ def test_record_carries_the_units(setup):
     assert entry["model"] == "cn0" and entry["hash"] == cn.hash and entry["image_sha256"] == "ab" * 32
     text = record.to_parameters()
     assert (f'ControlNet 0: "Module: none, Model: cn0 [{cn.hash}], Weight: 0.5, Resize Mode: Just Resize, '
-            'Guidance Start: 0, Guidance End: 1, Control Mode: ControlNet is more important"') in text
+            'Guidance Start: 0, Guidance End: 1, Control Mode: ControlNet is more important, '
+            'Processor Res: 512, Pixel Perfect: False"') in text
     from marble.record import GenerationRecord
     assert GenerationRecord.from_json(record.to_json()) == record
 

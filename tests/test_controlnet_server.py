@@ -126,11 +126,13 @@ def test_bad_units_are_400_with_a_json_error(client):
 
 def test_detect(client):
     c, _, _ = client
+    # the map comes back at the processor resolution (short side; 512 when not given), as the extension's
     r = c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [b64(sketch())],
-                                           "controlnet_threshold_a": 100, "controlnet_threshold_b": 200})
+                                           "controlnet_threshold_a": 100, "controlnet_threshold_b": 200,
+                                           "controlnet_processor_res": 64})
     assert r.status_code == 200, r.text
     edges = png_array(r.json()["images"][0])
-    assert edges.shape == (32, 32, 3) and edges[6:14, 5:7].any() and not edges[20:].any()
+    assert edges.shape == (64, 64, 3) and edges[12:28, 10:14].any() and not edges[40:].any()
     r = c.post("/controlnet/detect", json={"controlnet_module": "depth", "controlnet_input_images": [b64(sketch())]})
     assert r.status_code == 400 and "weights" in r.json()["detail"]
 

@@ -74,6 +74,8 @@ class ControlSpec:
     image_sha256: str | None = None
     threshold_a: float | None = None  # preprocessor parameters (canny: low threshold; scribble: threshold)
     threshold_b: float | None = None  # canny: high threshold
+    processor_res: int | None = None  # the preprocessor's resolution (short side, px); None: 512
+    pixel_perfect: bool = False       # True: processor_res from the image and output sizes (pixel_perfect_resolution)
 
 
 # --- the control image -----------------------------------------------------------------------------
@@ -103,6 +105,17 @@ def resize_control(image: Image.Image, width: int, height: int, mode: str) -> Im
     canvas = Image.new("RGB", (width, height), fill)
     canvas.paste(image.resize((nw, nh), Image.LANCZOS), ((width - nw) // 2, (height - nh) // 2))
     return canvas
+
+
+def pixel_perfect_resolution(image_size: tuple[int, int], width: int, height: int, mode: str) -> int:
+    """sd-webui-controlnet's pixel perfect preprocessor resolution for an image of `image_size` (w, h)
+    made into a width × height control map: the image's short side times the scale the resize mode
+    applies (Resize and Fill: the smaller of the two axis scales, so the image fits inside; Just Resize
+    and Crop and Resize: the larger, so it covers), rounded half to even as numpy's round."""
+    w0, h0 = image_size
+    k_h, k_w = height / h0, width / w0
+    k = min(k_h, k_w) if mode == "Resize and Fill" else max(k_h, k_w)
+    return int(round(k * min(w0, h0)))
 
 
 def hint_tensor(image: Image.Image) -> torch.Tensor:

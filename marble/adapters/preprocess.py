@@ -12,6 +12,11 @@
   seg        a colour-coded segmentation map passed through (ADE20K colours; drawing it is the user's)
 Depth, pose, normal, HED/lineart and MLSD detectors need trained weights that cannot be shipped
 here: they are listed as unavailable rather than approximated.
+
+Resolution (sd-webui-controlnet's processor_res): canny, threshold and scribble run on the image
+resized so its short side is `resolution` pixels (default 512), as the extension's
+resize_image_with_pad does (bicubic up, area down, the long side rounded); none, invert and seg
+keep the image's size, as there. The caller then fits the map to the output size.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from PIL import Image
 MODULES = ("none", "canny", "invert", "threshold", "scribble", "seg")
 NEED_WEIGHTS = ("depth", "openpose", "normal_map", "lineart", "softedge_hed", "mlsd")
 DEFAULTS = {"canny": (100.0, 200.0), "threshold": (127.0, None), "scribble": (127.0, None)}
+PROCESSOR_RES = 512                               # the extension's default preprocessor resolution
+PROCESSOR_RES_RANGE = (64, 2048)                  # its slider's range, which marble enforces
+AT_RESOLUTION = ("canny", "threshold", "scribble")  # modules that run at processor_res
 
 
 def module_name(name: str) -> str:
@@ -74,10 +82,24 @@ def canny(grey: torch.Tensor, low: float, high: float) -> torch.Tensor:
         edges = grown
 
 
+def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
+    """`image` with its short side `resolution` px, the long side scaled alike and rounded (half to even,
+    as numpy's round in the extension); bicubic when enlarging, area (box) averaging when shrinking."""
+    w, h = image.size
+    k = resolution / min(w, h)
+    size = (round(w * k), round(h * k))
+    if size == (w, h):
+        return image
+    return image.resize(size, Image.BICUBIC if k > 1 else Image.BOX)
+
+
 def preprocess(image: Image.Image, module: str, threshold_a: float | None = None,
-               threshold_b: float | None = None) -> Image.Image:
-    """The control map `module` makes of `image` (RGB, same size)."""
+               threshold_b: float | None = None, resolution: int | None = None) -> Image.Image:
+    """The control map `module` makes of `image` (RGB): at the image's size, or, for the modules in
+    AT_RESOLUTION, with the short side at `resolution` when one is given (see the module docstring)."""
     module = module_name(module)
+    if resolution is not None and module in AT_RESOLUTION:
+        image = at_resolution(image.convert("RGB"), resolution)
     a, b = DEFAULTS.get(module, (None, None))
     a = a if threshold_a is None else threshold_a
     b = b if threshold_b is None else threshold_b

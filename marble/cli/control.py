@@ -2,7 +2,7 @@
 
 The --control-* flags are repeatable as a group: the i-th value of each belongs to the i-th
 --control image. A flag is given for every unit or for none (its default then: module none,
-weight 1, start 0, end 1, Balanced, Crop and Resize). With --from, a record's units are replayed
+weight 1, start 0, end 1, Balanced, Crop and Resize, processor resolution 512, pixel perfect off). With --from, a record's units are replayed
 when their control images are given again (--control, in the same order); flags still override.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from marble.cli.app import fail, warn
 
-OPTIONS = ("model", "module", "weight", "start", "end", "mode", "resize")
+OPTIONS = ("model", "module", "weight", "start", "end", "mode", "resize", "processor_res", "pixel_perfect")
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ControlFlags:
     end: float | None = None
     mode: str | None = None
     resize: str | None = None
+    processor_res: int | None = None    # -1: the default
+    pixel_perfect: bool | None = None
     model_is_path: bool | None = None   # None: decided by whether the path exists
     expected_sha: str | None = None     # from a record: the control image it was made with
 
@@ -35,12 +38,17 @@ def control_flags(images: list[Path] | None, **values: list | None) -> tuple[Con
     given = {k: v for k, v in values.items() if v}
     if not images:
         if given:
-            fail(f"--control-{next(iter(given))} needs --control IMAGE")
+            fail(f"--control-{next(iter(given)).replace('_', '-')} needs --control IMAGE")
         return None
     for key, vals in given.items():
         if len(vals) != len(images):
-            fail(f"--control-{key} was given {len(vals)} times for {len(images)} --control images; "
+            fail(f"--control-{key.replace('_', '-')} was given {len(vals)} times for {len(images)} --control images; "
                  "give it once per image, or not at all")
+    if "pixel_perfect" in given:
+        bad = [v for v in given["pixel_perfect"] if str(v).strip().lower() not in _SWITCH]
+        if bad:
+            fail(f"--control-pixel-perfect {bad[0]!r}: give on or off")
+        given["pixel_perfect"] = [_SWITCH[str(v).strip().lower()] for v in given["pixel_perfect"]]
     return tuple(ControlFlags(image, **{k: v[i] for k, v in given.items()}) for i, image in enumerate(images))
 
 
@@ -60,8 +68,9 @@ def merge_record_controls(flags: tuple[ControlFlags, ...] | None, units: tuple[d
         e = units[i]
         recorded = {"model": e.get("path") or e["model"], "module": e["module"], "weight": e["weight"],
                     "start": e["guidance_start"], "end": e["guidance_end"], "mode": e["control_mode"],
-                    "resize": e["resize_mode"]}
-        fill = {k: v for k, v in recorded.items() if getattr(unit, k) is None}
+                    "resize": e["resize_mode"], "processor_res": e.get("processor_res"),
+                    "pixel_perfect": e.get("pixel_perfect")}
+        fill = {k: v for k, v in recorded.items() if getattr(unit, k) is None and v is not None}
         if "model" in fill:
             fill["model_is_path"] = "path" in e
         merged.append(replace(unit, **fill, expected_sha=e.get("image_sha256")))
@@ -83,5 +92,6 @@ def read_controls(units: tuple[ControlFlags, ...] | None, read_image) -> tuple:
         specs.append(ControlSpec(
             image=image, model=u.model, is_path=is_path, image_path=str(u.image), image_sha256=sha,
             **{k: getattr(u, k) if getattr(u, k) is not None else getattr(defaults, k)
-               for k in ("module", "weight", "start", "end", "mode", "resize")}))
+               for k in ("module", "weight", "start", "end", "mode", "resize", "pixel_perfect")},
+            processor_res=None if u.processor_res is None or u.processor_res < 0 else u.processor_res))
     return tuple(specs)

@@ -4,14 +4,16 @@ Units come in `alwayson_scripts.controlnet.args`, a list of objects:
   enabled (true), module ("none"), model (a name from GET /controlnet/model_list, "name [hash]"
   or "name"; names resolve only inside the ControlNet folder), weight (1), image (base64; or
   {"image": base64} as the extension's UI sends), resize_mode ("Crop and Resize"; names or 0/1/2),
-  processor_res, threshold_a, threshold_b (preprocessor parameters; < 0 means the default),
-  guidance_start (0), guidance_end (1), control_mode ("Balanced"; names or 0/1/2), pixel_perfect.
+  processor_res (the preprocessor's resolution, short side in px, 64..2048; < 0: the default 512),
+  threshold_a, threshold_b (preprocessor parameters; < 0 means the default), guidance_start (0),
+  guidance_end (1), control_mode ("Balanced"; names or 0/1/2), pixel_perfect (false; true: the
+  preprocessor resolution from the image and output sizes, marble.adapters.controlnet).
 Legacy aliases: `input_image` for image, `guidance` for guidance_end. A unit without an image in
-img2img controls with the init image, as the extension does. Accepted and not used: processor_res
-(marble runs the preprocessor at the generation size), pixel_perfect, low_vram, mask.
+img2img controls with the init image, as the extension does. Accepted and not used: low_vram, mask.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from marble.adapters.controlnet import ControlSpec
@@ -36,6 +38,18 @@ def _number(unit: dict, key: str, default: float | None, label: str) -> float | 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{label}: {key} must be a number, got {value!r}")
     return float(value)
+
+
+def _processor_res(unit: dict, label: str) -> int | None:
+    """processor_res as sent: absent or negative (the extension's -1) -> None, the default; else a whole
+    number of pixels (its range is the request's check)."""
+    value = unit.get("processor_res")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value >= 0 and value != int(value)):
+        raise RequestError(f"{label}: processor_res must be a whole number of pixels, got {value!r}")
+    return None if value < 0 else int(value)
 
 
 def parse_units(scripts: dict | None, limits, init_image=None) -> tuple[ControlSpec, ...]:
@@ -75,5 +89,7 @@ def parse_units(scripts: dict | None, limits, init_image=None) -> tuple[ControlS
             weight=_number(unit, "weight", 1.0, label), start=_number(unit, "guidance_start", 0.0, label),
             end=_number({"guidance_end": end}, "guidance_end", 1.0, label),
             mode=unit.get("control_mode", "Balanced"), resize=unit.get("resize_mode", "Crop and Resize"),
-            threshold_a=a if a is not None and a >= 0 else None, threshold_b=b if b is not None and b >= 0 else None))
+            threshold_a=a if a is not None and a >= 0 else None, threshold_b=b if b is not None and b >= 0 else None,
+            processor_res=_processor_res(unit, label),
+            pixel_perfect=False if unit.get("pixel_perfect") is None else unit.get("pixel_perfect")))
     return tuple(specs)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from marble.adapters.controlnet import list_controlnets
-from marble.adapters.preprocess import MODULES, NEED_WEIGHTS, preprocess
+from marble.adapters.preprocess import MODULES, NEED_WEIGHTS, PROCESSOR_RES, PROCESSOR_RES_RANGE, preprocess
 from marble.checkpoints.checkpoint import file_hash
 from marble.request import RequestError
 from marble.server.images import base64_image, to_base64
@@ -57,9 +57,22 @@ async def version() -> dict:
 class DetectParams(BaseModel):
     controlnet_module: str = Field("none", description="A preprocessor from /controlnet/module_list.")
     controlnet_input_images: list[str] = Field(description="base64 images.")
-    controlnet_processor_res: int = Field(512, description="Accepted; marble runs at the image's own size.")
+    controlnet_processor_res: int = Field(
+        PROCESSOR_RES, description=f"The preprocessor's resolution: the image's short side is resized to it "
+                                   f"(canny, threshold, scribble), {PROCESSOR_RES_RANGE[0]}..{PROCESSOR_RES_RANGE[1]}; "
+                                   f"-1: {PROCESSOR_RES}. The map comes back at that size, as the extension's.")
     controlnet_threshold_a: float = -1
     controlnet_threshold_b: float = -1
+
+    @field_validator("controlnet_processor_res")
+    @classmethod
+    def _in_range(cls, value: int) -> int:
+        low, high = PROCESSOR_RES_RANGE
+        if value < 0:
+            return PROCESSOR_RES
+        if not low <= value <= high:
+            raise ValueError(f"must be in [{low}, {high}] (or -1 for {PROCESSOR_RES})")
+        return value
 
 
 def _detect(params: DetectParams, limits) -> list[str]:
@@ -68,7 +81,8 @@ def _detect(params: DetectParams, limits) -> list[str]:
         image = base64_image(text, f"image {i}", limits)
         a, b = params.controlnet_threshold_a, params.controlnet_threshold_b
         try:
-            result = preprocess(image, params.controlnet_module, a if a >= 0 else None, b if b >= 0 else None)
+            result = preprocess(image, params.controlnet_module, a if a >= 0 else None, b if b >= 0 else None,
+                                params.controlnet_processor_res)
         except ValueError as e:
             raise RequestError(str(e)) from None
         buffer = io.BytesIO()

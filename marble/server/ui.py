@@ -11,10 +11,12 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
+from marble.data.shapes import BACKGROUNDS, COLORS
 from marble.server.state import state_of
 
 STATIC = Path(__file__).with_name("static")
-_FILES = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
+_FILES = {"app.js": "text/javascript", "live.js": "text/javascript", "sketch.js": "text/javascript",
+          "style.css": "text/css"}
 
 router = APIRouter(tags=["web UI"])
 
@@ -41,6 +43,15 @@ async def models(request: Request) -> list[dict]:
                     "default_cfg": c.default_cfg, "default_sampler": c.default_sampler,
                     "size_multiple": worker.pipe.model.latent_factor})
     return out
+
+
+@router.get("/api/sketch", summary="The sketch pad's palette and the ControlNet folder (for the web UI)")
+async def sketch(request: Request) -> dict:
+    """The shapes world's colours on its white background: what the built-in ControlNet was trained
+    to read (marble.data.sketch), served so the page and the training data keep one palette."""
+    folder = state_of(request).worker(None).pipe.controlnets.folder
+    return {"palette": {name: list(rgb) for name, rgb in COLORS.items()},
+            "background": list(BACKGROUNDS["white"]), "controlnet_dir": str(folder)}
 
 
 @router.get("/api/outputs", summary="Past outputs, newest first, with their generation records")

@@ -164,6 +164,8 @@ function payload() {
     p.denoising_strength = Number($("strength").value);
     if (maskPainted) p.mask = maskDataURL();
   }
+  const unit = controlUnit();   // sketch.js: the ControlNet panel's unit, or null when it is off
+  if (unit) p.alwayson_scripts = { controlnet: { args: [unit] } };
   return p;
 }
 
