@@ -113,8 +113,11 @@ def test_resume_after_sigkill_ends_at_the_same_weights(tmp_path):
     assert same_tensors(load_file(tmp_path / "straight" / "model.safetensors"),
                         load_file(tmp_path / "killed" / "model.safetensors"))
     # the loss log has each step once, as if never interrupted
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 11))
+    log = [json.loads(line) for line in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    # the time column is the run's training time summed over both segments: it never goes back
+    times = [r["time"] for r in log]
+    assert times == sorted(times) and b["seconds"] >= times[-1] > 0
     assert (tmp_path / "killed" / "loss.png").exists()
 
 

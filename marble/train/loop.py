@@ -52,6 +52,7 @@ class TrainLoop:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.ema = EMA(self.module, cfg.ema_decay)
         self.step = 0
+        self.seconds_before, self._t0 = 0.0, None   # training wall time of earlier segments; this segment's start
 
     @property
     def checkpoint_path(self) -> Path:
@@ -64,7 +65,12 @@ class TrainLoop:
     def state(self) -> dict:
         return {"step": self.step, "model": self.module.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "config": config_to_json(self.cfg)}
+                "config": config_to_json(self.cfg), "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        """Training wall time so far, summed over every resumed segment (up to the last checkpoint
+        before a stop, then this process's time since its resume)."""
+        return self.seconds_before + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def remove_stale_temp_files(self) -> None:
         """A process killed mid-write leaves its temp file (never the target, which is only ever
@@ -87,6 +93,7 @@ class TrainLoop:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.seconds_before = float(state.get("seconds", 0.0))   # checkpoints before this key: 0
         if self.world.is_main:
             self._truncate_log()
 
@@ -117,7 +124,7 @@ class TrainLoop:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True)
         log = open(self.log_path, "a") if world.is_main else None
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         try:
             while self.step < cfg.steps:
                 self.net.train()
@@ -136,7 +143,7 @@ class TrainLoop:
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = {"step": self.step, "loss": loss, "grad_norm": float(grad_norm),
-                                  "lr": self.sched.get_last_lr()[0], "time": round(time.perf_counter() - t0, 3),
+                                  "lr": self.sched.get_last_lr()[0], "time": round(self.seconds(), 3),
                                   **metrics}
                         log.write(json.dumps(record) + "\n")
                         log.flush()
