@@ -7,8 +7,8 @@ quantisation has no convolution kernel. An approximation, off by default; the U-
 only (the text encoder runs once per image, so it would cost accuracy for no time). Its measured cost is in
 docs/bench.md.
 
-torchao (its `Int8DynamicActivationInt8WeightConfig`) is the successor, but its wheels pin torch
-versions and it is not needed for this CPU path; torch's own implementation ships with torch.
+torchao is the successor (0.18.0 resolves beside torch 2.13.0+cpu), but torch's own
+implementation ships with torch and needs no new dependency.
 """
 from __future__ import annotations
 
