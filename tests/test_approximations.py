@@ -1,6 +1,10 @@
 """The opt-in approximations (DeepCache, ToMe, dynamic int8): exact when off, the exact network
 on DeepCache's cache steps, reproducible for a seed when on, stated in the record, refused when
 malformed. Their quality cost is measured, not asserted, by benchmarks/approximations.py."""
+import base64
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,9 +125,10 @@ def test_bipartite_merge_merges_r_tokens_into_their_most_similar_destination(h, 
 def test_tome_acts_on_the_highest_resolution_transformers_only_and_off_is_exact():
     unet = random_unet("tiny")   # attention at level 1 only, the deepest: its blocks and the middle block's
     targets = highest_resolution_transformers(unet)
-    assert targets == [unet.input_blocks[3][1], unet.middle_block[1], unet.output_blocks[0][1],
-                       unet.output_blocks[1][1]]
-    sd = highest_resolution_transformers(UNet(UNET_PRESETS["sd15"]))
+    assert targets == [unet.input_blocks[3][1], unet.output_blocks[0][1], unet.output_blocks[1][1],
+                       unet.middle_block[1]]
+    with torch.device("meta"):   # the shape alone
+        sd = highest_resolution_transformers(UNet(UNET_PRESETS["sd15"]))
     assert len(sd) == 5 and all(st.proj_in.in_channels == 320 for st in sd)   # level 0: 2 down, 3 up
     x, t, context, _ = unet_inputs(unet)
     with torch.no_grad():
@@ -246,7 +251,7 @@ def test_cli_flags_record_and_replay_with_from(tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"
     args = ["generate", "a red circle", "--seed", "7", "--out", str(out), "--model", "tiny-random", "--steps", "4",
-            "--size", "32x32", "--deepcache", "2", "--tome", "0.5", "--quantize", "int8"]
+            "--size", "32x32", "--deepcache", "2", "--tome", "0.5", "--quantize", "int8"]   # int8: fp32 even on AMX
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     first = sorted(out.glob("*.png"))[0]
@@ -264,3 +269,22 @@ def test_cli_flags_record_and_replay_with_from(tmp_path):
 def test_cli_bad_values_exit_2_with_one_line(tmp_path, flag, value, message):
     r = CliRunner().invoke(app, ["generate", "x", "--model", "tiny-random", "--out", str(tmp_path), flag, value])
     assert r.exit_code == 2 and message in r.output and not list(tmp_path.glob("*.png")), r.output
+
+
+def test_a1111_api_takes_the_fields_records_them_and_refuses_bad_values(tiny_pipe, tmp_path):
+    from fastapi.testclient import TestClient
+    from marble.server.app import create_app
+    from marble.server.state import ServerConfig
+    body = {"prompt": BASE["prompt"], "steps": 3, "width": 32, "height": 32, "seed": 5, "sampler_name": "Euler"}
+    with TestClient(create_app([tiny_pipe], ServerConfig(outputs=tmp_path, max_queue=2)),
+                    raise_server_exceptions=False) as client:
+        r = client.post("/sdapi/v1/txt2img", json={**body, "deepcache": 2, "tome": 0.5})
+        assert r.status_code == 200, r.text
+        assert "DeepCache: 2, ToMe: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
+        direct = tiny_pipe.generate(resolve(GenerationRequest(
+            prompt=BASE["prompt"], steps=3, width=32, height=32, seed=5, sampler="Euler", deepcache=2, tome=0.5),
+            tiny_pipe.defaults))
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        assert np.array_equal(served, arrays(direct)[0])
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "tome": 0.9})
+        assert bad.status_code == 400 and "tome" in bad.text

@@ -388,7 +388,8 @@ def generate(
         flags = merge_record(flags, record)
     refiner, refiner_switch = recorded_refiner(record, refiner, refiner_switch)
     request = read_request(flags, n)
-    compute_dtype = read_dtype(dtype)
+    # int8 kernels take float32 activations: auto means fp32 with --quantize
+    compute_dtype = read_dtype("fp32" if dtype == "auto" and read_quantize(flags.quantize) else dtype)
     apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
                                    refiner, refiner_switch, decoder, compute_dtype, control_dir, max_pixels, weights,

@@ -96,11 +96,12 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
-    compute_dtype = read_dtype(dtype)
-    apply_threads(threads)
     from marble.cli.generate import read_quantize, read_weights
-    storage = read_weights(weights)
     quantize = read_quantize(quantize)
+    # int8 kernels take float32 activations: auto means fp32 with --quantize
+    compute_dtype = read_dtype("fp32" if dtype == "auto" and quantize else dtype)
+    apply_threads(threads)
+    storage = read_weights(weights)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
         fail("the same --model is given twice")
