@@ -141,8 +141,8 @@ class SpatialTransformer(nn.Module):
     SD1 projects in/out with 1×1 convolutions, SD2 with linear layers (`linear_projection`).
     `position`: add a fixed 2-D sin-cos embedding to the tokens after the input projection, so
     self-attention, cross-attention queries and the feed-forward all see where each token is.
-    `token_merge`: None, or (tokens, h, w) -> (merge, unmerge) for each block's self-attention,
-    set for a request by marble.models.tome."""
+    `token_merge`: None, or (tokens, h, w) -> (merge, unmerge) or None for each block's
+    self-attention, set for a request by marble.models.tome."""
 
     token_merge = None
 

@@ -106,8 +106,11 @@ def token_merging(unet, ratio: float, seed: int) -> Iterator[None]:
         raise ValueError("ToMe needs a U-Net (this model's denoiser is a transformer)")
     generator = torch.Generator(device=next(unet.parameters()).device).manual_seed(seed)
 
-    def pair(x: torch.Tensor, h: int, w: int) -> tuple[Merge, Merge]:
-        return bipartite_merge(x, h, w, int(x.shape[1] * ratio), generator)
+    def pair(x: torch.Tensor, h: int, w: int) -> tuple[Merge, Merge] | None:
+        r = int(x.shape[1] * ratio)
+        if r == 0 or h < 2 or w < 2:   # nothing to merge, or no 2×2 cell to draw a destination from
+            return None
+        return bipartite_merge(x, h, w, r, generator)
 
     targets = highest_resolution_transformers(unet)
     for st in targets:
