@@ -60,7 +60,9 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def measure(model: str, prompts: int, seed: int) -> dict[str, dict]:
+def measure(model: str, prompts: int, seed: int, report=None) -> dict[str, dict]:
+    """Rows per variant; `report(rows, done)` is called after every 4 prompts (a long run on a busy
+    machine leaves its partial table behind)."""
     pipes = {False: load_pipeline(model), True: load_pipeline(model, quantize="int8")}
     images: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -75,6 +77,12 @@ def measure(model: str, prompts: int, seed: int) -> dict[str, dict]:
             image = pipe.generate(request).images[0]
             seconds[name].append(time.perf_counter() - t0)
             images[name].append(np.asarray(image))
+        if report is not None and (i + 1) % 4 == 0 and i + 1 < prompts:
+            report(summary(images, seconds), i + 1)
+    return summary(images, seconds)
+
+
+def summary(images: dict[str, list[np.ndarray]], seconds: dict[str, list[float]]) -> dict[str, dict]:
     exact_time = statistics.median(seconds["exact"])
     out = {}
     for name in VARIANTS:
@@ -105,9 +113,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(args.model, args.prompts, args.seed)
-    print(markdown(rows, f"{args.model}, default settings, {args.prompts} prompts, seeds {args.seed}+i, "
-                         f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}"))
+    def header(done: int) -> str:
+        return (f"{args.model}, default settings, {done} prompts, seeds {args.seed}+i, "
+                f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}")
+
+    rows = measure(args.model, args.prompts, args.seed,
+                   report=lambda partial, done: print(markdown(partial, "(partial) " + header(done)) + "\n", flush=True))
+    print(markdown(rows, header(args.prompts)))
 
 
 if __name__ == "__main__":
