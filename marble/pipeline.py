@@ -25,7 +25,7 @@ from marble.adapters.preprocess import PROCESSOR_RES, preprocess
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
 from marble.cpu_features import dtype_name
-from marble.errors import ModelLoadError
+from marble.errors import LoraError, ModelLoadError
 from marble.diffusion.guidance import guided_denoiser, inpaint_denoiser
 from marble.diffusion.handoff import handoff_denoiser, switch_sigma
 from marble.diffusion.noise import NoiseSource
@@ -33,8 +33,12 @@ from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import spacing
 from marble.hires import LATENT_UPSCALERS, hires_size, upscale_image, upscale_latent
 from marble.models.conditioning import vector_y, zeroes_negative
+from marble.models.deepcache import deepcache_denoiser
 from marble.models.latent_preview import latent_rgb_for
+from marble.models.quantize import check_quantization, quantize_linear
+from marble.models.tome import token_merging
 from marble.models.traced import TracedNetwork
+from marble.models.unet import UNet
 from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import encode_prompts, prompt_chunks
@@ -99,14 +103,23 @@ def inpaint_concat(vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, 
 
 class Pipeline:
     """`refiner`: a second model that takes over the last (1 − refiner_switch) of the (last pass's)
-    schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image."""
+    schedule (SDXL's refiner; diffusers' denoising_end / denoising_start) and decodes the image.
+    `quantize`: "int8" runs the base U-Net's Linear layers in dynamic int8 (marble.models.quantize),
+    an approximation the records state."""
 
     def __init__(self, loaded: LoadedModel, lora_dir: Path | None = None, lora_lenient: bool = False, *,
                  refiner: LoadedModel | None = None, refiner_switch: float = 0.8,
                  preview_decoder=None, decoder=None, decoder_name: str | None = None, trace: bool = False,
-                 control_dir: Path | None = None, max_control_units: int = 3, allow_pickle: bool = False):
+                 control_dir: Path | None = None, max_control_units: int = 3, allow_pickle: bool = False,
+                 quantize: str | None = None):
         self.loaded = loaded
         self.model = loaded.model
+        try:
+            self.quantize = check_quantization(quantize)
+            if self.quantize is not None:   # before the trace and the LoRA table see the layers
+                quantize_linear(self.model.unet, self.quantize)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
@@ -150,7 +163,8 @@ class Pipeline:
         return ModelDefaults(steps=c.default_steps, cfg=c.default_cfg, sampler=c.default_sampler,
                              width=c.default_width, height=c.default_height,
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
-                             max_control_units=self.max_control_units, micro=self.micro_kinds())
+                             max_control_units=self.max_control_units, micro=self.micro_kinds(),
+                             unet=isinstance(self.model.unet, UNet))
 
 
     def micro_kinds(self) -> tuple[str, ...]:
@@ -180,12 +194,15 @@ class Pipeline:
                                   known=known)
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
-                 extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None):
+                 extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None,
+                 deepcache: int = 1):
         """Guidance around the network, with each step's contexts picked inside the closure.
         `vectors` (from `vector_conditioning`) adds SDXL's y to each branch, and zeros the
         unconditional context where the model conditions an empty negative prompt on zeros.
         `control`: ControlNet units whose residuals join the U-Net (marble.adapters.controlnet); the
-        halves of CFG carry `cond_mark` so a unit can act on the conditional half alone."""
+        halves of CFG carry `cond_mark` so a unit can act on the conditional half alone.
+        `deepcache` > 1: the U-Net's deep features are reused between every `deepcache`-th step
+        (marble.models.deepcache; the request refuses it with ControlNet)."""
         model = model or self.model
         y_cond, y_uncond, zero_uncond = vectors or ({}, {}, False)
         network = model.denoiser
@@ -194,6 +211,8 @@ class Pipeline:
             network = controlled_denoiser(model, control, sigmas)
             one = torch.ones(1, device=model.device)
             marks = ({"cond_mark": one}, {"cond_mark": torch.zeros_like(one)})
+        elif deepcache > 1:
+            network = deepcache_denoiser(model, sigmas, deepcache)
 
         def guided(cond_context: torch.Tensor, uncond_context: torch.Tensor):
             if zero_uncond:
@@ -302,7 +321,7 @@ class Pipeline:
             hires_upscaler=h and h.upscaler, hires_scale=h and h.scale, hires_resize_x=h.resize_x if h else 0,
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
             emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
-            micro=req.micro.given() or None,
+            micro=req.micro.given() or None, deepcache=req.deepcache, tome=req.tome, quantize=self.quantize,
             marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
             controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
@@ -316,6 +335,8 @@ class Pipeline:
     def lora_uses(self, req: ResolvedRequest) -> list[LoraUse]:
         """The request's LoRAs, read (cached) and checked against this model: a LoraError (one line)
         for a missing, corrupt or mismatched file or a name outside the LoRA folder."""
+        if self.quantize is not None and req.lora_specs:
+            raise LoraError(f"LoRAs cannot patch a U-Net quantised to {self.quantize}: load it without --quantize")
         return self.loras.uses(req.lora_specs)
 
     def control_nets(self, req: ResolvedRequest) -> list:
@@ -366,7 +387,7 @@ class Pipeline:
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(init_pixels, mask, req.width, req.height),
                                  self.vector_conditioning(m, conditioning, req, req.width, req.height),
-                                 control=self.control_units(req, req.width, req.height))
+                                 control=self.control_units(req, req.width, req.height), deepcache=req.deepcache)
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
@@ -381,7 +402,8 @@ class Pipeline:
             hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
                                            self.extra_conditioning(None, None, size.width, size.height),
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
-                                           control=self.control_units(req, size.width, size.height))
+                                           control=self.control_units(req, size.width, size.height),
+                                           deepcache=req.deepcache)
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
         decoder = self.decoder if self.decoder is not None else \
@@ -395,11 +417,12 @@ class Pipeline:
 
         images = []
         for i in range(req.n):
-            x = self.sample(req.sampler, denoiser, sigmas, req.seed + i, shape, known, latent_mask, progress(i, 0))
-            if req.hires is not None:
-                start = self.hires_start(req, x, size)
-                x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
-                                callback=progress(i, len(sigmas) - 1))
+            with token_merging(m.unet, req.tome, req.seed + i):   # ratio 0: the exact network
+                x = self.sample(req.sampler, denoiser, sigmas, req.seed + i, shape, known, latent_mask, progress(i, 0))
+                if req.hires is not None:
+                    start = self.hires_start(req, x, size)
+                    x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
+                                    callback=progress(i, len(sigmas) - 1))
             images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]
@@ -445,10 +468,11 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
                   allow_pickle: bool = False, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
                   decoder: Path | None = None, trace: bool = False, control_dir: Path | None = None,
-                  max_control_units: int = 3, storage: torch.dtype | None = None) -> Pipeline:
+                  max_control_units: int = 3, storage: torch.dtype | None = None,
+                  quantize: str | None = None) -> Pipeline:
     """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
     and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace; `storage`: keep the weights in fp16/bf16
-    and compute in `dtype` (marble.models.weight_cast)."""
+    and compute in `dtype` (marble.models.weight_cast); `quantize`: "int8" (marble.models.quantize)."""
     base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage)
     second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage) if refiner else None
     preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
@@ -456,4 +480,4 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,
                     preview_decoder=preview, decoder=final, decoder_name=Path(decoder).stem if decoder else None,
                     trace=trace, control_dir=control_dir, max_control_units=max_control_units,
-                    allow_pickle=allow_pickle)
+                    allow_pickle=allow_pickle, quantize=quantize)

@@ -50,6 +50,9 @@ class GenerationRecord:
     refiner_switch: float | None = None   # fraction of the schedule the base ran
     dtype: str = "fp32"                   # the compute dtype (fp32, bf16, fp16): bits differ between them
     micro: dict | None = None             # SDXL micro-conditioning asked for (MicroConditioning.given()); None: defaults
+    deepcache: int = 1                    # DeepCache interval (full U-Net every N steps); 1 = off (exact)
+    tome: float = 0.0                     # ToMe ratio of merged tokens; 0 = off (exact)
+    quantize: str | None = None           # "int8": the U-Net's Linear layers dynamically quantised; None = off
     marble_version: str = ""
     record_version: int = RECORD_VERSION
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
@@ -91,6 +94,10 @@ class GenerationRecord:
             pairs.append(("Lora hashes", lora_hashes(self.loras)))
         for i, unit in enumerate(self.controlnets):   # sd-webui-controlnet's unit text
             pairs.append((f"ControlNet {i}", controlnet_text(unit)))
+        for key, value, off in (("DeepCache", self.deepcache, 1), ("ToMe", self.tome, 0.0),
+                                ("Quantize", self.quantize, None)):
+            if value != off:   # approximations: the image differs from the exact path's
+                pairs.append((key, _num(value) if isinstance(value, float) else value))
         if self.refiner is not None:   # A1111's names for its refiner
             pairs += [("Refiner", f"{self.refiner} [{self.refiner_hash}]"),
                       ("Refiner switch at", _num(self.refiner_switch))]
@@ -131,6 +138,8 @@ class GenerationRecord:
                        hires_resize_x=resize_x, hires_resize_y=resize_y,
                        hires_steps=int(p.get("Hires steps", 0)), hires_denoise=denoise if hires else None,
                        emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"),
+                       deepcache=int(p.get("DeepCache", 1)), tome=float(p.get("ToMe", 0)),
+                       quantize=p.get("Quantize") or None,
                        spacing=schedule if schedule in SPACINGS and schedule != "karras" else None)
         except ValueError as e:
             raise ValueError(f"the A1111 parameters have an unreadable value ({e})") from None

@@ -23,6 +23,8 @@ from marble.diffusion.samplers import get_sampler
 from marble.diffusion.schedule import LCM_ORIGINAL_STEPS, SPACINGS
 from marble.hires import HiresError, HiresFix, check_hires
 from marble.models.conditioning import MicroConditioning
+from marble.models.deepcache import MAX_INTERVAL
+from marble.models.tome import MAX_RATIO
 from marble.prompts.encode import check_emphasis
 from marble.prompts.attention import PromptSyntaxError
 from marble.prompts.schedule import check_prompt
@@ -63,6 +65,8 @@ class GenerationRequest:
     preset: str | None = None                   # few-step settings by name (marble.diffusion.few_step.PRESETS)
     controls: tuple[ControlSpec, ...] = ()      # ControlNet units (marble.adapters.controlnet), in order
     micro: MicroConditioning = MicroConditioning()  # SDXL's size/crop/aesthetic conditioning (None fields: defaults)
+    deepcache: int | None = None                # DeepCache interval: full U-Net every N steps (marble.models.deepcache); 1 = off
+    tome: float | None = None                   # ToMe ratio of tokens merged, [0, 0.75] (marble.models.tome); 0 = off
 
     @property
     def mode(self) -> str:
@@ -84,6 +88,7 @@ class ModelDefaults:
     few_step: FewStepSettings | None = None     # a few-step model's card settings: its defaults, and warnings
     max_control_units: int = 3  # ControlNet units a request may carry
     micro: tuple[str, ...] = () # SDXL micro-conditioning the models take: "size" (base, refiner), "aesthetic" (refiner)
+    unet: bool = True           # the denoiser is a U-Net: DeepCache and ToMe apply
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,25 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
                    strength=strength, hires=hires, emphasis=emphasis, spacing=spacing,
-                   controls=_controls(request, defaults))
+                   controls=_controls(request, defaults), **_approximations(request, defaults))
     warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
+
+
+def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict:
+    """DeepCache's interval and ToMe's ratio, checked: {deepcache: 1, tome: 0.0} when off."""
+    interval = 1 if request.deepcache is None else request.deepcache
+    if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
+        raise RequestError(f"deepcache must be an integer in [1, {MAX_INTERVAL}] (1 = off), got {interval!r}")
+    ratio = 0.0 if request.tome is None else request.tome
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+            or not 0 <= ratio <= MAX_RATIO:
+        raise RequestError(f"tome must be a number in [0, {MAX_RATIO:g}] (0 = off), got {ratio!r}")
+    if (interval > 1 or ratio) and not defaults.unet:
+        raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
+    if interval > 1 and request.controls:
+        raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
+    return {"deepcache": interval, "tome": float(ratio)}
 
 
 def _few_step(request: GenerationRequest, defaults: ModelDefaults) -> FewStepSettings | None:

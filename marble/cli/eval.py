@@ -19,34 +19,39 @@ PROBE_MIN_SEEDS = 8     # diversity needs several images per probe prompt
 
 
 def model_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
-                 loras: list[str] | None = None, dtype=None, trace: bool = False):
+                 loras: list[str] | None = None, dtype=None, trace: bool = False,
+                 deepcache: int | None = None, tome: float | None = None, quantize: str | None = None):
     """The adapter from a marble model to the benchmark's `generate(prompt, seed) -> image`.
     Validates the sampling options before any image is made. `loras` (`PATH[:WEIGHT]`) are fused
-    into the loaded model: every image of the run uses them."""
-    pipe, settings = load_source(model, sampler, steps, cfg, loras, dtype, trace)
+    into the loaded model: every image of the run uses them. `deepcache`, `tome`, `quantize`: the
+    approximations (docs/bench.md), for every image."""
+    pipe, settings = load_source(model, sampler, steps, cfg, loras, dtype, trace, deepcache, tome, quantize)
 
     def generate(prompt: str, seed: int):
-        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg, deepcache=deepcache,
+                                   tome=tome)
     return generate, settings
 
 
 def load_source(model: str | None, sampler: str | None, steps: int | None, cfg: float | None,
-                loras: list[str] | None = None, dtype=None, trace: bool = False):
+                loras: list[str] | None = None, dtype=None, trace: bool = False,
+                deepcache: int | None = None, tome: float | None = None, quantize: str | None = None):
     """The pipeline model_source generates with, and the settings it reports (exit 2 on bad input)."""
     from marble.errors import ModelLoadError
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, RequestError, resolve
     try:
-        pipe = load_pipeline(model, trace=trace, **({} if dtype is None else {"dtype": dtype}))
-        resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg),
-                           pipe.defaults)
+        pipe = load_pipeline(model, trace=trace, quantize=quantize, **({} if dtype is None else {"dtype": dtype}))
+        resolved = resolve(GenerationRequest(prompt="a shape", seed=0, steps=steps, sampler=sampler, cfg=cfg,
+                                             deepcache=deepcache, tome=tome), pipe.defaults)
         applied = _fuse_loras(pipe.model, loras or [])
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
     # the settings actually used (the model's defaults filled in), so the JSON says what was run
     return pipe, {"model_name": pipe.name, "model_hash": pipe.loaded.hash, "sampler": resolved.sampler,
-                      "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied,
-                      "dtype": dtype_name(pipe.model.dtype)}
+                  "steps": resolved.steps, "cfg": resolved.cfg, "loras": applied,
+                  "dtype": dtype_name(pipe.model.dtype), "deepcache": resolved.deepcache, "tome": resolved.tome,
+                  "quantize": pipe.quantize}
 
 
 def _fuse_loras(model, loras: list[str]) -> list[dict]:
@@ -113,6 +118,9 @@ def eval_command(
                                           "the same prompts also run without it, side by side in the JSON."),
     control_model: Optional[Path] = typer.Option(None, "--control-model", help="The ControlNet for --control "
                                                  "(default: models/builtin-controlnet.safetensors)."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Approximation: DeepCache interval, 1..100 (1 = off). Models only; docs/bench.md."),
+    tome: Optional[float] = typer.Option(None, "--tome", help="Approximation: ToMe ratio, 0..0.75 (0 = off). Models only; docs/bench.md."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' (dynamic int8 U-Net transformers). Models only; docs/bench.md."),
 ) -> None:
     """Score a model on six GenEval categories (single object, two objects, counting, colors,
     position, color attribution) with an exact detector; prints a markdown table and writes JSON
@@ -122,6 +130,8 @@ def eval_command(
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     if control is not None or control_model is not None:
+        if deepcache is not None or tome is not None or quantize is not None:
+            fail("--control runs the exact path: leave out --deepcache, --tome and --quantize")
         control_path = check_control(control, control_model, model, probe)
         prompt_list = build_prompts(split, scale_counts(prompts))
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
@@ -131,7 +141,8 @@ def eval_command(
             _write_sheet(sheet, tiles)
         return
     prompt_list = build_prompts(split, scale_counts(prompts))
-    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace)
+    generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace,
+                              dict(deepcache=deepcache, tome=tome, quantize=quantize))
     seed_list = list(range(seeds))
     result, tiles = _run(generate, prompt_list, seed_list, split, keep_tiles=sheet is not None)
     report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
@@ -165,13 +176,20 @@ def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: P
 
 
 def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int,
-            loras: list[str] = (), dtype: str = "auto", trace: bool = False):
+            loras: list[str] = (), dtype: str = "auto", trace: bool = False, approximations: dict | None = None):
     """`generate(prompt, seed) -> image` for a model or a baseline, and the settings to report."""
     from marble.eval import baselines
+    approximations = {k: v for k, v in (approximations or {}).items() if v is not None}
     if model not in BASELINES:
-        compute_dtype = read_dtype(dtype)
+        from marble.cli.generate import read_quantize
+        quantize = read_quantize(approximations.pop("quantize", None))
+        # int8 kernels take float32 activations: auto means fp32 with --quantize
+        compute_dtype = read_dtype("fp32" if dtype == "auto" and quantize else dtype)
         apply_threads(threads)
-        return model_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace)
+        return model_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace, quantize=quantize,
+                            **approximations)
+    if approximations:
+        fail(f"--deepcache, --tome and --quantize apply to models, not to the {model} baseline")
     if loras:
         fail(f"--lora applies to models, not to the {model} baseline")
     if sampler is not None or steps is not None or cfg is not None:

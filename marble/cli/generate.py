@@ -76,6 +76,9 @@ class Flags:
     preset: str | None = None
     controls: tuple | None = None       # ControlFlags per --control image (marble.cli.control)
     micro: dict | None = None       # SDXL micro-conditioning flags given (MicroConditioning.given() layout)
+    deepcache: int | None = None    # approximations (docs/bench.md): DeepCache interval, ToMe ratio, quantisation
+    tome: float | None = None
+    quantize: str | None = None
 
     @property
     def hires(self) -> bool:
@@ -85,7 +88,8 @@ class Flags:
 
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
                 "sampler": "sampler", "strength": "strength", "model": "model_name",
-                "emphasis": "emphasis", "spacing": "spacing"}   # flag -> record field
+                "emphasis": "emphasis", "spacing": "spacing", "deepcache": "deepcache", "tome": "tome",
+                "quantize": "quantize"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -194,7 +198,7 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
         hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
-        preset=flags.preset,
+        preset=flags.preset, deepcache=flags.deepcache, tome=flags.tome,
         controls=read_controls(flags.controls, read_image), micro=read_micro(flags))
 
 
@@ -210,7 +214,8 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
                   allow_pickle: bool, lora_dir: Path | None = None, lora_lenient: bool = False,
                   refiner: str | None = None, refiner_switch: float = 0.8,
                   decoder: Path | None = None, dtype=None, control_dir: Path | None = None,
-                  max_pixels: int | None = None, weights: str | None = None) -> tuple[Pipeline, ResolvedRequest]:
+                  max_pixels: int | None = None, weights: str | None = None,
+                  quantize: str | None = None) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -224,7 +229,7 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
     try:
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
                              lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
-                             decoder=decoder, control_dir=control_dir, storage=storage,
+                             decoder=decoder, control_dir=control_dir, storage=storage, quantize=quantize,
                              **({} if dtype is None else {"dtype": dtype}))
         defaults = pipe.defaults if max_pixels is None else replace(pipe.defaults, max_pixels=max_pixels)
         resolved = resolve(request, defaults)
@@ -232,6 +237,15 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         pipe.control_nets(resolved)   # ControlNets too: a file for another architecture fails here
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
+        fail(str(e))
+
+
+def read_quantize(name: str | None) -> str | None:
+    """--quantize int8 (or none/off): exit 2 for anything else."""
+    from marble.models.quantize import check_quantization
+    try:
+        return check_quantization(name)
+    except ValueError as e:
         fail(str(e))
 
 
@@ -339,6 +353,9 @@ def generate(
     negative_original_size: Optional[str] = typer.Option(None, "--negative-original-size", help="SDXL: --original-size of the negative prompt (default: the prompt's)."),
     negative_crop_top_left: Optional[str] = typer.Option(None, "--negative-crop-top-left", help="SDXL: --crop-top-left of the negative prompt (default: the prompt's)."),
     negative_target_size: Optional[str] = typer.Option(None, "--negative-target-size", help="SDXL base: --target-size of the negative prompt (default: the prompt's)."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Approximation: run the whole U-Net every N steps and reuse its deep features in between (DeepCache), 1..100; 1 = off (default). Faster, not the exact image: docs/bench.md gives its cost."),
+    tome: Optional[float] = typer.Option(None, "--tome", help="Approximation: merge this fraction of the tokens before self-attention in the highest-resolution transformers (ToMe for SD), 0..0.75; 0 = off (default). docs/bench.md gives its cost."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' runs the U-Net transformers' Linear layers in dynamic int8 (float32 models only; not with LoRAs). Default: off. docs/bench.md gives its cost."),
     aesthetic_score: Optional[float] = typer.Option(None, "--aesthetic-score", help="SDXL refiner: aesthetic score of the prompt, 0..10 (default 6)."),
     negative_aesthetic_score: Optional[float] = typer.Option(None, "--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the negative prompt, 0..10 (default 2.5)."),
 ) -> None:
@@ -354,7 +371,8 @@ def generate(
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora), spacing=spacing, preset=preset,
+                  loras=parse_loras(lora), spacing=spacing, preset=preset, deepcache=deepcache, tome=tome,
+                  quantize=quantize,
                   controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,
                                          start=control_start, end=control_end, mode=control_mode,
                                          resize=control_resize, processor_res=control_processor_res,
@@ -373,10 +391,12 @@ def generate(
         flags = merge_record(flags, record)
     refiner, refiner_switch = recorded_refiner(record, refiner, refiner_switch)
     request = read_request(flags, n)
-    compute_dtype = read_dtype(dtype)
+    # int8 kernels take float32 activations: auto means fp32 with --quantize
+    compute_dtype = read_dtype("fp32" if dtype == "auto" and read_quantize(flags.quantize) else dtype)
     apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
-                                   refiner, refiner_switch, decoder, compute_dtype, control_dir, max_pixels, weights)
+                                   refiner, refiner_switch, decoder, compute_dtype, control_dir, max_pixels, weights,
+                                   read_quantize(flags.quantize))
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None and record.refiner_hash and pipe.refiner is not None \

@@ -49,6 +49,7 @@ def serve(
     max_control_units: int = typer.Option(3, "--max-control-units", help="Most ControlNet units per request."),
     preview_decoder: Optional[Path] = typer.Option(None, "--preview-decoder", help="A TAESD file (diffusers AutoencoderTiny or taesd_decoder.safetensors) that draws step previews. Default: a linear latent-to-RGB map (the VAE where none is known). docs/few-step.md."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' runs the served models' U-Net transformer Linear layers in dynamic int8 (not with LoRAs; docs/bench.md). Default: off."),
     weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32; fp32 (default). Also $MARBLE_WEIGHTS."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of checkpoints (SD1.x, SD2.x, SDXL .safetensors files, diffusers folders, marble files) that clients may list (/sdapi/v1/sd-models) and switch to (sd_model_checkpoint, OpenAI 'model'). Default: $MARBLE_MODELS, else models/."),
     live_model: Optional[str] = typer.Option(None, "--live-model", help="A few-step model for the live mode (as you type in the web UI); its file's own default steps, sampler and CFG are the live settings. Default: models/builtin-lcm.safetensors when it exists and the first model is the built-in one, else the first model at --live-steps 4, DPM++ 2M, CFG 1."),
@@ -95,9 +96,11 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
-    compute_dtype = read_dtype(dtype)
+    from marble.cli.generate import read_quantize, read_weights
+    quantize = read_quantize(quantize)
+    # int8 kernels take float32 activations: auto means fp32 with --quantize
+    compute_dtype = read_dtype("fp32" if dtype == "auto" and quantize else dtype)
     apply_threads(threads)
-    from marble.cli.generate import read_weights
     storage = read_weights(weights)
     specs = model or ["builtin"]
     if len(set(specs)) != len(specs):
@@ -116,7 +119,7 @@ def serve(
             pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
                                        preview_decoder=preview_decoder, decoder=decoder, trace=trace,
                                        storage=storage, control_dir=controlnet_dir,
-                                       max_control_units=max_control_units))
+                                       max_control_units=max_control_units, quantize=quantize))
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
@@ -155,7 +158,7 @@ def serve(
                                                  models_dir=folder, live=live),
                              load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient,
                                                              storage=storage, control_dir=controlnet_dir,
-                                                             max_control_units=max_control_units),
+                                                             max_control_units=max_control_units, quantize=quantize),
                              live_pipe=live_pipe)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

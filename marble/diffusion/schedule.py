@@ -343,3 +343,12 @@ def spacing(name: str, schedule: Schedule, steps: int) -> torch.Tensor:
     if name not in SPACINGS:
         raise ValueError(f"unknown sigma spacing {name!r}; choose from {', '.join(SPACINGS)}")
     return SPACINGS[name](schedule, steps)
+
+
+def step_index(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
+    """The sampler step a denoiser call belongs to: the last i with sigmas[i] ≥ sigma. A call at
+    sigmas[i] is step i; calls between sigmas[i] and sigmas[i+1] (midpoints of second-order
+    samplers) stay in step i, and Heun's second call, at sigmas[i+1], reads step i+1's contexts."""
+    s = float(sigma.reshape(-1)[0])
+    above = int((sigmas[:-1] >= s * (1 - 1e-6)).sum())
+    return max(above - 1, 0)

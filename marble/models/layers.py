@@ -126,8 +126,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merge=None) -> torch.Tensor:
+        if merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:   # token merging (marble.models.tome): self-attention over fewer tokens, copied back
+            merged, unmerge = merge
+            x = x + unmerge(self.attn1(merged(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -136,7 +140,11 @@ class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on text through cross-attention.
     SD1 projects in/out with 1×1 convolutions, SD2 with linear layers (`linear_projection`).
     `position`: add a fixed 2-D sin-cos embedding to the tokens after the input projection, so
-    self-attention, cross-attention queries and the feed-forward all see where each token is."""
+    self-attention, cross-attention queries and the feed-forward all see where each token is.
+    `token_merge`: None, or (tokens, h, w) -> (merge, unmerge) or None for each block's
+    self-attention, set for a request by marble.models.tome."""
+
+    token_merge = None
 
     def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int, depth: int = 1,
                  linear_projection: bool = False, groups: int = 32, dropout: float = 0.0, position: bool = False):
@@ -166,7 +174,7 @@ class SpatialTransformer(nn.Module):
         if self.position:
             x = x + position_embedding_2d(h, w, x.shape[-1]).to(x.device, x.dtype)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context) if self.token_merge is None else block(x, context, self.token_merge(x, h, w))
         if self.linear_projection:
             x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2)
         else:

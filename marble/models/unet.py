@@ -203,18 +203,25 @@ class UNet(UNetEncoder):
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                concat: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def start(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, concat: torch.Tensor | None,
+              y: torch.Tensor | None, control: list[torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every block reads: the input with its extra channels, the embedding and the context,
+        in the network's dtype (also the start of DeepCache's shallow pass, marble.models.deepcache)."""
         x = x.to(compute_dtype(self.time_embed[0]))   # samplers keep float32 state; the network runs in its own dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if self.config.coord_channels:
             x = torch.cat([x, coordinate_channels(x)], dim=1)
         emb = self._embedding(t, y, x.shape[0])
-        context = context.to(x.dtype)
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(f"control takes {len(self.input_blocks) + 1} residuals, got {len(control)}")
+        return x, emb, context.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                concat: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x, emb, context = self.start(x, t, context, concat, y, control)
         skips = []
         h = x
         for block in self.input_blocks:

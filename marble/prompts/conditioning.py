@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from marble.diffusion.schedule import step_index  # noqa: F401  (the step of a call: here for its users)
 from marble.prompts.encode import check_emphasis, encode_prompts, prompt_chunks
 from marble.prompts.schedule import prompt_at_step, schedule_prompt
 
@@ -79,15 +80,6 @@ class PromptConditioning:
             tokens = max(cond.shape[1], uncond.shape[1])
             self._pairs[pair] = (self._pad(cond, tokens), self._pad(uncond, tokens))
         return self._pairs[pair]
-
-
-def step_index(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
-    """The sampler step a denoiser call belongs to: the last i with sigmas[i] ≥ sigma. A call at
-    sigmas[i] is step i; calls between sigmas[i] and sigmas[i+1] (midpoints of second-order
-    samplers) stay in step i, and Heun's second call, at sigmas[i+1], reads step i+1's contexts."""
-    s = float(sigma.reshape(-1)[0])
-    above = int((sigmas[:-1] >= s * (1 - 1e-6)).sum())
-    return max(above - 1, 0)
 
 
 def scheduled_denoiser(make_denoiser, conditioning: PromptConditioning, sigmas: torch.Tensor):

@@ -53,6 +53,12 @@ class Txt2ImgParams(BaseModel):
                                                     "(normal, leading, trailing, linspace, lcm).")
     preset: str | None = Field(None, description="marble: few-step settings by name (sd-turbo, lcm-lora); "
                                                  "fields given override them.")
+    deepcache: int | None = Field(None, description="marble: approximation, the whole U-Net every N steps and "
+                                                    "its deep features reused in between (DeepCache), 1..100; "
+                                                    "1 = off (default).")
+    tome: float | None = Field(None, description="marble: approximation, the fraction of tokens merged before "
+                                                 "self-attention at the highest resolution (ToMe), 0..0.75; "
+                                                 "0 = off (default).")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -116,6 +122,7 @@ def _request(params: Txt2ImgParams, micro_kinds: tuple[str, ...] = (), **images)
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
         height=params.height, n=_count(params), emphasis=_emphasis(params),
         spacing=_spacing(params.scheduler), preset=params.preset, micro=_micro(params, micro_kinds),
+        deepcache=params.deepcache, tome=params.tome,
         **images)
 
 

@@ -1,0 +1,126 @@
+"""The quality cost and the time saved of each opt-in approximation (DeepCache, ToMe, dynamic
+int8; docs/bench.md, "Approximations"): every prompt's image with the approximation against the
+exact path's image of the same seed (PSNR over 8-bit RGB), and the time per image, at the model's
+default settings. Variants run interleaved prompt by prompt, so a busy machine slows each alike.
+
+    python benchmarks/approximations.py --model builtin --prompts 16 --threads 1
+"""
+from __future__ import annotations
+
+from marble.threads import quiet_spin
+
+quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
+
+import argparse
+import math
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from marble.pipeline import load_pipeline
+from marble.request import GenerationRequest, resolve
+
+# the built-in model's world: coloured shapes and their relations (marble.data.shapes)
+PROMPTS = (
+    "a red circle above a blue square", "a green triangle to the left of a yellow circle",
+    "two blue squares", "a purple star below an orange circle", "a yellow square on a white background",
+    "three red circles", "a small green circle to the right of a large red triangle",
+    "a blue triangle above a green square", "an orange square below a purple circle", "a white star",
+    "a red square to the left of a blue circle", "two yellow triangles above a red circle",
+    "a large blue circle", "a green square to the right of an orange triangle",
+    "a purple circle above a yellow star", "four small red squares",
+)
+
+# name -> (request fields, quantised pipeline?)
+VARIANTS = {
+    "exact": ({}, False),
+    "DeepCache 2": ({"deepcache": 2}, False),
+    "DeepCache 3": ({"deepcache": 3}, False),
+    "ToMe 0.5": ({"tome": 0.5}, False),
+    "int8": ({}, True),
+    "DeepCache 3 + ToMe 0.5 + int8": ({"deepcache": 3, "tome": 0.5}, True),
+}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB: 10·log10(255² / MSE); inf when equal."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def measure(model: str, prompts: int, seed: int, report=None) -> dict[str, dict]:
+    """Rows per variant; `report(rows, done)` is called after every 4 prompts (a long run on a busy
+    machine leaves its partial table behind)."""
+    pipes = {False: load_pipeline(model), True: load_pipeline(model, quantize="int8")}
+    images: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for name, (fields, quantized) in VARIANTS.items():   # warm each path once (first-call allocations)
+        pipe = pipes[quantized]
+        pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, **fields), pipe.defaults))
+    for i, prompt in enumerate(PROMPTS[:prompts]):
+        for name, (fields, quantized) in VARIANTS.items():
+            pipe = pipes[quantized]
+            request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, **fields), pipe.defaults)
+            t0 = time.perf_counter()
+            image = pipe.generate(request).images[0]
+            seconds[name].append(time.perf_counter() - t0)
+            images[name].append(np.asarray(image))
+        if report is not None and (i + 1) % 4 == 0 and i + 1 < prompts:
+            report(summary(images, seconds), i + 1)
+    return summary(images, seconds)
+
+
+def summary(images: dict[str, list[np.ndarray]], seconds: dict[str, list[float]]) -> dict[str, dict]:
+    exact_time = statistics.median(seconds["exact"])
+    out = {}
+    for name in VARIANTS:
+        scores = [psnr(a, b) for a, b in zip(images[name], images["exact"])]
+        finite = [s for s in scores if math.isfinite(s)]
+        t = statistics.median(seconds[name])
+        out[name] = {"psnr_mean": statistics.mean(finite) if finite else math.inf,
+                     "psnr_min": min(scores), "seconds": t, "ratio": t / exact_time}
+    return out
+
+
+def markdown(rows: dict[str, dict], header: str) -> str:
+    lines = [header, "", "| variant | PSNR vs exact, mean (dB) | min (dB) | s / image (median) | × exact |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        mean = "exact" if math.isinf(r["psnr_mean"]) else f"{r['psnr_mean']:.1f}"
+        low = "exact" if math.isinf(r["psnr_min"]) else f"{r['psnr_min']:.1f}"
+        lines.append(f"| {name} | {mean} | {low} | {r['seconds']:.3f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    def header(done: int) -> str:
+        return (f"{args.model}, default settings, {done} prompts, seeds {args.seed}+i, "
+                f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}")
+
+    rows = measure(args.model, args.prompts, args.seed,
+                   report=lambda partial, done: print(markdown(partial, "(partial) " + header(done)) + "\n", flush=True))
+    print(markdown(rows, header(args.prompts)))
+
+
+if __name__ == "__main__":
+    main()
