@@ -58,10 +58,10 @@ def test_live_bytes_counts_storages_once_and_frees_them_with_their_last_tensor()
             del y
             z = v + 1                                    # 8000 live
             del v                                        # y's storage dies with its last view
-            w = z.repeat(2)                              # 4000 + 8000 = 12000: the peak
+            w = z.repeat(2, 1)                           # 4000 + 8000 = 12000: the peak
         del w
         with live.label("b"):
-            u = z[:500].clone()                          # 4000 + 2000
+            u = z.flatten()[:500].clone()                # 4000 + 2000
     assert live.peak == 12000
     assert live.peaks_by_label == {"a": 12000, "b": 2000}
     assert live.live == 6000
