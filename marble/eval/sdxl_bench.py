@@ -46,9 +46,12 @@ class SideResult:
     unet_step_s: float
     vae_decode_s: float
     weights_gb: float             # U-Net + VAE as held in memory
-    peak_rss_gb: float            # the subprocess's whole peak (build included)
+    peak_rss_gb: float            # the process's peak RSS while generating (U-Net step and decode), weights included
     build_s: float
     threads: int
+    build_peak_gb: float = 0.0    # the process's peak RSS while building (reset afterwards)
+    unet_peak_gb: float = 0.0     # ... during the U-Net calls
+    decode_peak_gb: float = 0.0   # ... during the decodes
     output: np.ndarray | None = field(default=None, repr=False)   # the U-Net output, float32
 
 
@@ -102,14 +105,26 @@ def _median(fn, n: int, warmup: bool) -> tuple[float, object]:
     return float(np.median(times)), out
 
 
+def malloc_trim() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc): the per-tensor float32 draws of the
+    build leave holes between the fp16 weights that RSS keeps counting otherwise."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_gb() -> float:
+    """Peak RSS since the last reset_peak, in GB (10⁹ bytes, the unit of weights_gb)."""
     from marble.eval.sd_bench import rss_gb
-    return rss_gb()
+    return rss_gb() * 2**30 / 1e9
 
 
 @torch.inference_mode()
 def run_side(side: str, s: SdxlBenchSettings, output: Path | None = None) -> SideResult:
     """One side, in this process: build, one U-Net step and one decode, timed."""
+    from marble.eval.sd_bench import reset_peak
     from marble.models.conditioning import fourier_features
     from marble.models.weight_cast import store_weights, storage_dtype
     if s.threads:
@@ -132,11 +147,18 @@ def run_side(side: str, s: SdxlBenchSettings, output: Path | None = None) -> Sid
         decode = lambda: vae.decode(x / config.vae.scaling_factor).sample   # noqa: E731
     weights = sum(p.numel() * p.element_size() for net in (unet, vae) for p in net.parameters()) / 1e9
     build = time.perf_counter() - t0
+    malloc_trim()
+    build_peak = _rss_gb()
+    reset_peak()                      # from here the peak is the generation's, one phase at a time
     unet_s, out = _median(step, s.unet_calls, s.warmup)
+    unet_peak = _rss_gb()
+    reset_peak()
     decode_s, _ = _median(decode, s.decodes, s.warmup)
+    decode_peak = _rss_gb()
     if output is not None:
         np.save(output, out.float().numpy(), allow_pickle=False)
-    return SideResult(side, unet_s, decode_s, weights, _rss_gb(), build, torch.get_num_threads())
+    return SideResult(side, unet_s, decode_s, weights, max(unet_peak, decode_peak), build, torch.get_num_threads(),
+                      build_peak, unet_peak, decode_peak)
 
 
 def _diffusers_networks(config, unet, vae):
@@ -188,8 +210,10 @@ class SdxlBenchReport:
         rows = [("U-Net step (CFG batch 2)", lambda r: f"{r.unet_step_s:.2f} s"),
                 (f"VAE decode {s.size}²", lambda r: f"{r.vae_decode_s:.2f} s"),
                 ("weights (U-Net + VAE)", lambda r: f"{r.weights_gb:.2f} GB"),
-                ("peak RSS", lambda r: f"{r.peak_rss_gb:.2f} GB"),
-                ("peak RSS / weights", lambda r: f"{r.peak_rss_gb / r.weights_gb:.2f}×")]
+                ("peak RSS, U-Net step", lambda r: f"{r.unet_peak_gb:.2f} GB ({r.unet_peak_gb / r.weights_gb:.2f}×)"),
+                ("peak RSS, VAE decode", lambda r: f"{r.decode_peak_gb:.2f} GB ({r.decode_peak_gb / r.weights_gb:.2f}×)"),
+                ("peak RSS / weights", lambda r: f"{r.peak_rss_gb / r.weights_gb:.2f}×"),
+                ("peak RSS, build (before the reset)", lambda r: f"{r.build_peak_gb:.2f} GB")]
         for label, fmt in rows:
             lines.append(f"| {label} | " + " | ".join(fmt(r) for _, r in cols) + " |")
         extra = []
@@ -202,7 +226,8 @@ class SdxlBenchReport:
 
     def to_json(self) -> str:
         sides = {k: {f: getattr(v, f) for f in ("unet_step_s", "vae_decode_s", "weights_gb", "peak_rss_gb", "build_s",
-                                                 "threads")} for k, v in self.sides.items()}
+                                                 "threads", "build_peak_gb", "unet_peak_gb", "decode_peak_gb")}
+                 for k, v in self.sides.items()}
         return json.dumps({"settings": asdict(self.settings), "cpu": self.cpu, "sides": sides,
                            "marble_over_diffusers": self.ratios(), "unet_rel_diff": self.unet_rel_diff}, indent=2)
 

@@ -90,9 +90,18 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # in_layers then out_layers, written out so that without autograd SiLU and the sums run in
+        # place and the first conv's output dies once the second norm has read it (SDXL at 1024²:
+        # one 960-channel map fewer, 126 MB); the numbers are the same (silu_ is silu, a + b is b + a)
+        inplace = not torch.is_grad_enabled()
+        norm1, _, conv1 = self.in_layers
+        norm2, _, dropout, conv2 = self.out_layers
+        h = conv1(F.silu(norm1(x), inplace=inplace))
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = norm2(h.add_(e) if inplace else h + e)
+        h = conv2(dropout(F.silu(h, inplace=inplace)))
+        skip = self.skip_connection(x)
+        return h.add_(skip) if inplace else skip + h
 
 
 class TimestepEmbedSequential(nn.ModuleList):
