@@ -33,14 +33,20 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place result on a storage the pass did not create (a weight's transpose,
+        # an input) allocates nothing
+        given = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                 if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, given)
         return out
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, given: set[int]) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
+        if key not in self._refs and key in given:
+            return
         if key not in self._refs:
             self._refs[key] = 0
             self.live += storage.nbytes()
