@@ -123,16 +123,13 @@ def write_file(loop: TrainLoop, net: ControlNet, path: Path, dtype: torch.dtype 
     """The EMA weights at `path` in marble's ControlNet format (None when the file exists: never replaced)."""
     if path.exists():
         return None
-    live = {k: v.clone() for k, v in net.state_dict().items()}
-    loop.ema.copy_to(net)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in net.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return write_controlnet(ControlNetFile(net.config, state, path, "", "marble"), path, "marble", meta)
+        with loop.ema_weights(net):   # written inside: without a dtype the state shares the weights
+            state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in net.state_dict().items()}
+            return write_controlnet(ControlNetFile(net.config, state, path, "", "marble"), path, "marble", meta)
     except FileExistsError:
         return None
-    finally:
-        net.load_state_dict(live)
 
 
 def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Path:

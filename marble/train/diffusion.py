@@ -204,12 +204,8 @@ def write_snapshot(loop: TrainLoop, model: LatentDiffusion, path: Path, dtype: t
     that exists (a resumed run passing the step again) is kept."""
     if path.exists():
         return
-    saved = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    loop.ema.copy_to(model.unet)
-    try:
+    with loop.ema_weights(model.unet):
         write_marble(from_model(model, dtype=dtype), path)
-    finally:
-        model.unet.load_state_dict(saved)
 
 
 SAMPLE_PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",

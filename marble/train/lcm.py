@@ -116,14 +116,10 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         """The EMA student as a marble model file (never over an existing one)."""
         if path.exists():
             return
-        live = {k: v.clone() for k, v in model.unet.state_dict().items()}
-        loop.ema.copy_to(model.unet)
-        try:
+        with loop.ema_weights(model.unet):
             dtype = torch.float16 if m.get("export_dtype", "float16") == "float16" else None
             path.parent.mkdir(parents=True, exist_ok=True)
             write_marble(from_model(model, dtype=dtype), path)
-        finally:
-            model.unet.load_state_dict(live)
 
     def on_sample(step: int) -> None:
         write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -159,6 +160,17 @@ class TrainLoop:
                 bar.close()
             if log is not None:
                 log.close()
+
+    @contextmanager
+    def ema_weights(self, module: nn.Module):
+        """`module` carries the EMA weights inside the block and its training weights again after,
+        exactly (whatever the block raises)."""
+        live = {k: v.clone() for k, v in module.state_dict().items()}
+        self.ema.copy_to(module)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(live)
 
     def ema_module(self, make: Callable[[], nn.Module]) -> nn.Module:
         """A fresh copy of the module carrying the EMA weights."""

@@ -82,15 +82,12 @@ def write_lora(loop: TrainLoop, trainable: TrainableLora, table, path: Path, met
     """The EMA weights as a kohya file at `path` (None if it already exists: never overwritten)."""
     if path.exists():
         return None
-    live = {k: v.clone() for k, v in trainable.state_dict().items()}
-    loop.ema.copy_to(trainable)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return save_kohya(path, trainable.to_lora(path.stem), table, meta)
+        with loop.ema_weights(trainable):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return save_kohya(path, trainable.to_lora(path.stem), table, meta)
     except FileExistsError:
         return None
-    finally:
-        trainable.load_state_dict(live)
 
 
 def train_lora(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
@@ -170,13 +167,9 @@ def write_samples(loop: TrainLoop, trainable: TrainableLora, loaded: LoadedModel
     from marble.fileio import write_replace
     from marble.pipeline import Pipeline
 
-    live = {k: v.clone() for k, v in trainable.state_dict().items()}
-    loop.ema.copy_to(trainable)
-    try:
+    with loop.ema_weights(trainable):
         pipe = Pipeline(loaded)
         images = [pipe.generate_image(p, seed=s) for s in (0, 1) for p in prompts]
-    finally:
-        trainable.load_state_dict(live)
     w, h = images[0].size
     grid = Image.new("RGB", (w * len(prompts), h * 2))
     for i, im in enumerate(images):
