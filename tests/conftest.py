@@ -23,3 +23,25 @@ def tiny_loaded() -> LoadedModel:
 def tiny_pipe(tiny_loaded):
     from marble.pipeline import Pipeline
     return Pipeline(tiny_loaded)
+
+
+@pytest.fixture
+def stop_after_checkpoint(monkeypatch):
+    """stop(run, step): run() with the trainer stopping (KeyboardInterrupt) right after it has
+    saved the checkpoint of `step`, as a kill at that moment would leave the run; then the trainer
+    saves normally again."""
+    from marble.train.loop import TrainLoop
+    real_save = TrainLoop.save
+
+    def stop(run, step: int) -> None:
+        def save_then_die(self):
+            real_save(self)
+            if self.step == step:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(TrainLoop, "save", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            monkeypatch.setattr(TrainLoop, "save", real_save)
+    return stop

@@ -134,11 +134,10 @@ def test_the_initial_file_loads_and_generates_exactly_the_base_image(tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_tiny_run_writes_a_self_describing_file_and_resumes_exactly(tmp_path, monkeypatch):
+def test_a_tiny_run_writes_a_self_describing_file_and_resumes_exactly(tmp_path, stop_after_checkpoint):
     from marble.checkpoints.controlnet_files import read_controlnet
     from marble.checkpoints.resolve import load_model
     from marble.tensor_file import read_header
-    from marble.train.loop import TrainLoop
     straight = train(write_config(tmp_path, "straight"))
     base = load_model("tiny-random")
     meta = read_header(straight).metadata
@@ -149,17 +148,8 @@ def test_a_tiny_run_writes_a_self_describing_file_and_resumes_exactly(tmp_path, 
     assert any(cn.state[k].any() for k in cn.state if k.startswith("zero_convs.")), "the zero convs learned"
     assert (tmp_path / "straight" / "samples" / "final.png").exists()
 
-    real_save = TrainLoop.save
-
-    def save_then_die(self):
-        real_save(self)
-        if self.step == 2:
-            raise KeyboardInterrupt
     cfg = write_config(tmp_path, "killed")
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    stop_after_checkpoint(lambda: train(cfg), 2)
     assert not (tmp_path / "killed" / "controlnet.safetensors").exists()
     resumed = train(cfg, resume=True)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")

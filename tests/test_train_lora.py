@@ -144,21 +144,11 @@ def test_a_tiny_run_learns_and_leaves_the_base_untouched(folder, tmp_path, monke
     assert (tmp_path / "run" / "samples" / "final.png").exists()
 
 
-def test_resume_is_exact(folder, tmp_path, monkeypatch):
+def test_resume_is_exact(folder, tmp_path, stop_after_checkpoint):
     """A run stopped right after its step-4 checkpoint and resumed ends where an uninterrupted one does."""
-    from marble.train.loop import TrainLoop
     straight = train(write_config(tmp_path, "straight", folder, steps=7))
-    real_save = TrainLoop.save
-
-    def save_then_die(self):
-        real_save(self)
-        if self.step == 4:
-            raise KeyboardInterrupt
     cfg = write_config(tmp_path, "killed", folder, steps=7)
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    stop_after_checkpoint(lambda: train(cfg), 4)
     assert not (tmp_path / "killed" / "lora.safetensors").exists()
     resumed = train(cfg, resume=True)
     a, b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt"), load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
