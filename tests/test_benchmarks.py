@@ -1,5 +1,6 @@
 """The scripts under benchmarks/: their measures on exact cases, and that they run."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module      # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -25,6 +27,33 @@ def test_centred_correlation_is_exact_on_known_cases():
     c = torch.zeros(1, 1, 2, 2)
     c[0, 0, 0, 1], c[0, 0, 1, 0] = 1.0, -1.0
     assert layout.centred_correlation(b, c) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_position_axis_splits_axis_from_direction_on_known_cases():
+    axis = load_script("position_axis")
+    req = {"relation": "left of", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}
+
+    def det(shape, color, x, y):
+        return {"shape": shape, "color": color, "center": [x, y]}
+    C = axis.Counts
+    # red circle left of blue square: on the axis, the right way
+    assert axis.image_counts(req, [det("circle", "red", 10, 30), det("square", "blue", 50, 32)]) == C(1, 1, 1, 1)
+    # mirrored: on the axis, the wrong way
+    assert axis.image_counts(req, [det("circle", "red", 50, 30), det("square", "blue", 10, 32)]) == C(1, 1, 1, 0)
+    # stacked vertically: off the axis whatever the sign
+    assert axis.image_counts(req, [det("circle", "red", 10, 5), det("square", "blue", 12, 50)]) == C(1, 1, 0, 0)
+    # the prompt's colour is preferred over the first detection of the shape; a missing shape counts the image only
+    assert axis.image_counts(req, [det("circle", "green", 60, 30), det("circle", "red", 10, 30),
+                                   det("square", "blue", 50, 30)]) == C(1, 1, 1, 1)
+    assert axis.image_counts(req, [det("circle", "red", 10, 30)]) == C(1, 0, 0, 0)
+    above = {**req, "relation": "above"}    # image y grows downwards
+    assert axis.image_counts(above, [det("circle", "red", 30, 5), det("square", "blue", 32, 50)]) == C(1, 1, 1, 1)
+    result = {"prompts": [{"category": "position", "requirement": req, "images": [
+        {"detected": [det("circle", "red", 10, 30), det("square", "blue", 50, 32)]},
+        {"detected": [det("circle", "red", 50, 30), det("square", "blue", 10, 32)]}]},
+        {"category": "counting", "requirement": {}, "images": [{"detected": []}]}]}
+    assert axis.position_counts(result) == {"left of": C(2, 2, 2, 1)}
+    assert "| m | **all** | 2 | 2 | 2/2 (1.00) | 1/2 (0.50) |" in axis.markdown([("m", result)])
 
 
 def test_layout_source_runs_on_the_tiny_model(tiny_loaded):

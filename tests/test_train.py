@@ -130,6 +130,7 @@ def test_a_second_run_in_the_same_dir_needs_resume(tmp_path):
     assert p.returncode == 2 and "--resume" in err and "Traceback" not in err
 
 
+@pytest.mark.slow   # a subprocess training run or more (~25 s); CI runs it in `make test-slow`
 def test_resume_accepts_a_checkpoint_from_before_a_config_key_existed(tmp_path):
     from marble.train.checkpoint import save_checkpoint
     folder = make_folder(tmp_path / "data")
@@ -149,6 +150,7 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_key_existed(tmp_path):
     assert p.returncode == 2 and "different 'data'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow   # a subprocess training run or more (~25 s); CI runs it in `make test-slow`
 def test_ddp_with_two_processes_equals_single_process(tmp_path):
     """Same global batch of 4: 2 ranks x 2 vs 1 x 4. Gradients differ only by float summation order
     (the all-reduce averages two half-batch means, ~1e-7 relative). Adam divides by sqrt(v), so a
@@ -193,6 +195,7 @@ warmup = 0
 """
 
 
+@pytest.mark.slow   # a subprocess training run or more (~25 s); CI runs it in `make test-slow`
 def test_fine_tuning_starts_from_the_init_model(tmp_path):
     from marble.tensor_file import read_header
 
