@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from marble.data.shapes import COLORS, sample_scene
@@ -192,9 +193,17 @@ def test_eval_with_a_no_op_controlnet_reports_both_columns_equal(tmp_path):
     path = write_controlnet(ControlNetFile(net.config, net.state_dict(), tmp_path, "", "marble"),
                             tmp_path / "cn.safetensors", "marble", {"base_model_hash": loaded.hash})
     out = tmp_path / "eval.json"
+    sheet = tmp_path / "sheet.png"
     p = marble_cli("eval", "--model", "tiny-random", "--split", "heldout", "--prompts", "6", "--steps", "2",
-                   "--control", "sketch", "--control-model", path, "--json", out)
+                   "--control", "sketch", "--control-model", path, "--json", out, "--sheet", sheet)
     assert p.returncode == 0, p.stderr[-2000:]
+    # the sheet pairs each of the 6 results with its sketch: 12 tiles, 8 a row, so two rows,
+    # the first tile an input (grey frame) holding the first prompt's sketch
+    from marble.data.scene import Scene
+    from marble.eval.sheet import BORDER, FAIL, INPUT, PASS
+    img = Image.open(sheet).convert("RGB")
+    cell_w = 128 + 2 * BORDER
+    assert img.width == 8 * cell_w and img.getpixel((1, 1)) == INPUT and img.getpixel((cell_w + 1, 1)) in (PASS, FAIL)
     report = json.loads(out.read_text())
     assert report["control"] == "sketch" and report["control_model"]["base_model_hash"] == loaded.hash
     with_c, without = report["with_control"], report["without_control"]
@@ -205,6 +214,10 @@ def test_eval_with_a_no_op_controlnet_reports_both_columns_equal(tmp_path):
     assert strip(with_c) == strip(without)
     assert all(r["with"] == r["without"] for r in report["side_by_side"].values())
     assert set(report["scenes"]) == {row["prompt"] for row in with_c["prompts"]}
+    first = with_c["prompts"][0]["prompt"]
+    scene = Scene.from_dict(report["scenes"][first])
+    drawn = sketch(scene, scene.size).resize((128, 128), Image.NEAREST)
+    assert img.crop((BORDER, BORDER, BORDER + 128, BORDER + 128)).tobytes() == drawn.convert("RGB").tobytes()
     assert "with ControlNet" in p.stdout
 
 

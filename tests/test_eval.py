@@ -13,7 +13,7 @@ from marble.eval.detector import Detection
 from marble.eval.probe import ATTRIBUTES, probe_prompts, reference, run_probe, tv_floor
 from marble.eval.prompts import (CATEGORIES, DEFAULT_COUNTS, Need, Requirement, build_prompts, is_heldout,
                                  render_truth, scale_counts)
-from marble.eval.sheet import FAIL, PASS, contact_sheet
+from marble.eval.sheet import FAIL, INPUT, PASS, contact_sheet
 from marble.eval.verdict import judge
 
 
@@ -163,6 +163,8 @@ def test_contact_sheet_frames_pass_and_fail():
     assert sheet.width == 4 * cell_w and sheet.height > 2 * 72
     assert sheet.getpixel((1, 1)) == PASS and sheet.getpixel((cell_w + 1, 1)) == FAIL
     assert sheet.getpixel((cell_w // 2, 36)) == (255, 255, 255)       # the image itself
+    inputs = contact_sheet([(Image.new("RGB", (64, 64)), None, "sketch"), tiles[0]], tile=64)
+    assert inputs.getpixel((1, 1)) == INPUT and inputs.getpixel((cell_w + 1, 1)) == PASS
     with pytest.raises(ValueError):
         contact_sheet([])
 

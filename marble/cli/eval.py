@@ -138,7 +138,7 @@ def eval_command(
                                      threads, lora, dtype, trace, keep_tiles=sheet is not None)
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
-            _write_sheet(sheet, tiles)
+            _write_sheet(sheet, tiles, group=2)
         return
     prompt_list = build_prompts(split, scale_counts(prompts))
     generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace,
@@ -229,11 +229,14 @@ def _probe(generate, seeds: int) -> dict:
     return {"probe_seeds": probe_seeds, "probe": probe, "probe_seconds": round(time.perf_counter() - start, 3)}
 
 
-def _write_sheet(sheet: Path, tiles: list) -> None:
+def _write_sheet(sheet: Path, tiles: list, group: int = 1) -> None:
+    """At most SHEET_TILES tiles, spread over the prompts; `group` tiles that belong together (a
+    control image and its result) are kept or dropped together."""
     from marble.eval.sheet import contact_sheet
+    groups = [tiles[i:i + group] for i in range(0, len(tiles), group)]
     step = max(1, -(-len(tiles) // SHEET_TILES))
     buf = io.BytesIO()
-    contact_sheet(tiles[::step]).save(buf, format="PNG")
+    contact_sheet([t for g in groups[::step] for t in g]).save(buf, format="PNG")
     _write_new(sheet, buf.getvalue(), "--sheet")
 
 
@@ -273,6 +276,7 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
     from marble.adapters.controlnet import ControlSpec
     from marble.errors import ModelLoadError
     from marble.eval.benchmark import markdown_table
+    from marble.data.sketch import sketch
     from marble.eval.control import bar_verdict, comparison_table, prompt_scenes, side_by_side, sketch_source
     from marble.request import GenerationRequest, resolve
 
@@ -297,9 +301,12 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
     def plain(prompt: str, seed: int):
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
 
-    scenes = prompt_scenes(prompt_list, min(req.width, req.height))
-    with_result, tiles = _run(sketch_source(controlled, scenes, min(req.width, req.height)), prompt_list,
-                              seed_list, f"{split} + sketch", keep_tiles)
+    size = min(req.width, req.height)
+    scenes = prompt_scenes(prompt_list, size)
+    with_result, tiles = _run(sketch_source(controlled, scenes, size), prompt_list, seed_list, f"{split} + sketch",
+                              keep_tiles)
+    # the sheet pairs each result with the sketch that steered it (a tile's caption is "[category] text")
+    tiles = [t for tile in tiles for t in ((sketch(scenes[tile[2].split("] ", 1)[1]], size), None, "sketch"), tile)]
     without_result, _ = _run(plain, prompt_list, seed_list, split, False)
     with_d, without_d = with_result.to_dict(), without_result.to_dict()
     table = side_by_side(with_d, without_d)

@@ -1,12 +1,13 @@
 """A contact sheet of benchmark samples: each image enlarged, framed green (pass) or red (fail),
-with its verdict, seed and prompt written under it."""
+with its verdict, seed and prompt written under it. A tile whose verdict is None is an input
+shown beside its result (the control image of `marble eval --control`), framed grey."""
 from __future__ import annotations
 
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-PASS, FAIL = (40, 170, 70), (215, 40, 40)
+PASS, FAIL, INPUT = (40, 170, 70), (215, 40, 40), (150, 150, 150)
 BORDER = 4
 TEXT_LINES = 3
 
@@ -27,9 +28,10 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int) ->
     return out
 
 
-def contact_sheet(tiles: Sequence[tuple[Image.Image, bool, str]], columns: int = 8, tile: int = 128) -> Image.Image:
-    """tiles: (image, passed, caption). Images are scaled to `tile` pixels (nearest neighbour, so
-    pixels stay visible)."""
+def contact_sheet(tiles: Sequence[tuple[Image.Image, bool | None, str]], columns: int = 8,
+                  tile: int = 128) -> Image.Image:
+    """tiles: (image, passed, caption); passed None marks an input tile. Images are scaled to `tile`
+    pixels (nearest neighbour, so pixels stay visible)."""
     if not tiles:
         raise ValueError("a contact sheet needs at least one image")
     font = ImageFont.load_default()
@@ -41,11 +43,12 @@ def contact_sheet(tiles: Sequence[tuple[Image.Image, bool, str]], columns: int =
     draw = ImageDraw.Draw(sheet)
     for i, (image, passed, caption) in enumerate(tiles):
         x, y = (i % columns) * cell_w, (i // columns) * cell_h
-        color = PASS if passed else FAIL
+        color = INPUT if passed is None else PASS if passed else FAIL
         draw.rectangle([x, y, x + cell_w - 1, y + tile + 2 * BORDER - 1], fill=color)
         sheet.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (x + BORDER, y + BORDER))
         ty = y + tile + 2 * BORDER + 2
-        draw.text((x + 2, ty), "PASS" if passed else "FAIL", fill=color, font=font)
+        label = "INPUT" if passed is None else "PASS" if passed else "FAIL"
+        draw.text((x + 2, ty), label, fill=color, font=font)
         for k, line in enumerate(_wrap(draw, caption, font, cell_w - 4, TEXT_LINES)):
             draw.text((x + 2, ty + line_h * (k + 1)), line, fill=(0, 0, 0), font=font)
     return sheet
