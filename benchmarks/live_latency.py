@@ -9,7 +9,7 @@ the built-in fast model on a 2-core CPU). Exit status 1 over the bar.
 
     python benchmarks/live_latency.py [--model builtin] [--live-model PATH] [--live-steps 4]
         [--live-sampler "DPM++ 2M"] [--live-cfg 1] [--debounce-ms 100] [--delay-ms 300]
-        [--threads 2] [--bar-ms 200] [--json out.json]
+        [--threads 2] [--trace] [--bar-ms 200] [--json out.json]
 
 Without --live-model it uses models/builtin-lcm.safetensors when that exists (the distilled
 few-step model), else the built-in model at the stand-in fast setting (marble.server.live).
@@ -69,9 +69,9 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, trace=args.trace)
     live_spec = args.live_model or default_live_model(args.model)
-    live_pipe = load_pipeline(live_spec) if live_spec else None
+    live_pipe = load_pipeline(live_spec, trace=args.trace) if live_spec else None
     live = LiveConfig(steps=args.live_steps, sampler=args.live_sampler, cfg=args.live_cfg,
                       own_model=live_pipe is not None, debounce_ms=args.debounce_ms)
     with tempfile.TemporaryDirectory() as out, \
@@ -101,7 +101,7 @@ def run(args) -> dict:
     want = np.asarray(chosen.generate(resolve(request, chosen.defaults)).images[0])
     latencies = got["latencies"]
     server_ms = [1000 * s["seconds"] for s in got["shown"]]
-    return {"cpu": cpu_model(), "threads": args.threads, "model": settings["model"], "steps": settings["steps"],
+    return {"cpu": cpu_model(), "threads": args.threads, "trace": args.trace, "model": settings["model"], "steps": settings["steps"],
             "sampler": settings["sampler"], "cfg": settings["cfg"], "size": f"{settings['width']}x{settings['height']}",
             "debounce_ms": args.debounce_ms, "delay_ms": args.delay_ms, "keys": len(PROMPT),
             "images": len(got["shown"]), "stale": len(got["stale"]), "final_equals_generate": bool(np.array_equal(drawn, want)),
@@ -119,11 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--debounce-ms", type=int, default=100)
     ap.add_argument("--delay-ms", type=float, default=300, help="time between keys (300 ms: about 40 words a minute)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trace", action="store_true", help="the U-Nets as TorchScript traces (marble serve --trace)")
     ap.add_argument("--bar-ms", type=float, default=200)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     r = run(args)
-    print(f"{r['cpu']}, {r['threads']} threads; {r['model']} {r['size']}: {r['steps']} steps {r['sampler']}, "
+    print(f"{r['cpu']}, {r['threads']} threads{', traced' if r['trace'] else ''}; {r['model']} {r['size']}: {r['steps']} steps {r['sampler']}, "
           f"CFG {r['cfg']:g}; debounce {r['debounce_ms']} ms, a key every {r['delay_ms']:g} ms")
     print(f"keystroke-to-image: median {r['median_ms']:.0f} ms, p90 {r['p90_ms']:.0f} ms over {r['keys']} keys "
           f"({r['images']} images, {r['stale']} stale); server time per image: median {r['server_median_ms']:.0f} ms")

@@ -117,7 +117,7 @@ def eval_command(
                                           "(flat-coloured silhouettes), is the control image of --control-model; "
                                           "the same prompts also run without it, side by side in the JSON."),
     control_model: Optional[Path] = typer.Option(None, "--control-model", help="The ControlNet for --control "
-                                                 "(default: models/builtin-controlnet.safetensors)."),
+                                                 "(default: the shipped models/controlnet/builtin-sketch.safetensors)."),
     deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Approximation: DeepCache interval, 1..100 (1 = off). Models only; docs/bench.md."),
     tome: Optional[float] = typer.Option(None, "--tome", help="Approximation: ToMe ratio, 0..0.75 (0 = off). Models only; docs/bench.md."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' (dynamic int8 U-Net transformers). Models only; docs/bench.md."),
@@ -243,7 +243,7 @@ def _write_sheet(sheet: Path, tiles: list, group: int = 1) -> None:
 # --- --control sketch: the benchmark controlled by each prompt's sketch (marble/eval/control.py) ---
 
 CONTROLS = ("sketch",)
-DEFAULT_CONTROLNET = "builtin-controlnet.safetensors"
+DEFAULT_CONTROLNET = "controlnet/builtin-sketch.safetensors"   # in models/controlnet: the server lists it too
 
 
 def check_control(control: str | None, control_model: Path | None, model: str, probe: bool) -> Path:
