@@ -29,8 +29,8 @@ def test_centred_correlation_is_exact_on_known_cases():
     assert layout.centred_correlation(b, c) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_position_axis_splits_axis_from_direction_on_known_cases():
-    axis = load_script("position_axis")
+def test_eval_table_position_splits_axis_from_direction_on_known_cases():
+    axis = load_script("eval_table")
     req = {"relation": "left of", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}
 
     def det(shape, color, x, y):
@@ -53,7 +53,7 @@ def test_position_axis_splits_axis_from_direction_on_known_cases():
         {"detected": [det("circle", "red", 50, 30), det("square", "blue", 10, 32)]}]},
         {"category": "counting", "requirement": {}, "images": [{"detected": []}]}]}
     assert axis.position_counts(result) == {"left of": C(2, 2, 2, 1)}
-    assert "| m | **all** | 2 | 2 | 2/2 (1.00) | 1/2 (0.50) |" in axis.markdown([("m", result)])
+    assert "| m | **all** | 2 | 2 | 2/2 (1.00) | 1/2 (0.50) |" in axis.position_table([("m", result)])
 
 
 def test_layout_source_runs_on_the_tiny_model(tiny_loaded):
