@@ -16,6 +16,10 @@ few-step model), else the built-in model at the stand-in fast setting (marble.se
 """
 from __future__ import annotations
 
+from marble.threads import quiet_spin
+
+quiet_spin()   # as `marble serve` does: libgomp's short spin, read when torch loads (Chromium shares the cores)
+
 import argparse
 import base64
 import io
