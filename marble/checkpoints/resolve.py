@@ -61,12 +61,14 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-               allow_pickle: bool = False, storage: torch.dtype | None = None) -> LoadedModel:
+               allow_pickle: bool = False, storage: torch.dtype | None = None, mapped: bool = False) -> LoadedModel:
     """A registered name or a path: a marble file, a diffusers folder, an SD single file (.safetensors;
     .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0. `storage`: keep
-    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast)."""
+    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast).
+    `mapped` (`--low-memory`): the weights a file stores in that dtype stay read-only views of the
+    file's memory map, whose pages the pipeline releases between stages (tensor_file.release)."""
     if storage is not None and storage != dtype:
-        loaded = load_model(spec, storage, prediction=prediction, allow_pickle=allow_pickle)
+        loaded = load_model(spec, storage, prediction=prediction, allow_pickle=allow_pickle, mapped=mapped)
         store_weights(loaded.model, storage, compute=dtype)
         return loaded
     spec = spec or DEFAULT_MODEL
@@ -81,6 +83,6 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
     if not path.exists():
         names = ", ".join([*SHIPPED, *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
-    ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
+    ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction, mapped=mapped)
     return LoadedModel(to_model(ckpt, dtype), spec if shipped else ckpt.name, ckpt.hash,
                        spec if shipped else str(path.resolve()))
