@@ -22,6 +22,7 @@ from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.skeleton import skeleton
 from marble.models.text import build_text_encoder, text_encoder_is_pretrained
+from marble.models.weight_cast import store_weights
 from marble.tensor_file import Header, map_tensors, read_header, read_tensors, safetensors_writer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -237,25 +238,30 @@ def component_dtype(config: LatentDiffusionConfig, key: str, dtype: torch.dtype)
 
 
 def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], source: Path,
-                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+                dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None) -> LatentDiffusion:
     """Build the networks without allocating weights (meta device), then adopt the loaded tensors:
-    peak memory stays near the size of the weights."""
+    peak memory stays near the size of the weights. `storage`: every floating tensor is kept in it
+    and the layers compute in `dtype` (weight_cast.store_weights; a decode_fp32 VAE then computes
+    in `dtype` too, so it needs no float32 copy)."""
     external = text_is_external(config)
     text = build_text_encoder(config.text) if external else None
     with skeleton():
         model = LatentDiffusion(config, text_encoder=text)
     expected = {k: v for k, v in model.state_dict().items() if not (external and k.startswith("text_encoder."))}
     check_keys(source, expected, state)
-    state = {k: (v.to(component_dtype(config, k, dtype)) if v.is_floating_point() else v) for k, v in state.items()}
+    state = {k: (v.to(storage or component_dtype(config, k, dtype)) if v.is_floating_point() else v)
+             for k, v in state.items()}
     model.load_state_dict(state, strict=not external, assign=True)
+    if storage is not None:
+        store_weights(model, storage, compute=dtype)
     return model.eval().requires_grad_(False)
 
 
-def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None) -> LatentDiffusion:
     """Build the model around the checkpoint's tensors (meta-device construction, then adoption:
-    no second copy when the tensors already have `dtype`)."""
+    no second copy when the tensors already have `dtype`, or `storage` when given: build_model)."""
     state, ckpt.state = ckpt.state, {}   # hand the tensors over, so a cast can free the originals
-    model = build_model(ckpt.config, state, ckpt.source, dtype)
+    model = build_model(ckpt.config, state, ckpt.source, dtype, storage)
     model.source = str(ckpt.source)
     return model
 
