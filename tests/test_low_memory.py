@@ -136,3 +136,25 @@ def test_a_truncated_or_corrupt_file_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 2 and "truncated or corrupt" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generate_low_memory_writes_the_same_png_and_records_nothing(tmp_path):
+    """`marble generate --low-memory`: the same pixels and the same record (nothing in it says how
+    the weights were held: it cannot change the image)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from marble.cli import app
+    from marble.png import read_record
+    path = write_marble(from_model(random_model(tiny_sdxl, seed=8), dtype=torch.float16), tmp_path / "m.safetensors")
+    pngs = []
+    for flag in ([], ["--low-memory"]):
+        out = tmp_path / f"out{len(pngs)}"
+        result = CliRunner().invoke(app, ["generate", "a red cat", "--model", str(path), "--weights", "fp16", "--seed", "2",
+                                          "--steps", "2", "--sampler", "Euler", "--size", "32x32", "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        (png,) = out.glob("*.png")
+        pngs.append(png)
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in pngs)
+    assert np.array_equal(a, b)
+    assert read_record(pngs[0]) == read_record(pngs[1])
