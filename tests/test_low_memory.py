@@ -158,3 +158,17 @@ def test_generate_low_memory_writes_the_same_png_and_records_nothing(tmp_path):
     a, b = (np.asarray(Image.open(p).convert("RGB")) for p in pngs)
     assert np.array_equal(a, b)
     assert read_record(pngs[0]) == read_record(pngs[1])
+
+
+def test_a_mapped_base_and_refiner_give_the_same_pixels(tmp_path):
+    """Base and refiner both file-backed: both text encoders released before sampling, both U-Nets
+    before the decode; the images equal those of the two models read into RAM."""
+    paths = [write_marble(from_model(random_model(lambda r=r: tiny_sdxl(r), seed=9), dtype=torch.float16),
+                          tmp_path / f"{name}.safetensors") for r, name in ((False, "base"), (True, "refiner"))]
+    results = []
+    for mapped in (False, True):
+        base, refiner = (load_model(str(p), storage=torch.float16, mapped=mapped) for p in paths)
+        inside, total = mapped_bytes(refiner.model, paths[1])
+        assert inside == (total if mapped else 0)
+        results.append(images(Pipeline(base, refiner=refiner, refiner_switch=0.5), n=2))
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
