@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import json
 import math
 import mmap
@@ -185,36 +186,46 @@ def _read_only_file_maps() -> list[tuple[int, int]]:
     return spans
 
 
-def release(tensors: Iterable[torch.Tensor]) -> int:
-    """Drop this process's pages of the memory-mapped tensors among `tensors` (madvise
-    MADV_DONTNEED on their page-rounded byte ranges), so RSS no longer counts them; the next read
-    re-faults them from the page cache (or the disk, if the kernel evicted them), bit for bit the
-    file's bytes. Tensors that are not mapped are left alone. Returns the bytes released."""
+def _mapped_storages(tensors: Iterable[torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """{storage address: (its bytes, end of the read-only file mapping it lies in)} for the tensors
+    among `tensors` that are views of such a mapping."""
     spans = sorted(_read_only_file_maps())
-    if not spans:
-        return 0
     starts = [start for start, _ in spans]
-    ranges = set()
+    found = {}
     for t in tensors:
         storage = t.untyped_storage()
         begin = storage.data_ptr()
         i = bisect.bisect_right(starts, begin) - 1
         if i >= 0 and begin < spans[i][1]:
-            lo = begin - begin % _PAGE
-            hi = min(spans[i][1], -(-(begin + storage.nbytes()) // _PAGE) * _PAGE)
-            ranges.add((lo, hi))
+            found[begin] = (storage.nbytes(), spans[i][1])
+    return found
+
+
+def mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """How many bytes of `tensors` are views of a read-only file mapping (each storage once)."""
+    return sum(n for n, _ in _mapped_storages(tensors).values())
+
+
+@functools.cache
+def _madvise():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    done, merged = 0, []
-    for lo, hi in sorted(ranges):   # merge neighbours: one call per run of adjacent tensors
-        if merged and lo <= merged[-1][1]:
+    return libc.madvise
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop this process's pages of the memory-mapped tensors among `tensors` (madvise
+    MADV_DONTNEED on their page-rounded byte ranges), so RSS no longer counts them; the next read
+    re-faults them from the page cache (or the disk, if the kernel evicted them), bit for bit the
+    file's bytes. Tensors that are not mapped are left alone. Returns the bytes released."""
+    merged: list[list[int]] = []
+    for begin, (nbytes, end) in sorted(_mapped_storages(tensors).items()):
+        lo, hi = begin - begin % _PAGE, min(end, -(-(begin + nbytes) // _PAGE) * _PAGE)
+        if merged and lo <= merged[-1][1]:   # neighbours: one call per run of adjacent tensors
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
-    for lo, hi in merged:
-        if libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
-            done += hi - lo
-    return done
+    return sum(hi - lo for lo, hi in merged if _madvise()(lo, hi - lo, _MADV_DONTNEED) == 0)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

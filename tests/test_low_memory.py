@@ -158,6 +158,10 @@ def test_generate_low_memory_writes_the_same_png_and_records_nothing(tmp_path):
     a, b = (np.asarray(Image.open(p).convert("RGB")) for p in pngs)
     assert np.array_equal(a, b)
     assert read_record(pngs[0]) == read_record(pngs[1])
+    assert "--low-memory" not in result.output   # everything mapped: no warning
+    result = CliRunner().invoke(app, ["generate", "a red cat", "--model", str(path), "--steps", "1", "--size", "32x32",
+                                      "--out", str(tmp_path / "f32"), "--low-memory"])
+    assert result.exit_code == 0 and "--low-memory: none of m's weights are mapped" in result.output, result.output
 
 
 def test_a_mapped_base_and_refiner_give_the_same_pixels(tmp_path):

@@ -231,6 +231,8 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
                              lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
                              decoder=decoder, control_dir=control_dir, storage=storage, quantize=quantize,
                              mapped=mapped, **({} if dtype is None else {"dtype": dtype}))
+        if mapped:
+            check_mapped(pipe)
         defaults = pipe.defaults if max_pixels is None else replace(pipe.defaults, max_pixels=max_pixels)
         resolved = resolve(request, defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
@@ -238,6 +240,15 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
+
+
+def check_mapped(pipe: Pipeline) -> None:
+    """--low-memory maps only the tensors a .safetensors file stores in the dtype they are kept in:
+    one line when that is none of them (an fp16 file without --weights fp16: every tensor widened)."""
+    from marble.tensor_file import mapped_bytes
+    if mapped_bytes(pipe.model.parameters()) == 0:
+        warn(f"--low-memory: none of {pipe.name}'s weights are mapped (they are cast or not in a .safetensors "
+             "file); for an fp16 file, add --weights fp16")
 
 
 def read_quantize(name: str | None) -> str | None:

@@ -97,7 +97,7 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
-    from marble.cli.generate import read_quantize, read_weights
+    from marble.cli.generate import check_mapped, read_quantize, read_weights
     quantize = read_quantize(quantize)
     # int8 kernels take float32 activations: auto means fp32 with --quantize
     compute_dtype = read_dtype("fp32" if dtype == "auto" and quantize else dtype)
@@ -122,6 +122,8 @@ def serve(
                                        storage=storage, control_dir=controlnet_dir,
                                        max_control_units=max_control_units, quantize=quantize,
                                        mapped=low_memory))
+            if low_memory:
+                check_mapped(pipes[-1])
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
