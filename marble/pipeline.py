@@ -44,6 +44,7 @@ from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import encode_prompts, prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
+from marble.tensor_file import release
 
 Callback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0 estimate in latent space)
 
@@ -54,6 +55,13 @@ class GenerationResult:
     records: list[GenerationRecord]
     request: ResolvedRequest
     warnings: list[str] = field(default_factory=list)
+
+
+def release_weights(*networks) -> None:
+    """Hand back the pages of the networks' memory-mapped weights (`--low-memory`) at the end of
+    their stage, so the next stage's activations do not sit on top of them; the next use re-faults
+    them from the page cache, the file's bytes. Weights held in RAM are untouched: a no-op then."""
+    release(t for net in networks if net is not None for t in (*net.parameters(), *net.buffers()))
 
 
 def pil_to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -390,6 +398,7 @@ class Pipeline:
                                  control=self.control_units(req, req.width, req.height), deepcache=req.deepcache)
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
+        models = [m] if self.refiner is None else [m, self.refiner.model]
         shape = (1, m.latent_channels, req.height // m.latent_factor, req.width // m.latent_factor)
 
         hires_sigmas = hires_denoiser = None
@@ -406,6 +415,7 @@ class Pipeline:
                                            deepcache=req.deepcache)
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
+        release_weights(*(n.text_encoder for n in models), m.vae)   # stage over: prompts (and init image) encoded
         decoder = self.decoder if self.decoder is not None else \
             (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
@@ -423,7 +433,9 @@ class Pipeline:
                     start = self.hires_start(req, x, size)
                     x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
                                     callback=progress(i, len(sigmas) - 1))
+            release_weights(*(n.unet for n in models))   # the decode runs without the U-Nets' pages
             images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
+            release_weights(*(n.vae for n in models))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]
             mask_l = Image.fromarray((mask[0, 0].float().cpu().numpy() * 255).round().astype(np.uint8))
@@ -469,12 +481,14 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
                   refiner: str | None = None, refiner_switch: float = 0.8, preview_decoder: Path | None = None,
                   decoder: Path | None = None, trace: bool = False, control_dir: Path | None = None,
                   max_control_units: int = 3, storage: torch.dtype | None = None,
-                  quantize: str | None = None) -> Pipeline:
+                  quantize: str | None = None, mapped: bool = False) -> Pipeline:
     """`preview_decoder`, `decoder`: TAESD files (marble.checkpoints.taesd_file) for step previews
     and for the final decode instead of the VAE; `trace`: the U-Net as a TorchScript trace; `storage`: keep the weights in fp16/bf16
-    and compute in `dtype` (marble.models.weight_cast); `quantize`: "int8" (marble.models.quantize)."""
-    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage)
-    second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage) if refiner else None
+    and compute in `dtype` (marble.models.weight_cast); `quantize`: "int8" (marble.models.quantize);
+    `mapped` (`--low-memory`): weights stay views of the model files' memory maps, released between
+    stages (the same pixels, less resident memory; resolve.load_model)."""
+    base = load_model(model, dtype, prediction=prediction, allow_pickle=allow_pickle, storage=storage, mapped=mapped)
+    second = load_model(refiner, dtype, allow_pickle=allow_pickle, storage=storage, mapped=mapped) if refiner else None
     preview = read_taesd(preview_decoder).to(base.model.device) if preview_decoder else None
     final = read_taesd(decoder).to(base.model.device) if decoder else None
     return Pipeline(base, lora_dir, lora_lenient, refiner=second, refiner_switch=refiner_switch,

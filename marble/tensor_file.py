@@ -15,12 +15,23 @@ the file is closed, so an fp16 file peaks at 1.49x the loaded weights (this read
 test's bound is 1.3x). Without a cast its tensors stay views of the mapping (0.12x at load, the
 weights then live in file-backed pages a later write to the file would change under the model).
 Its `save` builds the whole file in memory before writing; the writer here streams.
+
+Opt-in, `map_tensors` (marble's `--low-memory`) does what the reader above avoids on purpose: each
+tensor stored in the wanted dtype becomes a zero-copy view of a private, read-only memory map of
+the file, so `release` can hand its pages back to the kernel while another stage runs (the next
+use re-faults them from the page cache). A write into a mapped tensor faults (the mapping is
+read-only): a released page always comes back as the file's bytes, never as something else.
 """
 from __future__ import annotations
 
+import bisect
+import ctypes
+import functools
 import json
 import math
+import mmap
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable
@@ -128,6 +139,93 @@ def read_tensors(header: Header, names: Iterable[str] | None = None,
                 yield name, tensor
     except OSError as e:
         raise ModelLoadError(f"cannot read {header.path}: {e.strerror or e}") from None
+
+
+def map_tensors(header: Header, names: Iterable[str] | None = None,
+                dtype: torch.dtype | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """As read_tensors, but a tensor already in `dtype` (or any, when None) whose offset suits its
+    dtype is a read-only view of a private memory map of the file, not a copy. The others are read
+    (and cast) as read_tensors does. The file must not be written in place while mapped."""
+    wanted = header.entries if names is None else {k: header.entries[k] for k in names}
+    try:
+        with open(header.path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+            for name in sorted(wanted, key=lambda k: wanted[k].begin):
+                e = wanted[name]
+                keep = dtype is None or not e.dtype.is_floating_point or e.dtype == dtype
+                itemsize = torch.empty((), dtype=e.dtype).element_size()
+                if not keep or not e.nbytes or e.begin % itemsize or e.end > len(mapping):
+                    tensor = _read_into(f, e, header.path, name)
+                    yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                    continue
+                with warnings.catch_warnings():   # torch warns that the buffer is read-only: on purpose
+                    warnings.simplefilter("ignore", UserWarning)
+                    flat = torch.frombuffer(mapping, dtype=e.dtype, count=e.nbytes // itemsize, offset=e.begin)
+                yield name, flat.view(e.shape)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {header.path}: {e.strerror or e}") from None
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4   # linux/mman.h
+
+
+def _read_only_file_maps() -> list[tuple[int, int]]:
+    """[start, end) of this process's read-only private file mappings (/proc/self/maps, Linux):
+    the only pages `release` ever drops, since their content is always the file's."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1] == "r--p" and fields[5].startswith("/"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        return []
+    return spans
+
+
+def _mapped_storages(tensors: Iterable[torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """{storage address: (its bytes, end of the read-only file mapping it lies in)} for the tensors
+    among `tensors` that are views of such a mapping."""
+    spans = sorted(_read_only_file_maps())
+    starts = [start for start, _ in spans]
+    found = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        begin = storage.data_ptr()
+        i = bisect.bisect_right(starts, begin) - 1
+        if i >= 0 and begin < spans[i][1]:
+            found[begin] = (storage.nbytes(), spans[i][1])
+    return found
+
+
+def mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """How many bytes of `tensors` are views of a read-only file mapping (each storage once)."""
+    return sum(n for n, _ in _mapped_storages(tensors).values())
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop this process's pages of the memory-mapped tensors among `tensors` (madvise
+    MADV_DONTNEED on their page-rounded byte ranges), so RSS no longer counts them; the next read
+    re-faults them from the page cache (or the disk, if the kernel evicted them), bit for bit the
+    file's bytes. Tensors that are not mapped are left alone. Returns the bytes released."""
+    merged: list[list[int]] = []
+    for begin, (nbytes, end) in sorted(_mapped_storages(tensors).items()):
+        lo, hi = begin - begin % _PAGE, min(end, -(-(begin + nbytes) // _PAGE) * _PAGE)
+        if merged and lo <= merged[-1][1]:   # neighbours: one call per run of adjacent tensors
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return sum(hi - lo for lo, hi in merged if _madvise()(lo, hi - lo, _MADV_DONTNEED) == 0)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -38,11 +38,32 @@ def test_sdxl_bench_runs_marble_and_diffusers_in_subprocesses_on_the_same_weight
     assert sum("subprocess" in line for line in lines) == 2
 
 
+def test_low_memory_side_maps_its_weights_and_computes_the_same_bits():
+    """--low-memory: the weights go through a file and come back as views of its memory map, the
+    VAE's pages released before the U-Net call and the U-Net's before the decode: the same U-Net
+    output, bit for bit, and the table says which mode ran."""
+    import numpy as np
+
+    from marble.models.vae import AutoencoderKL
+    base = SdxlBenchSettings(size=64, weights="fp16", config=config_to_dict(tiny_sdxl()), threads=1, warmup=False)
+    low = SdxlBenchSettings(**{**base.__dict__, "low_memory": True})
+    plain = run_sdxl_bench(base, log=lambda _: None, diffusers=False).sides["marble"]
+    report = run_sdxl_bench(low, log=lambda _: None, diffusers=False)
+    mapped = report.sides["marble"]
+    assert np.array_equal(mapped.output, plain.output) and mapped.weights_gb == plain.weights_gb
+    unet_gb = mapped.weights_gb - sum(2 * p.numel() for p in AutoencoderKL(tiny_sdxl().vae).parameters()) / 1e9
+    assert plain.released_gb == 0 and unet_gb <= mapped.released_gb < unet_gb + 1e-4   # its pages, to a page each
+    assert report.markdown().splitlines()[2] == "| | marble (fp16 weights, fp32 compute, --low-memory) |"
+    assert json.loads(report.to_json())["settings"]["low_memory"] is True
+    assert report.markdown().splitlines()[11].startswith("| released before the decode (--low-memory) |")
+
+
 def test_bench_cli_refuses_a_bad_arch_or_weights_in_one_line():
     from typer.testing import CliRunner
 
     from marble.cli import app
     for args, message in ((["--arch", "sd3"], "--arch must be sd15 or sdxl"),
-                          (["--arch", "sdxl", "--weights", "int8"], "--weights must be one of fp32, fp16, bf16")):
+                          (["--arch", "sdxl", "--weights", "int8"], "--weights must be one of fp32, fp16, bf16"),
+                          (["--arch", "sd15", "--low-memory"], "--low-memory is an option of --arch sdxl")):
         r = CliRunner().invoke(app, ["bench", *args])
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -22,7 +22,8 @@ from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from marble.models.skeleton import skeleton
 from marble.models.text import build_text_encoder, text_encoder_is_pretrained
-from marble.tensor_file import Header, read_header, read_tensors, safetensors_writer
+from marble.models.weight_cast import store_weights
+from marble.tensor_file import Header, map_tensors, read_header, read_tensors, safetensors_writer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -71,33 +72,37 @@ class TensorSource(Protocol):
 
 
 class SafetensorsSource:
-    """One safetensors file, or the shards of one component (diffusers' *.safetensors.index.json)."""
+    """One safetensors file, or the shards of one component (diffusers' *.safetensors.index.json).
+    `mapped`: tensors already in the dtype asked for are views of a read-only memory map of the
+    file, not copies (tensor_file.map_tensors; `--low-memory`)."""
 
-    def __init__(self, headers: list[Header], path: Path):
-        self.headers, self.path = headers, path
+    def __init__(self, headers: list[Header], path: Path, mapped: bool = False):
+        self.headers, self.path, self.mapped = headers, path, mapped
         self._owner = {name: h for h in headers for name in h.entries}
 
     @classmethod
-    def open(cls, path: Path) -> "SafetensorsSource":
-        return cls([read_header(path)], Path(path))
+    def open(cls, path: Path, mapped: bool = False) -> "SafetensorsSource":
+        return cls([read_header(path)], Path(path), mapped)
 
     def shapes(self):
         return {k: (e.shape, e.dtype) for h in self.headers for k, e in h.entries.items()}
 
     def read(self, names, dtype):
         names = set(names)
+        reader = map_tensors if self.mapped else read_tensors
         for h in self.headers:
-            yield from read_tensors(h, [n for n in h.entries if n in names], dtype)
+            yield from reader(h, [n for n in h.entries if n in names], dtype)
 
 
-def open_source(path: Path, allow_pickle: bool) -> TensorSource:
-    """The tensors of one file: safetensors, or a pickle only when the user allowed it."""
+def open_source(path: Path, allow_pickle: bool, mapped: bool = False) -> TensorSource:
+    """The tensors of one file: safetensors (memory-mapped where `mapped`), or a pickle only when
+    the user allowed it."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise pickle_refused(path)
         return PickleSource(path)
-    return SafetensorsSource.open(path)
+    return SafetensorsSource.open(path, mapped)
 
 
 def pickle_refused(path: Path) -> ModelLoadError:
@@ -171,7 +176,8 @@ def convert_state(source: TensorSource, to_marble: ToMarble, expected: dict[str,
     check_keys(source.path, {describe(k): v for k, v in expected.items()}, found_named)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in source.read(used, dtype):
-        state.update(to_marble(name, tensor))
+        # a transposed view of a mapped tensor would slow every call: copied (contiguous views stay)
+        state.update((k, t.contiguous()) for k, t in to_marble(name, tensor))
     return state
 
 
@@ -232,25 +238,30 @@ def component_dtype(config: LatentDiffusionConfig, key: str, dtype: torch.dtype)
 
 
 def build_model(config: LatentDiffusionConfig, state: dict[str, torch.Tensor], source: Path,
-                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+                dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None) -> LatentDiffusion:
     """Build the networks without allocating weights (meta device), then adopt the loaded tensors:
-    peak memory stays near the size of the weights."""
+    peak memory stays near the size of the weights. `storage`: every floating tensor is kept in it
+    and the layers compute in `dtype` (weight_cast.store_weights; a decode_fp32 VAE then computes
+    in `dtype` too, so it needs no float32 copy)."""
     external = text_is_external(config)
     text = build_text_encoder(config.text) if external else None
     with skeleton():
         model = LatentDiffusion(config, text_encoder=text)
     expected = {k: v for k, v in model.state_dict().items() if not (external and k.startswith("text_encoder."))}
     check_keys(source, expected, state)
-    state = {k: (v.to(component_dtype(config, k, dtype)) if v.is_floating_point() else v) for k, v in state.items()}
+    state = {k: (v.to(storage or component_dtype(config, k, dtype)) if v.is_floating_point() else v)
+             for k, v in state.items()}
     model.load_state_dict(state, strict=not external, assign=True)
+    if storage is not None:
+        store_weights(model, storage, compute=dtype)
     return model.eval().requires_grad_(False)
 
 
-def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+def to_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None) -> LatentDiffusion:
     """Build the model around the checkpoint's tensors (meta-device construction, then adoption:
-    no second copy when the tensors already have `dtype`)."""
+    no second copy when the tensors already have `dtype`, or `storage` when given: build_model)."""
     state, ckpt.state = ckpt.state, {}   # hand the tensors over, so a cast can free the originals
-    model = build_model(ckpt.config, state, ckpt.source, dtype)
+    model = build_model(ckpt.config, state, ckpt.source, dtype, storage)
     model.source = str(ckpt.source)
     return model
 

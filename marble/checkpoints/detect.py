@@ -53,16 +53,17 @@ def detect_kind(path: Path, allow_pickle: bool = False) -> str:
 
 
 def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                    prediction: str | None = None) -> Checkpoint:
+                    prediction: str | None = None, mapped: bool = False) -> Checkpoint:
     """Read any supported model into marble keys. `dtype` casts floating tensors while reading
     (None keeps them as stored, for lossless conversion); `prediction` ("eps" | "v" | "x0")
-    overrides what the files say or imply."""
+    overrides what the files say or imply; `mapped`: safetensors tensors already in `dtype` are
+    views of a read-only memory map of the file (`--low-memory`), the rest copies."""
     path = Path(path).expanduser()
     kind = detect_kind(path, allow_pickle)
     if kind == "diffusers":
-        ckpt = read_diffusers(path, dtype, allow_pickle)
+        ckpt = read_diffusers(path, dtype, allow_pickle, mapped)
     elif kind == "marble":
-        ckpt = read_marble(path, dtype)
+        ckpt = read_marble(path, dtype, mapped)
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         source = PickleSource(path)
         refuse_unsupported(source.tensors, path)
@@ -70,7 +71,7 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, allow
             raise ModelLoadError(f"{path} holds no Stable Diffusion weights (no model.diffusion_model.* keys)")
         ckpt = read_single_file(path, dtype, allow_pickle=True, prediction=prediction, source=source)
     else:
-        ckpt = read_single_file(path, dtype, prediction=prediction)
+        ckpt = read_single_file(path, dtype, prediction=prediction, mapped=mapped)
     return with_few_step(ckpt.with_prediction(prediction))
 
 

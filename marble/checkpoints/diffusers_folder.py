@@ -226,12 +226,13 @@ def tokenizer_pad_id(folder: Path) -> int:
 
 # --- weights ---------------------------------------------------------------------------------------
 
-def _component_source(folder: Path, component: str, allow_pickle: bool) -> tuple[TensorSource, list[Path]]:
+def _component_source(folder: Path, component: str, allow_pickle: bool,
+                      mapped: bool = False) -> tuple[TensorSource, list[Path]]:
     d = folder / component
     stem = WEIGHT_FILES[component]
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (d / name).is_file():
-            return SafetensorsSource.open(d / name), [d / name]
+            return SafetensorsSource.open(d / name, mapped), [d / name]
     for name in (f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors.index.json"):
         if (d / name).is_file():
             shards = sorted(set(_json(d / name).get("weight_map", {}).values()))
@@ -239,7 +240,7 @@ def _component_source(folder: Path, component: str, allow_pickle: bool) -> tuple
             for p in paths:
                 if p.parent != d or not p.is_file():
                     raise ModelLoadError(f"{d / name} names a missing shard {p.name}")
-            return SafetensorsSource([read_header(p) for p in paths], d / name), paths
+            return SafetensorsSource([read_header(p) for p in paths], d / name, mapped), paths
     pickle = d / PICKLE_FILES[component]
     if pickle.is_file():
         return open_source(pickle, allow_pickle), [pickle]
@@ -308,7 +309,8 @@ def _tower_to_marble(i: int):
     return to_marble
 
 
-def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Checkpoint:
+def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                   mapped: bool = False) -> Checkpoint:
     folder = Path(folder)
     index = _json(folder / "model_index.json")
     refuse_unsupported_pipeline(folder, index)
@@ -368,7 +370,7 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
         [(c, _tower_to_marble(i)) for i, c in enumerate(towers)]
     for component, to_marble, forward in (("unet", unet_to_marble, unet_fwd), ("vae", vae_to_marble, vae_fwd),
                                           *((c, fn, None) for c, fn in texts)):
-        source, paths = _component_source(folder, component, allow_pickle)
+        source, paths = _component_source(folder, component, allow_pickle, mapped)
         files += paths
         prefix = component + "." if not (xl and component.startswith("text_encoder")) else \
             f"text_encoder.encoders.{towers.index(component)}."

@@ -35,7 +35,7 @@ def _write(path: Path, fmt: str, config, state: dict[str, torch.Tensor]) -> Path
 
 
 def _read(path: Path, fmt: str, cls: type, what: str, expected: Callable[[object], dict[str, torch.Tensor]],
-          dtype: torch.dtype | None):
+          dtype: torch.dtype | None, mapped: bool = False):
     """(config, state) of a file in one of marble's formats, keys checked against `expected(config)`."""
     path = Path(path)
     if not path.is_file():
@@ -44,13 +44,14 @@ def _read(path: Path, fmt: str, cls: type, what: str, expected: Callable[[object
     if header.metadata.get("format") != fmt:
         raise ModelLoadError(f"{path} is a safetensors file but not a {what} (no {what} config in its metadata)")
     config = config_from_metadata(path, header.metadata.get("config"), cls, what)
-    state = convert_state(SafetensorsSource([header], path), lambda k, t: [(k, t)], expected(config), dtype)
+    state = convert_state(SafetensorsSource([header], path, mapped), lambda k, t: [(k, t)], expected(config), dtype)
     return config, state
 
 
-def read_marble(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """A marble model file. `dtype` casts floating tensors while reading (None: as stored)."""
-    config, state = _read(path, FORMAT, LatentDiffusionConfig, "marble model", expected_state, dtype)
+def read_marble(path: Path, dtype: torch.dtype | None = None, mapped: bool = False) -> Checkpoint:
+    """A marble model file. `dtype` casts floating tensors while reading (None: as stored);
+    `mapped`: memory-map what needs no cast (checkpoint.SafetensorsSource)."""
+    config, state = _read(path, FORMAT, LatentDiffusionConfig, "marble model", expected_state, dtype, mapped)
     return Checkpoint(config, state, Path(path), file_hash(path), "marble")
 
 

@@ -61,18 +61,18 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, prediction: str | None = None,
-               allow_pickle: bool = False, storage: torch.dtype | None = None) -> LoadedModel:
+               allow_pickle: bool = False, storage: torch.dtype | None = None, mapped: bool = False) -> LoadedModel:
     """A registered name or a path: a marble file, a diffusers folder, an SD single file (.safetensors;
     .ckpt/.pt only with allow_pickle). `prediction` overrides the model's eps/v/x0. `storage`: keep
-    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast)."""
-    if storage is not None and storage != dtype:
-        loaded = load_model(spec, storage, prediction=prediction, allow_pickle=allow_pickle)
-        store_weights(loaded.model, storage, compute=dtype)
-        return loaded
+    the weights in this dtype (read straight into it) and compute in `dtype` (marble.models.weight_cast).
+    `mapped` (`--low-memory`): the weights a file stores in that dtype stay read-only views of the
+    file's memory map, whose pages the pipeline releases between stages (tensor_file.release)."""
+    storage = None if storage == dtype else storage
     spec = spec or DEFAULT_MODEL
     if spec in NAMED:
-        model = NAMED[spec]().to(dtype)
-        return LoadedModel(model, spec, state_hash(model), spec)
+        model = NAMED[spec]().to(storage or dtype)
+        hash = state_hash(model)   # of the weights as held
+        return LoadedModel(store_weights(model, storage, compute=dtype) if storage else model, spec, hash, spec)
     shipped = spec in SHIPPED
     path = models_dir() / f"{spec}.safetensors" if shipped else Path(spec).expanduser()
     if shipped and not path.is_file():
@@ -81,6 +81,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, *, p
     if not path.exists():
         names = ", ".join([*SHIPPED, *NAMED])
         raise ModelLoadError(f"no model named {spec!r} and no file there (names: {names})")
-    ckpt = open_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-    return LoadedModel(to_model(ckpt, dtype), spec if shipped else ckpt.name, ckpt.hash,
+    ckpt = open_checkpoint(path, dtype=storage or dtype, allow_pickle=allow_pickle, prediction=prediction,
+                           mapped=mapped)
+    return LoadedModel(to_model(ckpt, dtype, storage), spec if shipped else ckpt.name, ckpt.hash,
                        spec if shipped else str(path.resolve()))

@@ -271,10 +271,11 @@ def describe_fn(sd2: bool, towers: tuple[CLIPTextConfig, ...] = ()):
 
 def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle: bool = False,
                      prediction: str | None = None, source: TensorSource | None = None,
-                     config: LatentDiffusionConfig | None = None) -> Checkpoint:
-    """`config` declares the architecture instead of recognising it (for files of other shapes)."""
+                     config: LatentDiffusionConfig | None = None, mapped: bool = False) -> Checkpoint:
+    """`config` declares the architecture instead of recognising it (for files of other shapes);
+    `mapped`: memory-map what needs no cast (checkpoint.SafetensorsSource)."""
     path = Path(path)
-    source = source or open_source(path, allow_pickle)
+    source = source or open_source(path, allow_pickle, mapped)
     shapes = {k: shape for k, (shape, _) in source.shapes().items()}
     meta = getattr(source, "headers", [None])[0]
     stored = meta.metadata.get("marble_config") if meta is not None else None

@@ -16,6 +16,7 @@ def bench(
     steps: int = typer.Option(20, "--steps", help="Euler steps per image."),
     size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (a multiple of 8). Default: 512 (sd15), 1024 (sdxl)."),
     weights: str = typer.Option("fp16", "--weights", help="--arch sdxl: marble keeps its weights in fp16, bf16 or fp32 (computing in fp32); diffusers runs fp32 on the same values."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="--arch sdxl: marble's weights go through a temporary safetensors file (in $TMPDIR, which needs their size free on disk) and come back as views of its memory map; the VAE's pages are released before the U-Net call and the U-Net's before the decode, as `marble generate --low-memory` does."),
     cfg: float = typer.Option(7.5, "--cfg", help="Classifier-free guidance scale."),
     unet_calls: int = typer.Option(3, "--unet-calls", help="Timed U-Net calls (median); 0 skips."),
     quick: bool = typer.Option(False, "--quick", help="Minutes, not a quarter hour: 2 steps per image, one timed U-Net call and decode."),
@@ -42,6 +43,8 @@ def bench(
     """
     if json_out is not None and json_out.exists():
         fail(f"{json_out} exists; marble never overwrites a file")
+    if low_memory and (arch != "sdxl" or model is not None):
+        fail("--low-memory is an option of --arch sdxl")
     if model is not None:
         if runs < 1 or cold_runs < 0:
             fail("--runs must be >= 1 and --cold-runs >= 0")
@@ -72,7 +75,7 @@ def bench(
             fail("diffusers and transformers are needed to compare (pip install diffusers transformers), "
                  "or pass --no-diffusers")
     if arch == "sdxl":
-        sdxl_bench(size, weights, 1, not no_diffusers, threads, json_out)   # one timed step and decode, after a warm-up
+        sdxl_bench(size, weights, 1, not no_diffusers, threads, json_out, low_memory)   # one timed step and decode, after a warm-up
         return
     from marble.eval.sd_bench import BenchSettings, run_bench
 
@@ -87,12 +90,13 @@ def bench(
 
 
 def sdxl_bench(size: int, weights: str, unet_calls: int, diffusers: bool, threads: int | None,
-               json_out: Path | None) -> None:
+               json_out: Path | None, low_memory: bool = False) -> None:
     from marble.eval.sdxl_bench import SdxlBenchSettings, run_sdxl_bench
     from marble.models.weight_cast import STORAGE_DTYPES
     if weights not in STORAGE_DTYPES:
         fail(f"--weights must be one of {', '.join(STORAGE_DTYPES)}, not {weights!r}")
-    settings = SdxlBenchSettings(size=size, weights=weights, unet_calls=max(1, unet_calls), threads=threads)
+    settings = SdxlBenchSettings(size=size, weights=weights, unet_calls=max(1, unet_calls), threads=threads,
+                                 low_memory=low_memory)
     try:
         report = run_sdxl_bench(settings, log=info, diffusers=diffusers)
     except RuntimeError as e:

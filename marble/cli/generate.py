@@ -215,7 +215,7 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
                   refiner: str | None = None, refiner_switch: float = 0.8,
                   decoder: Path | None = None, dtype=None, control_dir: Path | None = None,
                   max_pixels: int | None = None, weights: str | None = None,
-                  quantize: str | None = None) -> tuple[Pipeline, ResolvedRequest]:
+                  quantize: str | None = None, mapped: bool = False) -> tuple[Pipeline, ResolvedRequest]:
     """Load the model (and a refiner) and resolve the request against it, its LoRAs read: every
     error before any work."""
     from marble.errors import ModelLoadError
@@ -230,7 +230,9 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         pipe = load_pipeline(model, prediction=prediction, allow_pickle=allow_pickle, lora_dir=lora_dir,
                              lora_lenient=lora_lenient, refiner=refiner, refiner_switch=refiner_switch,
                              decoder=decoder, control_dir=control_dir, storage=storage, quantize=quantize,
-                             **({} if dtype is None else {"dtype": dtype}))
+                             mapped=mapped, **({} if dtype is None else {"dtype": dtype}))
+        if mapped:
+            check_mapped(pipe)
         defaults = pipe.defaults if max_pixels is None else replace(pipe.defaults, max_pixels=max_pixels)
         resolved = resolve(request, defaults)
         pipe.lora_uses(resolved)   # read and checked now (LoraError is a ModelLoadError); cached for generate
@@ -238,6 +240,15 @@ def load_resolved(request: GenerationRequest, model: str | None, prediction: str
         return pipe, resolved
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
+
+
+def check_mapped(pipe: Pipeline) -> None:
+    """--low-memory maps only the tensors a .safetensors file stores in the dtype they are kept in:
+    one line when that is none of them (an fp16 file without --weights fp16: every tensor widened)."""
+    from marble.tensor_file import mapped_bytes
+    if mapped_bytes(pipe.model.parameters()) == 0:
+        warn(f"--low-memory: none of {pipe.name}'s weights are mapped (they are cast or not in a .safetensors "
+             "file); for an fp16 file, add --weights fp16")
 
 
 def read_quantize(name: str | None) -> str | None:
@@ -346,6 +357,7 @@ def generate(
     control_pixel_perfect: Optional[list[str]] = typer.Option(None, "--control-pixel-perfect", help="ControlNet: on/off (default off); on: the preprocessor's resolution from the image and output sizes, as sd-webui-controlnet's pixel perfect."),
     control_dir: Optional[Path] = typer.Option(None, "--control-dir", help="Folder where ControlNet names are looked up. Default: $MARBLE_CONTROLNET_DIR, else models/controlnet."),
     weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32 (exactly a float32 model with rounded weights); fp32 (default) keeps them as computed. Also $MARBLE_WEIGHTS."),
+    low_memory: bool = typer.Option(False, "--low-memory", envvar="MARBLE_LOW_MEMORY", help="Keep the weights that a .safetensors model stores in the dtype they are kept in (an fp16 file with --weights fp16) as read-only views of the file's memory map, and hand each network's pages back to the kernel when its stage ends (the U-Net's before the VAE decode): lower peak memory, the same pixels (not recorded: it cannot change them), a page re-read from the page cache per use. The file must not be rewritten in place while marble runs. docs/bench.md. Also $MARBLE_LOW_MEMORY."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", envvar="MARBLE_MAX_PIXELS", help="Largest width·height to accept (default: the model's, 2048² for SD and SDXL). Also $MARBLE_MAX_PIXELS."),
     original_size: Optional[str] = typer.Option(None, "--original-size", help="SDXL: WIDTHxHEIGHT the image is conditioned as coming from (default: --size)."),
     crop_top_left: Optional[str] = typer.Option(None, "--crop-top-left", help="SDXL: TOP,LEFT of the crop it is conditioned as being (default 0,0)."),
@@ -396,7 +408,7 @@ def generate(
     apply_threads(threads)
     pipe, resolved = load_resolved(request, flags.model, prediction, allow_pickle, lora_dir, lora_lenient,
                                    refiner, refiner_switch, decoder, compute_dtype, control_dir, max_pixels, weights,
-                                   read_quantize(flags.quantize))
+                                   read_quantize(flags.quantize), low_memory)
     if record is not None and record.model_hash and record.model_hash != pipe.loaded.hash:
         warn(f"the record was made with model hash {record.model_hash}, this model's is {pipe.loaded.hash}")
     if record is not None and record.refiner_hash and pipe.refiner is not None \

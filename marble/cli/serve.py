@@ -51,6 +51,7 @@ def serve(
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="A TAESD file that decodes the final images instead of the VAE: faster, softer. Recorded as the image's VAE."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' runs the served models' U-Net transformer Linear layers in dynamic int8 (not with LoRAs; docs/bench.md). Default: off."),
     weights: Optional[str] = typer.Option(None, "--weights", envvar="MARBLE_WEIGHTS", help="Keep the weights in fp16 or bf16 (half the memory) and compute in float32; fp32 (default). Also $MARBLE_WEIGHTS."),
+    low_memory: bool = typer.Option(False, "--low-memory", envvar="MARBLE_LOW_MEMORY", help="Keep the weights that a .safetensors model stores in the dtype they are kept in (an fp16 file with --weights fp16) as read-only views of the file's memory map, and hand each network's pages back to the kernel when its stage ends (the U-Net's before each VAE decode): lower peak memory, the same pixels (not recorded: it cannot change them), a page re-read from the page cache per use. The file must not be rewritten in place while it is served. docs/bench.md. Also $MARBLE_LOW_MEMORY."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of checkpoints (SD1.x, SD2.x, SDXL .safetensors files, diffusers folders, marble files) that clients may list (/sdapi/v1/sd-models) and switch to (sd_model_checkpoint, OpenAI 'model'). Default: $MARBLE_MODELS, else models/."),
     live_model: Optional[str] = typer.Option(None, "--live-model", help="A few-step model for the live mode (as you type in the web UI); its file's own default steps, sampler and CFG are the live settings. Default: models/builtin-lcm.safetensors when it exists and the first model is the built-in one, else the first model at --live-steps 4, DPM++ 2M, CFG 1."),
     live_lora: Optional[Path] = typer.Option(None, "--live-lora", help="A LoRA file (e.g. an LCM-LoRA) applied to every live request."),
@@ -96,7 +97,7 @@ def serve(
     if outputs.exists() and not outputs.is_dir():
         fail(f"--outputs {outputs} exists and is not a folder")
 
-    from marble.cli.generate import read_quantize, read_weights
+    from marble.cli.generate import check_mapped, read_quantize, read_weights
     quantize = read_quantize(quantize)
     # int8 kernels take float32 activations: auto means fp32 with --quantize
     compute_dtype = read_dtype("fp32" if dtype == "auto" and quantize else dtype)
@@ -119,7 +120,10 @@ def serve(
             pipes.append(load_pipeline(spec, compute_dtype, lora_dir=lora_dir, lora_lenient=lora_lenient,
                                        preview_decoder=preview_decoder, decoder=decoder, trace=trace,
                                        storage=storage, control_dir=controlnet_dir,
-                                       max_control_units=max_control_units, quantize=quantize))
+                                       max_control_units=max_control_units, quantize=quantize,
+                                       mapped=low_memory))
+            if low_memory:
+                check_mapped(pipes[-1])
         except ModelLoadError as e:
             sock.close()
             fail(str(e))
@@ -158,7 +162,8 @@ def serve(
                                                  models_dir=folder, live=live),
                              load=lambda path: load_pipeline(path, lora_dir=lora_dir, lora_lenient=lora_lenient,
                                                              storage=storage, control_dir=controlnet_dir,
-                                                             max_control_units=max_control_units, quantize=quantize),
+                                                             max_control_units=max_control_units, quantize=quantize,
+                                                             mapped=low_memory),
                              live_pipe=live_pipe)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

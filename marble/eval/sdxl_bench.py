@@ -8,6 +8,11 @@ identical values: diffusers holds them as float32 tensors, marble in fp16 and ca
 Nothing is downloaded; the text encoders are not built (the step takes a random context and y).
 Reported: seconds per U-Net step and per decode, weight bytes and peak RSS of each side, and the
 relative difference of the two U-Net outputs (a parity check at full size).
+
+`low_memory` (marble's side, `--low-memory`): the weights are written once to a temporary
+safetensors file and loaded back as views of its memory map (tensor_file.map_tensors); the VAE's
+pages are released before the U-Net calls and the U-Net's before the decodes (tensor_file.release),
+as `marble generate --low-memory` does between stages.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class SdxlBenchSettings:
     seed: int = 0
     threads: int | None = None
     config: dict | None = None    # a LatentDiffusionConfig as a dict (tests: a tiny SDXL); None: SDXL base
+    low_memory: bool = False      # marble: file-backed weights, each network's pages released while the other runs
 
 
 @dataclass
@@ -52,6 +58,7 @@ class SideResult:
     build_peak_gb: float = 0.0    # the process's peak RSS while building (reset afterwards)
     unet_peak_gb: float = 0.0     # ... during the U-Net calls
     decode_peak_gb: float = 0.0   # ... during the decodes
+    released_gb: float = 0.0      # low_memory: the U-Net's mapped pages handed back before the decodes
     output: np.ndarray | None = field(default=None, repr=False)   # the U-Net output, float32
 
 
@@ -81,6 +88,25 @@ def random_networks(config, seed: int, storage: torch.dtype):
         if any(b.is_meta for b in net.buffers()):
             raise RuntimeError("a network kept a buffer on the meta device")
     return unet.eval(), vae.eval()
+
+
+def file_backed(config, unet, vae, folder: Path):
+    """Networks like `unet` and `vae` whose weights are views of a safetensors file's memory map:
+    theirs written once (streamed) to `folder`, then mapped back (nothing is read until used)."""
+    from marble.fileio import write_new
+    from marble.models.skeleton import skeleton
+    from marble.models.unet import UNet
+    from marble.models.vae import AutoencoderKL
+    from marble.tensor_file import map_tensors, read_header, safetensors_writer
+    state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    state.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
+    path = write_new(folder / "weights.safetensors", safetensors_writer(state))
+    with skeleton():
+        unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
+    mapped = dict(map_tensors(read_header(path)))
+    for prefix, net in (("unet.", unet), ("vae.", vae)):
+        net.load_state_dict({k[len(prefix):]: v for k, v in mapped.items() if k.startswith(prefix)}, assign=True)
+    return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False)
 
 
 def _inputs(config, size: int):
@@ -121,18 +147,28 @@ def _rss_gb() -> float:
     return rss_gb() * 2**30 / 1e9
 
 
-@torch.inference_mode()
 def run_side(side: str, s: SdxlBenchSettings, output: Path | None = None) -> SideResult:
     """One side, in this process: build, one U-Net step and one decode, timed."""
+    if side == "marble" and s.low_memory:
+        with tempfile.TemporaryDirectory(prefix="marble-sdxl-bench-") as folder:   # removed once the side is done
+            return _run_side(side, s, output, Path(folder))
+    return _run_side(side, s, output, None)
+
+
+@torch.inference_mode()
+def _run_side(side: str, s: SdxlBenchSettings, output: Path | None, folder: Path | None) -> SideResult:
     from marble.eval.sd_bench import reset_peak
     from marble.models.conditioning import fourier_features
     from marble.models.weight_cast import store_weights, storage_dtype
+    from marble.tensor_file import release
     if s.threads:
         torch.set_num_threads(s.threads)
     config = _config(s)
     storage = storage_dtype(s.weights)
     t0 = time.perf_counter()
     unet, vae = random_networks(config, s.seed, storage)
+    if folder is not None:
+        unet, vae = file_backed(config, unet, vae, folder)   # the in-memory weights die here
     x2, t, context, pooled, time_ids, x = _inputs(config, s.size)
     if side == "marble":
         store_weights(unet, storage)
@@ -149,16 +185,18 @@ def run_side(side: str, s: SdxlBenchSettings, output: Path | None = None) -> Sid
     build = time.perf_counter() - t0
     malloc_trim()
     build_peak = _rss_gb()
+    release(vae.parameters())         # file-backed weights only (low_memory): the stage to come's pages, alone
     reset_peak()                      # from here the peak is the generation's, one phase at a time
     unet_s, out = _median(step, s.unet_calls, s.warmup)
     unet_peak = _rss_gb()
+    released = release(unet.parameters()) / 1e9
     reset_peak()
     decode_s, _ = _median(decode, s.decodes, s.warmup)
     decode_peak = _rss_gb()
     if output is not None:
         np.save(output, out.float().numpy(), allow_pickle=False)
     return SideResult(side, unet_s, decode_s, weights, max(unet_peak, decode_peak), build, torch.get_num_threads(),
-                      build_peak, unet_peak, decode_peak)
+                      build_peak, unet_peak, decode_peak, released)
 
 
 def _diffusers_networks(config, unet, vae):
@@ -201,8 +239,9 @@ class SdxlBenchReport:
 
     def markdown(self) -> str:
         s = self.settings
-        cols = [(f"marble ({s.weights} weights, fp32 compute)" if s.weights != "fp32" else "marble fp32",
-                 self.sides.get("marble")), ("diffusers fp32", self.sides.get("diffusers"))]
+        marble = f"marble ({s.weights} weights, fp32 compute" if s.weights != "fp32" else "marble (fp32"
+        marble += ", --low-memory)" if s.low_memory else ")"
+        cols = [("marble fp32" if marble == "marble (fp32)" else marble, self.sides.get("marble")), ("diffusers fp32", self.sides.get("diffusers"))]
         cols = [(n, r) for n, r in cols if r is not None]
         lines = [f"SDXL base U-Net + VAE, random weights, {s.size}×{s.size}, "
                  f"{next(iter(self.sides.values())).threads} threads{', ' + self.cpu if self.cpu else ''}", "",
@@ -214,6 +253,8 @@ class SdxlBenchReport:
                 ("peak RSS, VAE decode", lambda r: f"{r.decode_peak_gb:.2f} GB ({r.decode_peak_gb / r.weights_gb:.2f}×)"),
                 ("peak RSS / weights", lambda r: f"{r.peak_rss_gb / r.weights_gb:.2f}×"),
                 ("peak RSS, build (before the reset)", lambda r: f"{r.build_peak_gb:.2f} GB")]
+        if s.low_memory:
+            rows.append(("released before the decode (--low-memory)", lambda r: f"{r.released_gb:.2f} GB"))
         for label, fmt in rows:
             lines.append(f"| {label} | " + " | ".join(fmt(r) for _, r in cols) + " |")
         extra = []
@@ -226,7 +267,8 @@ class SdxlBenchReport:
 
     def to_json(self) -> str:
         sides = {k: {f: getattr(v, f) for f in ("unet_step_s", "vae_decode_s", "weights_gb", "peak_rss_gb", "build_s",
-                                                 "threads", "build_peak_gb", "unet_peak_gb", "decode_peak_gb")}
+                                                 "threads", "build_peak_gb", "unet_peak_gb", "decode_peak_gb",
+                                                 "released_gb")}
                  for k, v in self.sides.items()}
         return json.dumps({"settings": asdict(self.settings), "cpu": self.cpu, "sides": sides,
                            "marble_over_diffusers": self.ratios(), "unet_rel_diff": self.unet_rel_diff}, indent=2)
