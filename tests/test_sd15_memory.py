@@ -1,0 +1,78 @@
+"""benchmarks/sd15_memory.py on a tiny SD-shaped model: it runs end to end (file written, one fresh
+process per row, markdown and JSON), its phases come in order and cover the run, --low-memory's
+image equals the in-RAM one bit for bit, and the U-Net phase's peak does not grow with the steps."""
+import json
+
+import pytest
+import torch
+
+from marble.checkpoints.resolve import load_model
+from marble.config import config_to_dict
+from sd_fixtures import tiny_sd
+from test_benchmarks import load_script
+
+SIZE = 256   # the tiny U-Net's activations at 32² latents: tens of MB above the text phase, well above RSS noise
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("sd15_memory")
+
+
+def test_the_written_file_is_an_fp16_sd_single_file_of_the_config(script, tmp_path):
+    """Original key names (recognised as an SD single file), every tensor fp16, values those drawn."""
+    config = tiny_sd("sd1")
+    path = tmp_path / "m.safetensors"
+    nbytes = script.write_fp16_single_file(config, path, seed=3, with_config=True)
+    from marble.checkpoints.sd_single_file import is_sd_single_file
+    from marble.tensor_file import read_header
+    header = read_header(path)
+    assert is_sd_single_file(header.entries) and "marble_config" in header.metadata
+    loaded = load_model(str(path), storage=torch.float16).model
+    assert loaded.config.unet == config.unet and loaded.config.vae == config.vae
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    assert nbytes == sum(p.numel() * 2 for p in loaded.parameters())
+    again = tmp_path / "again.safetensors"
+    script.write_fp16_single_file(config, again, seed=3, with_config=True)
+    assert again.read_bytes() == path.read_bytes()   # seeded
+
+
+def test_runs_end_to_end_with_ordered_phases_and_the_same_image(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(config_to_dict(tiny_sd("sd1"))))
+    out = tmp_path / "report.json"
+    script.main(["--config", str(config), "--size", str(SIZE), "--steps", "2", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == ["in RAM", "--low-memory"]
+    for label, row in report["rows"].items():
+        assert [p["phase"] for p in row["phases"]] == list(script.PHASES)
+        assert row["threads"] == 1 and row["image_shape"] == [SIZE, SIZE, 3]
+        peaks = [p["peak_gb"] for p in row["phases"]]
+        assert row["peak_gb"] == max(peaks) and all(p > row["after_imports_gb"] for p in peaks)
+        # each phase's peak starts where the one before ended (VmHWM reset to the RSS then)
+        for before, phase in zip(row["phases"], row["phases"][1:]):
+            assert phase["peak_gb"] >= before["end_rss_gb"] - 1e-3, (label, before, phase)
+        assert row["phases"][-1]["seconds"] > 0 and row["phases"][2]["seconds"] > 0
+    plain, low = report["rows"]["in RAM"], report["rows"]["--low-memory"]
+    assert plain["mapped_gb"] == 0 and low["mapped_gb"] >= 0.99 * report["weights_gb"]
+    assert report["same_image"] and plain["image_sha256"] == low["image_sha256"]
+    assert report["file_gb"] > report["weights_gb"] > 0.005
+    # the table shows every phase of both rows, to the MB
+    for phase in script.PHASES:
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {phase} |"))
+        assert line == f"| {phase} | " + " | ".join(f"{r['phases'][script.PHASES.index(phase)]['peak_gb']:.3f}"
+                                                    for r in (plain, low)) + " |"
+    assert "Images bit for bit equal across rows: yes" in table and "target" not in table
+    with pytest.raises(SystemExit):   # never over a file
+        script.main(["--config", str(config), "--json", str(out)])
+
+    # one step instead of two, the same size: the U-Net phase's peak grows by less than half of what
+    # the first step's activations and kernels took above the text phase's end (measured: 0-11 MB
+    # between processes, against ~40 MB for that growth); a sampler that kept each step's
+    # activations would add the whole growth again
+    one = script.measure(SIZE, 1, 7.5, 1, tiny_sd("sd1"), rows={"in RAM": False}, log=lambda _: None)["rows"]["in RAM"]
+    growth = one["phases"][2]["peak_gb"] - one["phases"][1]["end_rss_gb"]
+    assert growth > 0.02, growth
+    assert plain["phases"][2]["peak_gb"] - one["phases"][2]["peak_gb"] < 0.5 * growth, (plain["phases"], one["phases"])
