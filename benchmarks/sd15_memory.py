@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.size <= 0 or a.size % 8 or a.steps < 1:
         raise SystemExit("--size must be a positive multiple of 8 and --steps >= 1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.child is not None:
+        if a.threads:
+            torch.set_num_threads(a.threads)
         print(json.dumps(generate_measured(a.child, a.size, a.steps, a.cfg, a.low_memory)))
         return
     if a.json is not None and a.json.exists():
