@@ -129,5 +129,5 @@ def grounding_term(cfg: GroundingConfig, unet: nn.Module, masks: torch.Tensor, t
             t, p = grounding_loss(maps[grid], pool_masks(masks[rows], grid[0]).to(dev), words.to(dev))
             token, pixel = token + t, pixel + p
         total = loss + cfg.token_weight * token + cfg.pixel_weight * pixel
-        return total, {"denoise": float(loss), "token": float(token), "pixel": float(pixel)}
+        return total, {"denoise": loss.item(), "token": token.item(), "pixel": pixel.item()}
     return term
