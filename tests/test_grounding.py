@@ -60,7 +60,7 @@ def test_every_named_group_gets_its_noun_and_colour_tokens(split):
             # two / relation captions always state both colours; single / count ones state it
             # unless they leave it out, and a background's "pale blue" is not the shape's colour
             words = caption.split()
-            stated = any(w in colours and (i == 0 or words[i - 1] != "pale") for i, w in enumerate(words))
+            stated = any(w in colours and (j == 0 or words[j - 1] != "pale") for j, w in enumerate(words))
             found = text not in nouns
             assert found == stated, (caption, text)
             if scene.kind in ("two", "relation"):
