@@ -197,6 +197,26 @@ def test_grounding_gradients_reach_the_cross_attention_weights():
     assert earlier.to_v.weight.grad.abs().sum() > 0   # ... but the later maps read the earlier layers' outputs
 
 
+# ---- configuration
+
+def test_grounding_config_is_checked_before_training():
+    from marble.errors import ConfigError
+    from marble.train.grounding import grounding_config, grounding_term
+    assert not grounding_config({}).on and grounding_config({"pixel_weight": 0.5}).on
+    for bad in ({"token_weight": -1}, {"token_weight": True}, {"levels": []}, {"levels": [-1]}, {"level": [0]}, 3):
+        with pytest.raises(ConfigError):
+            grounding_config(bad)
+    masks, tokens = torch.zeros(4, 2, 8, 8, dtype=torch.bool), torch.full((4, 2, 6), -1)
+    grounding_term(grounding_config({"token_weight": 1, "levels": [1]}), _unet(), masks, tokens)
+    for levels in ([0], [4]):     # tiny: cross-attention at level 1 only; level 4 is finer than a cell
+        with pytest.raises(ConfigError):
+            grounding_term(grounding_config({"token_weight": 1, "levels": levels}), _unet(), masks, tokens)
+    from marble.train.config import DataConfig, TrainConfig
+    from marble.train.grounding import cached_grounding
+    with pytest.raises(ConfigError, match="shapes world"):     # an image folder has no masks
+        cached_grounding(TrainConfig(data=DataConfig(world=None, folder="photos")), None, None, {}, 8)
+
+
 # ---- training with it
 
 CONFIG = """
