@@ -75,8 +75,9 @@ def _center_crop_resize(image, size: int):
     return image.resize((size, size), Image.LANCZOS)
 
 
-def _cached(path: Path, key: str, compute) -> dict[str, torch.Tensor]:
-    """Load tensors cached under `path` if made for the same `key`, else compute and store them."""
+def _cached(path: Path, key: str, compute, about: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Load tensors cached under `path` if made for the same `key`, else compute and store them
+    (with `about`, e.g. a description of the tensors, beside the key in the file's metadata)."""
     if path.exists():
         try:
             header = read_header(path)
@@ -85,7 +86,7 @@ def _cached(path: Path, key: str, compute) -> dict[str, torch.Tensor]:
         except Exception:
             pass  # a stale or damaged cache is recomputed
     tensors = compute()
-    write_replace(path, safetensors_writer(tensors, {"key": key}))
+    write_replace(path, safetensors_writer(tensors, {**(about or {}), "key": key}))
     return tensors
 
 

@@ -19,6 +19,8 @@ model table:
                   {name = "flow", shift = 1.0} for prediction = "flow"
   export_dtype    float16 | float32 for the shipped file
   min_snr_gamma   > 0: Min-SNR-γ timestep weighting (Hang et al. 2023); 0 = the plain simple loss
+  grounding       {token_weight, pixel_weight, levels}: TokenCompose's losses on the cross-attention
+                  maps from the shapes world's object masks (marble/train/grounding.py); absent = off
   snapshot_every  > 0: also write the EMA model every this many steps to
                   run_dir/snapshots/step-NNNNNN.safetensors (for learning curves: `marble eval` on each)
   default_steps / default_cfg / default_sampler / default_width / default_height / max_pixels
@@ -41,6 +43,7 @@ from marble.models.vae import AutoencoderKL
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.data import batch_indices, digest, latent_cache, load_captioned, text_cache
 from marble.train.distributed import World, barrier, shard
+from marble.train.grounding import cached_grounding, grounding_config, grounding_term
 from marble.train.loop import TrainLoop
 from marble.train.objective import diffusion_loss, flow_loss, logit_normal_t
 from marble.train.vae import vae_config
@@ -48,7 +51,7 @@ from marble.train.vae import vae_config
 # the model's settings that are not networks: from the table, else the init's, else the defaults
 SETTINGS = ("name", "prediction", "schedule", "default_steps", "default_cfg", "default_sampler", "default_width",
             "default_height", "max_pixels")
-MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", "snapshot_every", *SETTINGS}
+MODEL_KEYS = {"init", "unet", "vae", "text", "export_dtype", "min_snr_gamma", "snapshot_every", "grounding", *SETTINGS}
 
 
 def unet_config(spec, context_dim: int) -> UNetConfig | MMDiTConfig:
@@ -148,7 +151,12 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
     model.requires_grad_(False)
     model.unet.requires_grad_(True)
 
+    grounding = grounding_config(cfg.model.get("grounding", {}))
     latents, states, rows = cached_training_set(cfg, world, model.vae, text, config.text)
+    ground = None
+    if grounding.on:    # off: nothing hooked, cached or drawn, the plain recipe bit for bit
+        targets = cached_grounding(cfg, world, text, config.text, latents.shape[-1])
+        ground = grounding_term(grounding, model.unet, *targets)
     loop = TrainLoop(cfg, model.unet, world, run_dir)
     if resume:
         loop.resume()
@@ -168,13 +176,17 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
         context_rows = torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])
         mine = slice(world.rank * (cfg.batch // world.size), (world.rank + 1) * (cfg.batch // world.size))
         dev = world.device
-        if flow:
-            return flow_loss(net, latents[idx[mine]].to(dev), states[context_rows[mine]].to(dev), t[mine].to(dev),
-                             eps[mine].to(dev)), {}
-        loss = diffusion_loss(net, model.schedule, config.prediction, latents[idx[mine]].to(dev),
-                              states[context_rows[mine]].to(dev), t[mine].to(dev), eps[mine].to(dev),
-                              float(cfg.model.get("min_snr_gamma", 0.0)))
-        return loss, {}
+
+        def denoising():
+            if flow:
+                return flow_loss(net, latents[idx[mine]].to(dev), states[context_rows[mine]].to(dev), t[mine].to(dev),
+                                 eps[mine].to(dev))
+            return diffusion_loss(net, model.schedule, config.prediction, latents[idx[mine]].to(dev),
+                                  states[context_rows[mine]].to(dev), t[mine].to(dev), eps[mine].to(dev),
+                                  float(cfg.model.get("min_snr_gamma", 0.0)))
+        if ground is None:
+            return denoising(), {}
+        return ground(denoising, idx[mine], drop[mine])
 
     def on_sample(step: int) -> None:
         write_samples(loop, model, run_dir / "samples" / f"step-{step:06d}.png")
