@@ -1,7 +1,8 @@
 """One U-Net call of the built-in model, eager against channels-last and against a TorchScript
-trace, interleaved in one process (medians), with the largest output difference of each.
+trace (and, with --compile, against torch.compile), interleaved in one process (medians), with the
+largest output difference of each.
 
-    python benchmarks/builtin_unet_ab.py --threads 1 --calls 25
+    python benchmarks/builtin_unet_ab.py --threads 1 --calls 25 [--compile]
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--calls", type=int, default=25)
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile(unet, dynamic=False) (inductor; its compile time is printed)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = load_pipeline("builtin").model.unet
     nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
     traced = TracedNetwork(unet)
+    compiled = torch.compile(unet, dynamic=False) if args.compile else None
     print("| batch | variant | median ms | max |output − eager| |\n|---|---|---|---|")
     with torch.inference_mode():
         for batch in (2, 1):   # CFG's batch, and the conditional branch alone (few-step models)
@@ -37,6 +41,11 @@ def main() -> None:
             variants = {"eager": lambda: unet(x, t, ctx),
                         "channels-last": lambda: nhwc(x.contiguous(memory_format=torch.channels_last), t, ctx),
                         "traced": lambda: traced(x, t, ctx)}
+            if compiled is not None:
+                start = time.perf_counter()
+                compiled(x, t, ctx)
+                print(f"torch.compile, batch {batch}: {time.perf_counter() - start:.1f} s to compile and run once")
+                variants["compiled"] = lambda: compiled(x, t, ctx)
             reference = unet(x, t, ctx)
             diffs = {k: float((f() - reference).abs().max()) for k, f in variants.items()}   # also traces
             for f in variants.values():   # TorchScript optimises a trace over its first calls

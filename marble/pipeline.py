@@ -44,7 +44,7 @@ from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import encode_prompts, prompt_chunks
 from marble.record import GenerationRecord
 from marble.request import GenerationRequest, ModelDefaults, ResolvedRequest, resolve
-from marble.tensor_file import release
+from marble.tensor_file import mapped_bytes, release
 
 Callback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0 estimate in latent space)
 
@@ -131,6 +131,10 @@ class Pipeline:
         self.refiner, self.refiner_switch = refiner, refiner_switch
         if refiner is not None:
             check_refiner(self.model, refiner.model, refiner_switch)
+        # --low-memory: each network's mapped pages go back to the kernel when its stage ends; for
+        # weights held in RAM nothing is looked up per image
+        weights = (t for m in (self.model, refiner and refiner.model) if m is not None for t in m.parameters())
+        self.release = release_weights if mapped_bytes(weights) else (lambda *networks: None)
         for codec in (preview_decoder, decoder):
             if codec is not None:
                 check_decoder(self.model, codec)
@@ -415,7 +419,7 @@ class Pipeline:
                                            deepcache=req.deepcache)
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
-        release_weights(*(n.text_encoder for n in models), m.vae)   # stage over: prompts (and init image) encoded
+        self.release(*(n.text_encoder for n in models), m.vae)   # stage over: prompts (and init image) encoded
         decoder = self.decoder if self.decoder is not None else \
             (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
@@ -433,9 +437,9 @@ class Pipeline:
                     start = self.hires_start(req, x, size)
                     x = self.sample(req.sampler, hires_denoiser, hires_sigmas, req.seed + i, tuple(start.shape), start,
                                     callback=progress(i, len(sigmas) - 1))
-            release_weights(*(n.unet for n in models))   # the decode runs without the U-Nets' pages
+            self.release(*(n.unet for n in models))   # the decode runs without the U-Nets' pages
             images.extend(pixels_to_pil(decoder.decode(x.to(dtype))))
-            release_weights(*(n.vae for n in models))
+            self.release(*(n.vae for n in models))
         if mask is not None:
             init_rgb = pixels_to_pil(init_pixels)[0]
             mask_l = Image.fromarray((mask[0, 0].float().cpu().numpy() * 255).round().astype(np.uint8))

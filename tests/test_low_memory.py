@@ -68,7 +68,7 @@ def test_mapped_fp16_weights_give_the_same_pixels_call_after_call(tmp_path, writ
     released = []   # the pipeline's releases, in bytes: they really happen, per image
     monkeypatch.setattr("marble.pipeline.release", lambda tensors: released.append(release(tensors)) or released[-1])
     want = images(Pipeline(in_ram), n=2)
-    assert set(released) == {0}   # nothing mapped: every release is a no-op
+    assert released == []   # nothing mapped: the pipeline does not even look (no work per image)
     released.clear()
     pipe = Pipeline(mapped)
     assert all(np.array_equal(a, b) for a, b in zip(images(pipe, n=2), want))
