@@ -149,3 +149,36 @@ def test_categories_without_control_scores_only_those(tmp_path):
     full = [p.text for p in build_prompts("heldout", scale_counts(200)) if p.category == "counting"]
     assert list(report["categories"]) == ["counting"] and report["categories"]["counting"]["accuracy"] == 1.0
     assert [p["prompt"] for p in report["prompts"]] == full and len(full) == 34
+
+
+def test_the_sweep_runs_its_grid_and_weight_0_scores_as_the_run_without(controlnet, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "controlnet_sweep.py"
+    spec = importlib.util.spec_from_file_location("controlnet_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    args = ["--out", str(out), "--model", "tiny-random", "--control-model", str(controlnet), "--weights", "0,1",
+            "--modes", "balanced", "--categories", "color_attr,position", "--prompts", "6", "--seeds", "1",
+            "--steps", "2", "--threads", "1"]
+    sweep.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["table.md", "w0-balanced.json", "w1-balanced.json",
+                                                     "without.json"]
+    without, zero, one = (json.loads((out / f"{n}.json").read_text()) for n in ("without", "w0-balanced",
+                                                                                "w1-balanced"))
+    assert zero["with_control"]["prompts"] == without["prompts"] and zero["without_control"] is None
+    assert one["control_settings"]["weight"] == 1.0 and list(one["with_control"]["categories"]) == ["position",
+                                                                                                   "color_attr"]
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| run | weight | mode | start–end | position (bar 0.95) | color_attr (bar 0.9) |")
+    assert [line.split(" | ")[:3] for line in lines[2:]] == [["| without", "—", "no ControlNet"],
+                                                              ["| w0-balanced", "0", "Balanced"],
+                                                              ["| w1-balanced", "1", "Balanced"]]
+    # weight 0's scores are the run without's, cell for cell (the seconds aside)
+    assert lines[2].split(" | ")[4:-1] == lines[3].split(" | ")[4:-1]
+    # a second call runs nothing (every JSON exists) and prints the same table
+    capsys.readouterr()
+    sweep.main(args)
+    captured = capsys.readouterr()
+    assert "0 of 3 evals to run" in captured.err and captured.out.strip() == "\n".join(lines)
