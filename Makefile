@@ -62,7 +62,8 @@ $(SDCPP):
 	  'stable-diffusion-cpp-python==$(SDCPP_VERSION)'
 	touch $@
 
-bench-sdcpp: $(TESTDEPS) $(SDCPP)
+# order-only on the test venv: an existing .venv is used as it is, never reinstalled for this
+bench-sdcpp: $(SDCPP) | $(TESTDEPS)
 	$(BIN)/python benchmarks/sdcpp_compare.py --sdcpp-python $(SDCPP_VENV)/bin/python $(BENCH_SDCPP_ARGS)
 
 clean:

@@ -1,13 +1,18 @@
 """marble vs diffusers fp32 vs stable-diffusion.cpp on one random-weight SD1.5 single file (issue 18, item 5).
 
-The lead's command (512², 3 Euler steps, CFG 7.5, 2 threads, every engine below; about 35-45 min on
-the quiet 2-core AVX2 EPYC, estimated from the 128² smoke run and the issue's 512² numbers):
+The lead's command (512², 3 Euler steps, CFG 7.5, 2 threads, all 12 default engines, 8 of them sd.cpp
+settings; about 30-40 min on the quiet 2-core AVX2 EPYC):
 
-    make bench-sdcpp BENCH_SDCPP_ARGS="--size 512 --steps 3 --cfg 7.5 --threads 2 --json docs/results/sdcpp-compare-512.json"
+    make bench-sdcpp BENCH_SDCPP_ARGS="--size 512 --steps 3 --cfg 7.5 --threads 2 --json docs/results/sdcpp-compare-512.json --logs /tmp/sdcpp-logs"
 
-which builds .venv-sdcpp once (stable-diffusion-cpp-python from its sdist, -march=native) and runs
+which builds .venv-sdcpp once (stable-diffusion-cpp-python from its sdist, -march=native; 10.5 min at
+nice 19 on one shared core, 4.8 min of CPU) and runs
     .venv/bin/python benchmarks/sdcpp_compare.py --sdcpp-python .venv-sdcpp/bin/python \\
-        --size 512 --steps 3 --cfg 7.5 --threads 2 --json docs/results/sdcpp-compare-512.json
+        --size 512 --steps 3 --cfg 7.5 --threads 2 --json docs/results/sdcpp-compare-512.json --logs /tmp/sdcpp-logs
+The estimate: the smoke run (128², 1 step, 1 thread at nice 19 beside a training run) took 8.4 min,
+1 min of it writing the file; at 512² a marble or diffusers row is about 1-1.5 min (the issue's
+54-59 s an image plus the load) and an sd.cpp row about 3 min (its 169 s an image at default
+settings), more if direct convolution is slower at 512² than at 128².
 
 The file: SD1.5's architecture with seeded random weights stored in fp16, written once to a
 temporary SD/LDM single file with the original key names (benchmarks/sd15_memory.py's writer), so
@@ -117,7 +122,7 @@ print("''' + RESULT_MARK + r'''" + json.dumps({
     "load_s": t1 - t0, "image_s": t2 - t1, "peak_rss_gb": status("VmHWM") / 1e9, "after_imports_gb": after_imports / 1e9,
     "progress": progress, "image_sha256": hashlib.sha256(pixels).hexdigest(), "image_size": list(images[0].size),
     "version": getattr(stable_diffusion_cpp, "__version__", "?"),
-    "system_info": low.sd_get_system_info().decode("utf-8", "replace").strip()}), flush=True)
+    "system_info": " ".join(low.sd_get_system_info().decode("utf-8", "replace").split())}), flush=True)
 '''
 
 SDCPP_LOG = {"text_encoding_s": r"get_learned_condition completed, taking ([0-9.]+)\s*s",
@@ -203,8 +208,8 @@ def child_main(engine: str, path: Path, size: int, steps: int, cfg: float, threa
 
 # --- the parent -----------------------------------------------------------------------------------------
 
-def run_engine(engine: dict, path: Path, s: dict, sdcpp_python: Path | None) -> dict:
-    """One engine in a fresh process; its row (with "error" set, and the others' fields None, if it failed)."""
+def run_engine(engine: dict, path: Path, s: dict, sdcpp_python: Path | None, logs: Path | None = None) -> dict:
+    """One engine in a fresh process; its row ("error" set if it failed). `logs`: keep its output there."""
     env = {**os.environ, "OMP_NUM_THREADS": str(s["threads"])}
     if engine["kind"] == "sdcpp":
         options = sdcpp_options(engine["flags"])
@@ -222,6 +227,10 @@ def run_engine(engine: dict, path: Path, s: dict, sdcpp_python: Path | None) -> 
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     row["wall_s"] = time.perf_counter() - t0
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{engine['name']}.log").write_text(f"$ {' '.join(cmd[:1] + cmd[3:] if cmd[1] == '-c' else cmd)}\n"
+                                                    f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}")
     try:
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}")
@@ -286,7 +295,8 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def measure(engines: list[dict], s: dict, sdcpp_python: Path | None, config=None, log=print) -> dict:
+def measure(engines: list[dict], s: dict, sdcpp_python: Path | None, config=None, log=print,
+            logs: Path | None = None) -> dict:
     """Write the file once (None: SD1.5's architecture), then each engine in a fresh process."""
     from marble.eval.sdxl_bench import cpu_model, malloc_trim
     from marble.models.stable_diffusion import sd_config
@@ -302,7 +312,7 @@ def measure(engines: list[dict], s: dict, sdcpp_python: Path | None, config=None
                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "file_gb": path.stat().st_size / 1e9, "rows": []}
         for engine in engines:
             log(f"{engine['name']}: a fresh process ...")
-            row = run_engine(engine, path, s, sdcpp_python)
+            row = run_engine(engine, path, s, sdcpp_python, logs)
             report["rows"].append(row)
             log(f"  failed: {row['error']}" if row["error"] else
                 f"  image {row['image_s']:.2f} s, U-Net step {row['unet_step_s']:.2f} s, decode "
@@ -341,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, default=None,
                     help="another architecture (a LatentDiffusionConfig as JSON; marble and diffusers only)")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here (never overwritten)")
+    ap.add_argument("--logs", type=Path, default=None, help="keep each engine's output in DIR/ENGINE.log")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -368,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         from marble.models.latent_diffusion import LatentDiffusionConfig
         config = config_from_dict(LatentDiffusionConfig, json.loads(a.config.read_text()))
     settings = {"size": a.size, "steps": a.steps, "cfg": a.cfg, "threads": a.threads, "seed": a.seed}
-    report = measure(engines, settings, a.sdcpp_python, config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = measure(engines, settings, a.sdcpp_python, config,
+                     log=lambda m: print(m, file=sys.stderr, flush=True), logs=a.logs)
     print(markdown(report))
     if a.json is not None:
         write_json(a.json, report)
