@@ -54,6 +54,22 @@ def reset_peak() -> None:
         f.write("5")
 
 
+class PhaseClock:
+    """Phases closed one after another, each with its seconds and its peak RSS (VmHWM, reset at the
+    phase's start); the first phase runs from the clock's creation."""
+
+    def __init__(self):
+        self.phases: list[dict] = []
+        self.start = time.perf_counter()
+
+    def close(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append({"phase": phase, "peak_gb": status_bytes("VmHWM") / 1e9,
+                            "end_rss_gb": status_bytes("VmRSS") / 1e9, "seconds": now - self.start})
+        self.start = now
+        reset_peak()
+
+
 # --- the file -------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -93,25 +109,20 @@ def write_fp16_single_file(config, path: Path, seed: int = 0, with_config: bool 
 
 # --- one row, in its own process --------------------------------------------------------------------
 
-def generate_measured(path: Path, size: int, steps: int, cfg: float, low_memory: bool, seed: int = 0) -> dict:
+def generate_measured(path: Path, size: int, steps: int, cfg: float, low_memory: bool, seed: int = 0,
+                      storage: torch.dtype | None = torch.float16, quantize: str | None = None) -> dict:
     """In this (fresh) process: load `path` as `marble generate --weights fp16 [--low-memory]` does
-    and generate one image, closing a phase at the first U-Net call, at the decode and at the end."""
+    and generate one image, closing a phase at the first U-Net call, at the decode and at the end.
+    `storage`, `quantize`: load_pipeline's (None, None: `marble generate` without --weights)."""
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, resolve
     from marble.tensor_file import mapped_bytes
 
     after_imports = status_bytes("VmRSS")
-    phases: list[dict] = []
-    clock = [time.perf_counter()]
+    clock = PhaseClock()
+    phases, close = clock.phases, clock.close
 
-    def close(phase: str) -> None:
-        now = time.perf_counter()
-        phases.append({"phase": phase, "peak_gb": status_bytes("VmHWM") / 1e9,
-                       "end_rss_gb": status_bytes("VmRSS") / 1e9, "seconds": now - clock[0]})
-        clock[0] = now
-        reset_peak()
-
-    pipe = load_pipeline(str(path), storage=torch.float16, mapped=low_memory)
+    pipe = load_pipeline(str(path), storage=storage, quantize=quantize, mapped=low_memory)
     model = pipe.model
     mapped = mapped_bytes(model.parameters())
     close("load")
