@@ -118,6 +118,20 @@ def eval_command(
                                           "the same prompts also run without it, side by side in the JSON."),
     control_model: Optional[Path] = typer.Option(None, "--control-model", help="The ControlNet for --control "
                                                  "(default: the shipped models/controlnet/builtin-sketch.safetensors)."),
+    control_weight: Optional[float] = typer.Option(None, "--control-weight", help="With --control: the ControlNet's "
+                                                   "weight (conditioning scale), 0..2 (default 1)."),
+    control_mode: Optional[str] = typer.Option(None, "--control-mode", help="With --control: balanced (default), "
+                                               "prompt ('My prompt is more important') or control ('ControlNet is "
+                                               "more important'); the names and indices generate takes."),
+    control_start: Optional[float] = typer.Option(None, "--control-start", help="With --control: fraction of the "
+                                                  "steps where it starts acting, 0..1 (default 0)."),
+    control_end: Optional[float] = typer.Option(None, "--control-end", help="With --control: fraction of the steps "
+                                                "where it stops, 0..1 (default 1)."),
+    control_only: bool = typer.Option(False, "--control-only", help="With --control: skip the run without the "
+                                      "ControlNet (it does not depend on the --control-* settings: a sweep needs it once)."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories, comma-separated "
+                                             "(e.g. position,color_attr); each keeps the prompts it has in the full "
+                                             "run of --prompts. Default: all six."),
     deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Approximation: DeepCache interval, 1..100 (1 = off). Models only; docs/bench.md."),
     tome: Optional[float] = typer.Option(None, "--tome", help="Approximation: ToMe ratio, 0..0.75 (0 = off). Models only; docs/bench.md."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' (dynamic int8 U-Net transformers). Models only; docs/bench.md."),
@@ -126,21 +140,25 @@ def eval_command(
     position, color attribution) with an exact detector; prints a markdown table and writes JSON
     with per-image verdicts. See docs/eval.md."""
     from marble.eval.benchmark import markdown_table
-    from marble.eval.prompts import build_prompts, scale_counts
+    from marble.eval.prompts import build_prompts
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
-    if control is not None or control_model is not None:
+    counts = category_counts(prompts, categories)
+    unit = {"weight": control_weight, "mode": control_mode, "start": control_start, "end": control_end}
+    unit_flags = [f"--control-{k}" for k, v in unit.items() if v is not None] + (["--control-only"] if control_only else [])
+    if control is not None or control_model is not None or unit_flags:
         if deepcache is not None or tome is not None or quantize is not None:
             fail("--control runs the exact path: leave out --deepcache, --tome and --quantize")
-        control_path = check_control(control, control_model, model, probe)
-        prompt_list = build_prompts(split, scale_counts(prompts))
+        control_path = check_control(control, control_model, model, probe, unit_flags)
+        prompt_list = build_prompts(split, counts)
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
-                                     threads, lora, dtype, trace, keep_tiles=sheet is not None)
+                                     threads, lora, dtype, trace, keep_tiles=sheet is not None,
+                                     unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only)
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
             _write_sheet(sheet, tiles, group=2)
         return
-    prompt_list = build_prompts(split, scale_counts(prompts))
+    prompt_list = build_prompts(split, counts)
     generate, extra = _source(model, prompt_list, sampler, steps, cfg, threads, lora, dtype, trace,
                               dict(deepcache=deepcache, tome=tome, quantize=quantize))
     seed_list = list(range(seeds))
@@ -173,6 +191,19 @@ def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: P
         fail("--sheet and --json must be different files")
     _check_target(json_out, "--json")
     _check_target(sheet, "--sheet")
+
+
+def category_counts(prompts: int, categories: str | None) -> dict[str, int]:
+    """Prompts per category for about `prompts` in all, kept to `--categories` (exit 2 on an unknown name)."""
+    from marble.eval.prompts import pick_categories, scale_counts
+    counts = scale_counts(prompts)
+    if categories is None:
+        return counts
+    try:
+        keep = pick_categories(categories)
+    except ValueError as e:
+        fail(f"--categories: {e}")
+    return {c: n for c, n in counts.items() if c in keep}
 
 
 def _source(model: str, prompt_list, sampler: str | None, steps: int | None, cfg: float | None, threads: int,
@@ -246,10 +277,11 @@ CONTROLS = ("sketch",)
 DEFAULT_CONTROLNET = "controlnet/builtin-sketch.safetensors"   # in models/controlnet: the server lists it too
 
 
-def check_control(control: str | None, control_model: Path | None, model: str, probe: bool) -> Path:
+def check_control(control: str | None, control_model: Path | None, model: str, probe: bool,
+                  unit_flags: list[str] = ()) -> Path:
     """The ControlNet file to use; one line and exit 2 for anything that cannot run."""
     if control is None:
-        fail("--control-model needs --control sketch")
+        fail(f"{(['--control-model'] if control_model is not None else list(unit_flags))[0]} needs --control sketch")
     if control not in CONTROLS:
         fail(f"--control must be one of {', '.join(CONTROLS)}, got {control!r}")
     if model in BASELINES:
@@ -270,33 +302,43 @@ def check_control(control: str | None, control_model: Path | None, model: str, p
 
 
 def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[int], split: str, sampler, steps, cfg,
-                 threads: int, loras, dtype: str, trace: bool, keep_tiles: bool) -> tuple[dict, list]:
-    """Both runs on one loaded model: with the sketch ControlNet, then without it. Prints the
-    side-by-side table and returns the JSON report and the controlled run's sheet tiles."""
+                 threads: int, loras, dtype: str, trace: bool, keep_tiles: bool, unit: dict | None = None,
+                 baseline: bool = True) -> tuple[dict, list]:
+    """Both runs on one loaded model: with the sketch ControlNet, then (`baseline`) without it.
+    `unit`: the ControlNet unit's weight, mode, start and end where given (ControlSpec's defaults
+    otherwise). Prints the side-by-side table and returns the JSON report and the controlled run's
+    sheet tiles."""
+    from dataclasses import replace
+
+    from PIL import Image
+
     from marble.adapters.controlnet import ControlSpec
     from marble.errors import ModelLoadError
     from marble.eval.benchmark import markdown_table
     from marble.data.sketch import sketch
     from marble.eval.control import bar_verdict, comparison_table, prompt_scenes, side_by_side, sketch_source
-    from marble.request import GenerationRequest, resolve
+    from marble.request import GenerationRequest, RequestError, resolve
 
     compute_dtype = read_dtype(dtype)
     apply_threads(threads)
     pipe, settings = load_source(model, sampler, steps, cfg, list(loras), compute_dtype, trace)
-    req = resolve(GenerationRequest(prompt="a shape", seed=0), pipe.defaults)
-    spec = ControlSpec(model=str(control_path), is_path=True, resize="Just Resize")
+    spec = ControlSpec(image=Image.new("RGB", (8, 8)), model=str(control_path), is_path=True, resize="Just Resize",
+                       **(unit or {}))
     try:
+        # generate's checks and mode names (marble.request): the unit every controlled image uses
+        req = resolve(GenerationRequest(prompt="a shape", seed=0, controls=(spec,)), pipe.defaults)
         loaded = pipe.controlnets.get(spec)    # a file for another architecture: exit 2 before any image
-    except ModelLoadError as e:
+    except (ModelLoadError, RequestError) as e:
         fail(str(e))
+    spec = req.controls[0]
     base_hash = _base_hash(control_path)
     if base_hash and base_hash != pipe.loaded.hash:
         warn(f"the ControlNet {loaded.name} was trained for the model with hash {base_hash}; this one's is "
              f"{pipe.loaded.hash}: retrain it for this model (docs/controlnet-training.md)")
 
     def controlled(prompt: str, seed: int, image):
-        unit = ControlSpec(image=image, model=str(control_path), is_path=True, resize="Just Resize")
-        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg, controls=(unit,))
+        return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg,
+                                   controls=(replace(spec, image=image),))
 
     def plain(prompt: str, seed: int):
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
@@ -307,17 +349,24 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
                               keep_tiles)
     # the sheet pairs each result with the sketch that steered it (a tile's caption is "[category] text")
     tiles = [t for tile in tiles for t in ((sketch(scenes[tile[2].split("] ", 1)[1]], size), None, "sketch"), tile)]
-    without_result, _ = _run(plain, prompt_list, seed_list, split, False)
-    with_d, without_d = with_result.to_dict(), without_result.to_dict()
-    table = side_by_side(with_d, without_d)
+    with_d = with_result.to_dict()
     typer.echo(markdown_table(with_result))
-    typer.echo("")
-    typer.echo(comparison_table(table))
-    info(f"{with_d['images'] + without_d['images']} images in {with_result.seconds + without_result.seconds:.1f} s")
+    if baseline:
+        without_result, _ = _run(plain, prompt_list, seed_list, split, False)
+        without_d = without_result.to_dict()
+        table = side_by_side(with_d, without_d)
+        typer.echo("")
+        typer.echo(comparison_table(table))
+        info(f"{with_d['images'] + without_d['images']} images in {with_result.seconds + without_result.seconds:.1f} s")
+    else:
+        without_d, table = None, side_by_side(with_d, None)
+        info(f"{with_d['images']} images in {with_result.seconds:.1f} s (--control-only: no run without it)")
     report = {"benchmark": "marble-geneval", "version": 1, "model": model, "sampler": sampler, "steps": steps,
               "cfg": cfg, **settings, "split": split, "seeds": seed_list, "control": "sketch",
               "control_model": {"name": loaded.name, "hash": loaded.hash, "path": str(control_path),
                                 "base_model_hash": base_hash},
+              "control_settings": {"weight": spec.weight, "mode": spec.mode, "start": spec.start, "end": spec.end,
+                                   "resize": spec.resize},
               "side_by_side": table, "bar": bar_verdict(table), "with_control": with_d, "without_control": without_d,
               "scenes": {text: scene.to_dict() for text, scene in scenes.items()}}
     return report, tiles

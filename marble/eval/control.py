@@ -39,15 +39,18 @@ def sketch_source(generate_controlled: Callable[[str, int, Image.Image], Image.I
     return lambda prompt, seed: generate_controlled(prompt, seed, sketches[prompt])
 
 
-def side_by_side(with_control: dict, without_control: dict) -> dict:
-    """Per category and overall: GenEval and strict accuracy with the ControlNet and without it."""
+def side_by_side(with_control: dict, without_control: dict | None) -> dict:
+    """Per category and overall: GenEval and strict accuracy with the ControlNet and without it
+    (None where the run without it was skipped: `--control-only`)."""
+    without_control = without_control or {"categories": {}}
     out = {}
     for cat, c in with_control["categories"].items():
         w = without_control["categories"].get(cat, {})
         out[cat] = {"with": c["accuracy"], "without": w.get("accuracy"),
                     "strict_with": c["strict_accuracy"], "strict_without": w.get("strict_accuracy")}
-    out["overall"] = {"with": with_control["overall"], "without": without_control["overall"],
-                      "strict_with": with_control["overall_strict"], "strict_without": without_control["overall_strict"]}
+    out["overall"] = {"with": with_control["overall"], "without": without_control.get("overall"),
+                      "strict_with": with_control["overall_strict"],
+                      "strict_without": without_control.get("overall_strict")}
     return out
 
 

@@ -189,6 +189,18 @@ def scale_counts(total: int) -> dict[str, int]:
     return {c: max(1, round(n * total / base)) for c, n in DEFAULT_COUNTS.items()}
 
 
+def pick_categories(text: str) -> tuple[str, ...]:
+    """`a,b` -> those categories in CATEGORIES order; ValueError naming the valid ones. A category's
+    prompts depend only on the split and the category (build_prompts), so a subset keeps the
+    prompts each category has in the full run."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CATEGORIES]
+    if unknown or not names:
+        what = f"unknown category {unknown[0]!r}" if unknown else "no category given"
+        raise ValueError(f"{what}; choose from {', '.join(CATEGORIES)}")
+    return tuple(c for c in CATEGORIES if c in names)
+
+
 def is_heldout(requirement: Requirement) -> bool:
     """Whether the requirement names a composition the training split never shows."""
     if any((o.color, o.shape) in HELDOUT_PAIRS for o in requirement.objects):

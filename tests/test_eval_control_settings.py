@@ -1,0 +1,184 @@
+"""`marble eval --control sketch` with the unit's settings (--control-weight, --control-mode,
+--control-start, --control-end), --control-only and --categories, on tiny-random with a random
+(non-zero) ControlNet, two prompts and one seed.
+
+The oracle is exact: every image the eval generates is hashed (a spy on marble.cli.eval._run's
+image source), so weight 0 must give the very images of the run without the ControlNet, and an
+explicit weight 1, Balanced, 0..1 the very images of the default run."""
+import hashlib
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
+from marble.cli import app
+from marble.eval.prompts import CATEGORIES, build_prompts, pick_categories, scale_counts
+from marble.models.controlnet import ControlNet, controlnet_config
+from marble.models.latent_diffusion import tiny_config
+from sd_fixtures import randomize_
+
+runner = CliRunner()
+SMALL = ["--model", "tiny-random", "--split", "heldout", "--prompts", "6", "--seeds", "1", "--steps", "2",
+         "--threads", "1", "--categories", "position,color_attr"]
+
+
+@pytest.fixture(scope="module")
+def controlnet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-cn")
+    config = controlnet_config(tiny_config().unet, 2)
+    net = randomize_(ControlNet(config), seed=4)
+    return write_controlnet(ControlNetFile(config, net.state_dict(), root, "", "marble"), root / "cn.safetensors",
+                            "marble")
+
+
+@pytest.fixture
+def images(monkeypatch):
+    """(run label, prompt, seed) -> sha256 of the image's pixels, for every image an eval generates."""
+    import marble.cli.eval as cli_eval
+    seen: dict[tuple[str, str, int], str] = {}
+    run = cli_eval._run
+
+    def spy(generate, prompt_list, seed_list, split, keep_tiles):
+        def hashed(prompt, seed):
+            image = generate(prompt, seed)
+            seen[(split, prompt, seed)] = hashlib.sha256(image.tobytes()).hexdigest()
+            return image
+        return run(hashed, prompt_list, seed_list, split, keep_tiles)
+
+    monkeypatch.setattr(cli_eval, "_run", spy)
+    return seen
+
+
+def run_eval(tmp_path, name, *args):
+    out = tmp_path / f"{name}.json"
+    r = runner.invoke(app, ["eval", *SMALL, *map(str, args), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text())
+
+
+def split_runs(seen: dict) -> tuple[dict, dict]:
+    """The controlled run's hashes and the plain run's, each keyed by (prompt, seed)."""
+    ctrl = {k[1:]: v for k, v in seen.items() if k[0].endswith("+ sketch")}
+    plain = {k[1:]: v for k, v in seen.items() if not k[0].endswith("+ sketch")}
+    return ctrl, plain
+
+
+def test_weight_0_is_the_run_without_and_an_explicit_default_unit_is_the_default(controlnet, tmp_path, images):
+    default = run_eval(tmp_path, "default", "--control", "sketch", "--control-model", controlnet)
+    ctrl, plain = split_runs(images)
+    assert len(ctrl) == len(plain) == 2 and ctrl.keys() == plain.keys()
+    assert all(ctrl[k] != plain[k] for k in ctrl), "the ControlNet must change every image, or weight 0 proves nothing"
+    assert default["control_settings"] == {"weight": 1.0, "mode": "Balanced", "start": 0.0, "end": 1.0,
+                                           "resize": "Just Resize"}
+    assert {p["category"] for p in default["with_control"]["prompts"]} == {"position", "color_attr"}
+    assert set(default["side_by_side"]) == {"position", "color_attr", "overall"}
+
+    images.clear()
+    explicit = run_eval(tmp_path, "explicit", "--control", "sketch", "--control-model", controlnet, "--control-weight",
+                        "1", "--control-mode", "balanced", "--control-start", "0", "--control-end", "1",
+                        "--control-only")
+    assert split_runs(images) == (ctrl, {}), "--control-only runs nothing without the ControlNet"
+    assert explicit["with_control"]["prompts"] == default["with_control"]["prompts"]
+    assert explicit["without_control"] is None and explicit["side_by_side"]["overall"]["without"] is None
+
+    images.clear()
+    zero = run_eval(tmp_path, "zero", "--control", "sketch", "--control-model", controlnet, "--control-weight", "0")
+    ctrl0, plain0 = split_runs(images)
+    assert plain0 == plain and ctrl0 == plain
+    assert zero["with_control"]["prompts"] == zero["without_control"]["prompts"] == default["without_control"]["prompts"]
+    assert zero["control_settings"]["weight"] == 0.0
+
+
+@pytest.mark.parametrize("mode, name", [("prompt", "My prompt is more important"), ("2", "ControlNet is more important"),
+                                        ("Balanced", "Balanced")])
+def test_the_json_records_the_unit_with_the_mode_by_its_canonical_name(controlnet, tmp_path, images, mode, name):
+    report = run_eval(tmp_path, "r", "--control", "sketch", "--control-model", controlnet, "--control-weight", "1.5",
+                      "--control-mode", mode, "--control-start", "0.25", "--control-end", "0.75", "--control-only")
+    assert report["control_settings"] == {"weight": 1.5, "mode": name, "start": 0.25, "end": 0.75,
+                                          "resize": "Just Resize"}
+    assert report["without_control"] is None and len(images) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--control-mode", "louder"], "unknown control mode 'louder'"),
+    (["--control-weight", "2.5"], "weight must be a number in [0, 2]"),
+    (["--control-start", "0.6", "--control-end", "0.4"], "guidance start 0.6 must be below guidance end 0.4"),
+    (["--control-end", "1.5"], "guidance end must be a number in [0, 1]"),
+])
+def test_a_bad_unit_is_one_line_exit_2_before_any_image(controlnet, tmp_path, images, args, message):
+    out = tmp_path / "out.json"
+    r = runner.invoke(app, ["eval", *SMALL, "--control", "sketch", "--control-model", str(controlnet), *args,
+                            "--json", str(out)])
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not out.exists() and not images
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--control-weight", "1.5"], "--control-weight needs --control sketch"),
+    (["--control-mode", "prompt"], "--control-mode needs --control sketch"),
+    (["--control-start", "0.1", "--control-end", "0.9"], "--control-start needs --control sketch"),
+    (["--control-only"], "--control-only needs --control sketch"),
+    (["--categories", "position,colour_attr"],
+     "--categories: unknown category 'colour_attr'; choose from " + ", ".join(CATEGORIES)),
+    (["--categories", ","], "--categories: no category given"),
+])
+def test_unit_flags_without_control_and_unknown_categories_are_one_line_exit_2(tmp_path, images, args, message):
+    out = tmp_path / "out.json"
+    r = runner.invoke(app, ["eval", "--model", "tiny-random", "--steps", "2", *args, "--json", str(out)])
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not out.exists() and not images
+
+
+@pytest.mark.parametrize("split", ["seen", "heldout"])
+def test_a_category_subset_keeps_each_categorys_prompts_of_the_full_run(split):
+    full = build_prompts(split, scale_counts(200))
+    keep = pick_categories(" color_attr, position")
+    assert keep == ("position", "color_attr")    # in the benchmark's order, whatever the order given
+    subset = build_prompts(split, {c: n for c, n in scale_counts(200).items() if c in keep})
+    assert [(p.text, p.requirement) for p in subset] == [(p.text, p.requirement) for p in full if p.category in keep]
+    assert len(subset) == 68
+
+
+def test_categories_without_control_scores_only_those(tmp_path):
+    out = tmp_path / "gt.json"
+    r = runner.invoke(app, ["eval", "--model", "groundtruth", "--split", "heldout", "--prompts", "200",
+                            "--categories", "counting", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    full = [p.text for p in build_prompts("heldout", scale_counts(200)) if p.category == "counting"]
+    assert list(report["categories"]) == ["counting"] and report["categories"]["counting"]["accuracy"] == 1.0
+    assert [p["prompt"] for p in report["prompts"]] == full and len(full) == 34
+
+
+def test_the_sweep_runs_its_grid_and_weight_0_scores_as_the_run_without(controlnet, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "controlnet_sweep.py"
+    spec = importlib.util.spec_from_file_location("controlnet_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    args = ["--out", str(out), "--model", "tiny-random", "--control-model", str(controlnet), "--weights", "0,1",
+            "--modes", "balanced", "--categories", "color_attr,position", "--prompts", "6", "--seeds", "1",
+            "--steps", "2", "--threads", "1"]
+    sweep.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["table.md", "w0-balanced.json", "w1-balanced.json",
+                                                     "without.json"]
+    without, zero, one = (json.loads((out / f"{n}.json").read_text()) for n in ("without", "w0-balanced",
+                                                                                "w1-balanced"))
+    assert zero["with_control"]["prompts"] == without["prompts"] and zero["without_control"] is None
+    assert one["control_settings"]["weight"] == 1.0 and list(one["with_control"]["categories"]) == ["position",
+                                                                                                   "color_attr"]
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| run | weight | mode | start–end | position (bar 0.95) | color_attr (bar 0.9) |")
+    assert [line.split(" | ")[:3] for line in lines[2:]] == [["| without", "—", "no ControlNet"],
+                                                              ["| w0-balanced", "0", "Balanced"],
+                                                              ["| w1-balanced", "1", "Balanced"]]
+    # weight 0's scores are the run without's, cell for cell (the seconds aside)
+    assert lines[2].split(" | ")[4:-1] == lines[3].split(" | ")[4:-1]
+    # a second call runs nothing (every JSON exists) and prints the same table
+    capsys.readouterr()
+    sweep.main(args)
+    captured = capsys.readouterr()
+    assert "0 of 3 evals to run" in captured.err and captured.out.strip() == "\n".join(lines)
