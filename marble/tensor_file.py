@@ -234,11 +234,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def safetensors_writer(tensors: dict[str, torch.Tensor],
-                       metadata: dict[str, str] | None = None) -> Callable[[IO[bytes]], None]:
+def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                       fill: Callable[[str], torch.Tensor] | None = None) -> Callable[[IO[bytes]], None]:
     """A function that writes `tensors` as a safetensors file to an open binary file, one tensor
     at a time (for marble.fileio.write_new). Keys are written sorted; the header is padded with
-    spaces to a multiple of 8 bytes, as the reference implementation does."""
+    spaces to a multiple of 8 bytes, as the reference implementation does. `fill(name)`, when
+    given, makes each tensor's values as it is written (in that order), so `tensors` need only
+    give shapes and dtypes (meta tensors will do): a file larger than RAM, held one tensor at a time."""
     names = sorted(tensors)
     header: dict = {}
     if metadata:
@@ -258,7 +260,12 @@ def safetensors_writer(tensors: dict[str, torch.Tensor],
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name in names:
-            if tensors[name].numel():
-                f.write(tensor_bytes(tensors[name]))
+            if not tensors[name].numel():
+                continue
+            t = tensors[name] if fill is None else fill(name)
+            if t.shape != tensors[name].shape or t.dtype != tensors[name].dtype:
+                raise ValueError(f"{name}: filled as {t.dtype} {tuple(t.shape)}, declared "
+                                 f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
+            f.write(tensor_bytes(t))
 
     return write

@@ -11,6 +11,7 @@ from marble.checkpoints.marble_format import write_marble
 from marble.checkpoints.resolve import load_model, random_model
 from marble.checkpoints.sd_single_file import write_single_file
 from marble.errors import ModelLoadError
+from marble.fileio import write_new
 from marble.pipeline import Pipeline, release_weights
 from marble.request import GenerationRequest, resolve
 from marble.tensor_file import map_tensors, read_header, release, safetensors_writer
@@ -176,3 +177,25 @@ def test_a_mapped_base_and_refiner_give_the_same_pixels(tmp_path):
         assert inside == (total if mapped else 0)
         results.append(images(Pipeline(base, refiner=refiner, refiner_switch=0.5), n=2))
     assert all(np.array_equal(a, b) for a, b in zip(*results))
+
+
+def test_a_filled_writer_streams_the_same_bytes_and_refuses_a_mismatch(tmp_path):
+    """safetensors_writer(..., fill) declared by meta tensors (how benchmarks/sd15_memory.py streams
+    a 6.9 GB file): the file is byte for byte the one written from the tensors, each value asked for
+    once, in key order (none for an empty tensor); a filled tensor of another dtype or shape than
+    declared stops the write and leaves nothing behind."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(3, 5, generator=g).half(), "a": torch.randn(7, generator=g), "e": torch.empty(0, 4)}
+    declared = {k: v.to("meta") for k, v in tensors.items()}
+    asked = []
+
+    def fill(name):
+        asked.append(name)
+        return tensors[name].clone()
+    whole = write_new(tmp_path / "whole.safetensors", safetensors_writer(tensors, {"k": "v"}))
+    streamed = write_new(tmp_path / "streamed.safetensors", safetensors_writer(declared, {"k": "v"}, fill))
+    assert streamed.read_bytes() == whole.read_bytes() and asked == ["a", "b"]
+    for wrong in (lambda name: tensors[name].float(), lambda name: tensors[name].reshape(-1)):
+        with pytest.raises(ValueError, match="b: filled as"):
+            write_new(tmp_path / "bad.safetensors", safetensors_writer(declared, None, wrong))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["streamed.safetensors", "whole.safetensors"]

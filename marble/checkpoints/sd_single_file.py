@@ -298,14 +298,25 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None, allow_pickle:
 
 # --- writing ---------------------------------------------------------------------------------------
 
-def single_file_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """marble keys -> SD single-file keys; SD2-style text towers (gelu, pad "!") become OpenCLIP's."""
-    config = ckpt.config
+def _text_layout(config: LatentDiffusionConfig) -> tuple[bool, tuple[CLIPTextConfig, ...]]:
+    """How a single file stores `config`'s text encoder: (one tower in OpenCLIP's layout, as SD2's
+    gelu towers; SDXL's towers, else ())."""
     if text_is_external(config):
         raise ValueError("this model's text encoder is not CLIP; it has no Stable Diffusion layout")
     text = text_config_from_dict(config.text)
     openclip = isinstance(text, CLIPTextConfig) and text.activation == "gelu"
-    towers = text.encoders if isinstance(text, CLIPConcatConfig) else ()
+    return openclip, text.encoders if isinstance(text, CLIPConcatConfig) else ()
+
+
+def single_file_names(config: LatentDiffusionConfig):
+    """marble key -> the key single_file_state writes it under (an OpenCLIP tower's q, k and v all
+    go to one in_proj), without the tensors: what a writer that streams needs to group them."""
+    return describe_fn(*_text_layout(config))
+
+
+def single_file_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """marble keys -> SD single-file keys; SD2-style text towers (gelu, pad "!") become OpenCLIP's."""
+    openclip, towers = _text_layout(ckpt.config)
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in ckpt.state.items():
