@@ -167,7 +167,9 @@ def _openclip_to_marble(inner: str, t: torch.Tensor, layers: int, tower: str = "
     layer = f"{base}encoder.layers.{i}."
     if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
         kind = rest.rsplit("_", 1)[1]
-        return [(f"{layer}self_attn.{p}_proj.{kind}", part.clone())
+        # row blocks of a contiguous tensor are contiguous views: no copy, so with --low-memory
+        # q, k and v stay pages of the mapped file, which the release can find (issue 17)
+        return [(f"{layer}self_attn.{p}_proj.{kind}", part)
                 for p, part in zip("qkv", t.chunk(3, dim=0))]
     head, _, leaf = rest.rpartition(".")
     return [(f"{layer}{_OPENCLIP_LAYER[head]}.{leaf}", t)] if head in _OPENCLIP_LAYER else None
