@@ -4,8 +4,8 @@
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
 a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}},
 then the raw little-endian tensor bytes. Reading fills each tensor straight from the file with
-`readinto` (no memory map, no staging copy), optionally casting it on the way, so peak memory while
-loading is the loaded weights plus one tensor. Writing streams each tensor's bytes the same way.
+`readinto` (no memory map); a tensor to be cast is read into one staging buffer reused for every
+tensor and cast from there, so peak memory while loading is the loaded weights plus one tensor. Writing streams each tensor's bytes the same way.
 Only tensors and strings are ever read: loading executes no code.
 
 Why not the safetensors library (measured with safetensors 0.8, torch 2.13, on
@@ -113,12 +113,19 @@ def read_header(path: Path) -> Header:
     return Header(path, entries, dict(meta))
 
 
-def _read_into(f: IO[bytes], entry: TensorEntry, path: Path, name: str) -> torch.Tensor:
-    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+def _read_into(f: IO[bytes], entry: TensorEntry, path: Path, name: str,
+               staging: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor's bytes from the file: into a new tensor, or into the front of `staging` (bytes,
+    reused by the caller) as a view that the next read overwrites."""
+    if staging is None:
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        flat = tensor.reshape(-1).view(torch.uint8)
+    else:
+        flat = staging[:entry.nbytes]
+        tensor = flat.view(entry.dtype).view(entry.shape)
     if entry.nbytes:
         f.seek(entry.begin)
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        got = f.readinto(view)
+        got = f.readinto(memoryview(flat.numpy()))
         if got != entry.nbytes:
             raise ModelLoadError(f"{path} is truncated (tensor {name!r})")
     return tensor
@@ -130,13 +137,21 @@ def read_tensors(header: Header, names: Iterable[str] | None = None,
     `dtype` when given (None keeps the stored dtype, bit for bit)."""
     wanted = header.entries if names is None else {k: header.entries[k] for k in names}
     order = sorted(wanted, key=lambda k: wanted[k].begin)
+
+    def cast(e: TensorEntry) -> bool:
+        return dtype is not None and e.dtype.is_floating_point and e.dtype != dtype
+
+    # A tensor that is cast is read into one reused buffer, not a new one each: its pages fault
+    # once, not once per tensor (an fp16 SD1.5 file read as fp32: 2.1 GB of first touches saved).
+    staging = torch.empty(max((e.nbytes for e in wanted.values() if cast(e)), default=0), dtype=torch.uint8)
     try:
         with open(header.path, "rb") as f:
             for name in order:
-                tensor = _read_into(f, wanted[name], header.path, name)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                yield name, tensor
+                e = wanted[name]
+                if cast(e):
+                    yield name, _read_into(f, e, header.path, name, staging).to(dtype)
+                else:
+                    yield name, _read_into(f, e, header.path, name)
     except OSError as e:
         raise ModelLoadError(f"cannot read {header.path}: {e.strerror or e}") from None
 

@@ -109,6 +109,35 @@ def test_the_shipped_model_loads_exactly_as_the_safetensors_library_reads_it():
         assert all(torch.equal(state[k], v.to(dtype)) for k, v in reference.items())
 
 
+def test_the_reader_casts_through_its_staging_buffer_bit_for_bit(tmp_path):
+    """read_tensors reads the tensors it casts into one reused buffer: every tensor, read as a
+    whole dict (so a later read overwriting the buffer would show), equals the safetensors
+    library's after the same cast; tensors it does not cast are their own storage."""
+    from safetensors.torch import load_file, save_file
+
+    from marble.tensor_file import read_header, read_tensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(64, 33, generator=g).half(), "small": torch.randn(5, generator=g).half(),
+               "bf": torch.randn(3, 7, generator=g).bfloat16(), "scalar": torch.tensor(1.5).half(),
+               "empty": torch.zeros(0, 4).half(), "f32": torch.randn(9, generator=g),
+               "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn),
+               "ids": torch.arange(7), "mask": torch.tensor([True, False, True])}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    reference = load_file(str(path))
+    header = read_header(path)
+    for dtype in (torch.float32, torch.float16, None):
+        state = dict(read_tensors(header, dtype=dtype))
+        assert state.keys() == reference.keys()
+        for k, v in reference.items():
+            want = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            assert state[k].dtype == want.dtype and state[k].shape == want.shape, k
+            assert torch.equal(state[k].view(torch.uint8) if k == "f8" and dtype is None else state[k],
+                               want.view(torch.uint8) if k == "f8" and dtype is None else want), (k, dtype)
+        pointers = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
+        assert len(set(pointers)) == len(pointers)
+
+
 def test_vae_file_round_trip_is_bit_exact_and_checks_its_format(tmp_path, tiny_loaded):
     vae = tiny_loaded.model.vae
     loaded = read_vae(write_vae(vae, tmp_path / "vae.safetensors"))
