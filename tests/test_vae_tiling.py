@@ -1,0 +1,137 @@
+"""Tiled VAE encode/decode (marble.models.vae_tiling): diffusers' `enable_tiling()` on identical
+random weights, the untiled path below a tile, and the opt-in from the CLI to the record."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from marble.checkpoints.diffusers_keys import rename, vae_reverse_table, vae_from_diffusers_tensor
+from marble.models.vae import AutoencoderKL
+from marble.models.vae_tiling import check_tile_size, tiled, tiled_decode, tiled_encode
+from sd_fixtures import TINY_VAE, diffusers_oracle, diffusers_vae_kwargs, randomize_
+
+TILE = 64   # pixels: diffusers_vae_kwargs' sample_size, so diffusers tiles at the same size (16 latent cells)
+
+
+@pytest.fixture(scope="module")
+def vaes():
+    """A diffusers AutoencoderKL with seeded weights and marble's VAE holding the same weights."""
+    diffusers = diffusers_oracle()
+    theirs = randomize_(diffusers.AutoencoderKL(**diffusers_vae_kwargs()), seed=5)
+    table = vae_reverse_table(TINY_VAE)
+    ours = AutoencoderKL(TINY_VAE).eval()
+    state = {rename(k, table): v for k, v in theirs.state_dict().items()}
+    ours.load_state_dict({k: vae_from_diffusers_tensor(k, v) for k, v in state.items()})
+    theirs.enable_tiling()
+    assert (theirs.tile_sample_min_size, theirs.tile_latent_min_size) == (TILE, TILE // 4)
+    return ours, theirs
+
+
+@torch.no_grad()
+def test_tiled_decode_matches_diffusers(vaes):
+    ours, theirs = vaes
+    # 40 x 56 latent cells: tiles start at 0, 12, 24, 36 (rows) and 0, ..., 48 (columns), the last clipped
+    latent = torch.randn(2, 4, 40, 56, generator=torch.Generator().manual_seed(0))
+    want = theirs.decode(latent / theirs.config.scaling_factor).sample
+    got = tiled_decode(ours, latent, TILE)
+    assert got.shape == want.shape == (2, 3, 160, 224)
+    assert want.abs().max() > 0.5 and (got - want).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_tiled_encode_matches_diffusers(vaes):
+    ours, theirs = vaes
+    pixels = torch.rand(2, 3, 160, 224, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    want = theirs.encode(pixels).latent_dist.mean * theirs.config.scaling_factor
+    got = tiled_encode(ours, pixels, TILE)
+    assert got.shape == want.shape == (2, 4, 40, 56)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_within_one_tile_is_the_untiled_codec_bit_for_bit(vaes):
+    ours, _ = vaes
+    g = torch.Generator().manual_seed(2)
+    latent = torch.randn(1, 4, 16, 12, generator=g)      # 16 cells = one 64-pixel tile: not tiled
+    assert torch.equal(tiled_decode(ours, latent, TILE), ours.decode(latent))
+    pixels = torch.rand(1, 3, 64, 40, generator=g) * 2 - 1
+    assert torch.equal(tiled_encode(ours, pixels, TILE), ours.encode(pixels))
+    assert tiled(ours, 0) is ours
+
+
+@torch.no_grad()
+def test_tiling_changes_the_image(vaes):
+    """Not the untiled image: every tile normalises with its own GroupNorm statistics (and attends
+    within itself), so the values differ everywhere, most where tiles meet and fade."""
+    ours, _ = vaes
+    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    untiled, tiled_ = ours.decode(latent), tiled_decode(ours, latent, TILE)
+    assert untiled.shape == tiled_.shape and (untiled - tiled_).abs().max() > 1e-2
+
+
+def test_tile_sizes_are_checked():
+    assert check_tile_size(0, 8) == 0 and check_tile_size(512, 8) == 512
+    for bad in (-32, 500, 16, True, 2.0, 16384 + 32):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            check_tile_size(bad, 8)
+
+
+# --- the opt-in, from the CLI to the record ----------------------------------------------------------
+
+runner = CliRunner()
+
+
+def run(*args):
+    from marble.cli import app
+    return runner.invoke(app, list(args))
+
+
+def record_of(path):
+    from marble.png import read_record
+    return read_record(path)
+
+
+def test_cli_flag_tiles_the_decode_and_is_recorded(tmp_path):
+    """The built-in model (64², 16 latent cells) with 32-pixel tiles: 3 × 3 tiles. The image differs
+    from the untiled one, the record says so, and --from replays it exactly."""
+    common = ["generate", "a red circle", "--seed", "3", "--steps", "2"]
+    plain = run(*common, "--out", str(tmp_path / "plain"))
+    tiled_run = run(*common, "--vae-tile-size", "32", "--out", str(tmp_path / "tiled"))
+    assert plain.exit_code == 0 and tiled_run.exit_code == 0, plain.output + tiled_run.output
+    (a,), (b,) = (sorted((tmp_path / d).glob("*.png")) for d in ("plain", "tiled"))
+    assert a.read_bytes() != b.read_bytes()
+    assert record_of(a).vae_tile_size == 0 and record_of(b).vae_tile_size == 32
+    assert "VAE tile size: 32" in record_of(b).to_parameters()
+    replay = run("generate", "--from", str(b), "--out", str(tmp_path / "replay"))
+    assert replay.exit_code == 0, replay.output
+    (c,) = sorted((tmp_path / "replay").glob("*.png"))
+    assert c.read_bytes() == b.read_bytes()
+    # --vae-tiling alone: 512-pixel tiles, larger than the image: recorded, and the untiled pixels
+    flag = run(*common, "--vae-tiling", "--out", str(tmp_path / "flag"))
+    assert flag.exit_code == 0, flag.output
+    (d,) = sorted((tmp_path / "flag").glob("*.png"))
+    assert record_of(d).vae_tile_size == 512
+    from PIL import Image
+    import numpy as np
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(d)))
+
+
+def test_cli_bad_tile_size_is_one_line_exit_2(tmp_path):
+    result = run("generate", "x", "--model", "tiny-random", "--vae-tile-size", "20", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["marble: error: the VAE tile size must be a multiple of 8 pixels "
+                                                  "up to 16384 (0 = off), got 20"]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_record_reads_the_tile_size_back():
+    from marble.record import GenerationRecord
+    rec = GenerationRecord(prompt="p", negative_prompt="", seed=1, steps=2, sampler="Euler", cfg=7.0, width=64,
+                           height=64, model_name="m", model_hash="h", vae_tile_size=256)
+    assert GenerationRecord.from_json(rec.to_json()) == rec
+    assert GenerationRecord.from_parameters(rec.to_parameters()).vae_tile_size == 256
+    assert json.loads(rec.to_json())["vae_tile_size"] == 256
