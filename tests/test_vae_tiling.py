@@ -114,7 +114,9 @@ def test_cli_flag_tiles_the_decode_and_is_recorded(tmp_path):
     flag = run(*common, "--vae-tiling", "--out", str(tmp_path / "flag"))
     assert flag.exit_code == 0, flag.output
     (d,) = sorted((tmp_path / "flag").glob("*.png"))
-    assert record_of(d).vae_tile_size == 512
+    from marble.cli.generate import DEFAULT_TILE
+    from marble.models.vae_tiling import DEFAULT_TILE as LIBRARY_TILE
+    assert record_of(d).vae_tile_size == DEFAULT_TILE == LIBRARY_TILE == 512
     from PIL import Image
     import numpy as np
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(d)))
@@ -135,3 +137,80 @@ def test_record_reads_the_tile_size_back():
     assert GenerationRecord.from_json(rec.to_json()) == rec
     assert GenerationRecord.from_parameters(rec.to_parameters()).vae_tile_size == 256
     assert json.loads(rec.to_json())["vae_tile_size"] == 256
+
+
+# --- the pipeline: every encode and decode of a request tiles ------------------------------------
+
+BASE = dict(prompt="two red circles", steps=2, sampler="Euler", cfg=5.0, width=32, height=32, seed=4)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Counts of the tiled codec's calls that actually tiled (input larger than a tile)."""
+    import marble.models.vae_tiling as vt
+    calls = {"encode": 0, "decode": 0}
+
+    def spy(name, real, factor):
+        def call(vae, x, tile):
+            calls[name] += max(x.shape[-2:]) * factor > tile
+            return real(vae, x, tile)
+        return call
+    monkeypatch.setattr(vt, "tiled_encode", spy("encode", vt.tiled_encode, 1))
+    monkeypatch.setattr(vt, "tiled_decode", spy("decode", vt.tiled_decode, 2))   # tiny-random: latent factor 2
+    return calls
+
+
+def test_pipeline_tiles_img2img_inpaint_and_hires(tiny_pipe, spied):
+    from PIL import Image
+    from marble.hires import HiresFix
+    from marble.request import GenerationRequest, resolve
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+
+    def gen(**kw):
+        return tiny_pipe.generate(resolve(GenerationRequest(**{**BASE, **kw}), tiny_pipe.defaults))
+    plain = gen(init_image=init)
+    assert spied == {"encode": 0, "decode": 0}
+    tiled_ = gen(init_image=init, vae_tile_size=8)
+    assert spied == {"encode": 1, "decode": 1} and tiled_.records[0].vae_tile_size == 8
+    assert plain.records[0].vae_tile_size == 0
+    import numpy as np
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(tiled_.images[0]))
+    gen(init_image=init, mask=mask, vae_tile_size=8)
+    assert spied == {"encode": 2, "decode": 2}
+    # hires with an image upscaler: the first pass decoded, resized and encoded again, then the decode
+    gen(hires=HiresFix(scale=2.0, steps=1, denoise=0.5, upscaler="Lanczos"), vae_tile_size=16)
+    assert spied == {"encode": 3, "decode": 4}
+
+
+def test_request_refuses_bad_tile_sizes(tiny_pipe):
+    from marble.request import GenerationRequest, RequestError, resolve
+    for bad in (12, -8, "512", 1.5):
+        with pytest.raises(RequestError, match="VAE tile size"):
+            resolve(GenerationRequest(**BASE, vae_tile_size=bad), tiny_pipe.defaults)
+    assert resolve(GenerationRequest(**BASE), tiny_pipe.defaults).vae_tile_size == 0
+
+
+def test_a1111_api_takes_vae_tile_size(tiny_pipe, tmp_path):
+    import base64
+    import io
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from marble.request import GenerationRequest, resolve
+    from marble.server.app import create_app
+    from marble.server.state import ServerConfig
+    body = {"prompt": BASE["prompt"], "steps": 2, "width": 32, "height": 32, "seed": 5, "sampler_name": "Euler"}
+    with TestClient(create_app([tiny_pipe], ServerConfig(outputs=tmp_path, max_queue=2)),
+                    raise_server_exceptions=False) as client:
+        r = client.post("/sdapi/v1/txt2img", json={**body, "vae_tile_size": 16})
+        assert r.status_code == 200, r.text
+        assert "VAE tile size: 16" in json.loads(r.json()["info"])["infotexts"][0]
+        direct = tiny_pipe.generate(resolve(GenerationRequest(
+            prompt=BASE["prompt"], steps=2, width=32, height=32, seed=5, sampler="Euler", vae_tile_size=16),
+            tiny_pipe.defaults))
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        assert np.array_equal(served, np.asarray(direct.images[0]))
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "vae_tile_size": 12})
+        assert bad.status_code == 400 and "VAE tile size" in bad.text
