@@ -5,8 +5,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from marble.checkpoints.diffusers_keys import rename, vae_reverse_table, vae_from_diffusers_tensor
@@ -117,8 +119,6 @@ def test_cli_flag_tiles_the_decode_and_is_recorded(tmp_path):
     from marble.cli.generate import DEFAULT_TILE
     from marble.models.vae_tiling import DEFAULT_TILE as LIBRARY_TILE
     assert record_of(d).vae_tile_size == DEFAULT_TILE == LIBRARY_TILE == 512
-    from PIL import Image
-    import numpy as np
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(d)))
 
 
@@ -146,22 +146,27 @@ BASE = dict(prompt="two red circles", steps=2, sampler="Euler", cfg=5.0, width=3
 
 @pytest.fixture
 def spied(monkeypatch):
-    """Counts of the tiled codec's calls that actually tiled (input larger than a tile)."""
+    """Counts of the tiled codec's calls that actually tiled (input larger than a tile), and the
+    VAEs they ran on ("encode by", "decode by")."""
     import marble.models.vae_tiling as vt
     calls = {"encode": 0, "decode": 0}
 
-    def spy(name, real, factor):
+    def spy(name, real, latent):
         def call(vae, x, tile):
-            calls[name] += max(x.shape[-2:]) * factor > tile
+            calls[name] += max(x.shape[-2:]) * (vae.downsampling_factor if latent else 1) > tile
+            calls.setdefault(f"{name} by", []).append(vae)
             return real(vae, x, tile)
         return call
-    monkeypatch.setattr(vt, "tiled_encode", spy("encode", vt.tiled_encode, 1))
-    monkeypatch.setattr(vt, "tiled_decode", spy("decode", vt.tiled_decode, 2))   # tiny-random: latent factor 2
+    monkeypatch.setattr(vt, "tiled_encode", spy("encode", vt.tiled_encode, False))
+    monkeypatch.setattr(vt, "tiled_decode", spy("decode", vt.tiled_decode, True))
     return calls
 
 
+def counts(calls):
+    return {k: calls[k] for k in ("encode", "decode")}
+
+
 def test_pipeline_tiles_img2img_inpaint_and_hires(tiny_pipe, spied):
-    from PIL import Image
     from marble.hires import HiresFix
     from marble.request import GenerationRequest, resolve
     init = Image.new("RGB", (32, 32), (200, 40, 40))
@@ -171,17 +176,34 @@ def test_pipeline_tiles_img2img_inpaint_and_hires(tiny_pipe, spied):
     def gen(**kw):
         return tiny_pipe.generate(resolve(GenerationRequest(**{**BASE, **kw}), tiny_pipe.defaults))
     plain = gen(init_image=init)
-    assert spied == {"encode": 0, "decode": 0}
+    assert counts(spied) == {"encode": 0, "decode": 0}
     tiled_ = gen(init_image=init, vae_tile_size=8)
-    assert spied == {"encode": 1, "decode": 1} and tiled_.records[0].vae_tile_size == 8
+    assert counts(spied) == {"encode": 1, "decode": 1} and tiled_.records[0].vae_tile_size == 8
     assert plain.records[0].vae_tile_size == 0
-    import numpy as np
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(tiled_.images[0]))
     gen(init_image=init, mask=mask, vae_tile_size=8)
-    assert spied == {"encode": 2, "decode": 2}
+    assert counts(spied) == {"encode": 2, "decode": 2}
     # hires with an image upscaler: the first pass decoded, resized and encoded again, then the decode
     gen(hires=HiresFix(scale=2.0, steps=1, denoise=0.5, upscaler="Lanczos"), vae_tile_size=16)
-    assert spied == {"encode": 3, "decode": 4}
+    assert counts(spied) == {"encode": 3, "decode": 4}
+
+
+def test_pipeline_tiles_an_inpainting_unets_masked_image_and_the_refiners_decode(spied):
+    from marble.checkpoints.resolve import LoadedModel, random_model
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest, resolve
+    from sd_fixtures import tiny_sd, tiny_sdxl
+    inpainting = Pipeline(LoadedModel(random_model(lambda: tiny_sd("sd1", 9), seed=1), "inpaint", "h"))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    request = GenerationRequest(**BASE, init_image=Image.new("RGB", (32, 32), (20, 90, 200)), mask=mask,
+                                vae_tile_size=16)   # factor 4: 8 latent cells, tiles of 4
+    inpainting.generate(resolve(request, inpainting.defaults))
+    assert counts(spied) == {"encode": 2, "decode": 1}   # the init image, the masked image (c_concat)
+    both = Pipeline(LoadedModel(random_model(tiny_sdxl, seed=5), "m", "h"),
+                    refiner=LoadedModel(random_model(lambda: tiny_sdxl(True), seed=6), "r", "h"))
+    both.generate(resolve(GenerationRequest(**BASE, vae_tile_size=16), both.defaults))
+    assert counts(spied) == {"encode": 2, "decode": 2} and spied["decode by"][-1] is both.refiner.model.vae
 
 
 def test_request_refuses_bad_tile_sizes(tiny_pipe):
@@ -195,9 +217,7 @@ def test_request_refuses_bad_tile_sizes(tiny_pipe):
 def test_a1111_api_takes_vae_tile_size(tiny_pipe, tmp_path):
     import base64
     import io
-    import numpy as np
     from fastapi.testclient import TestClient
-    from PIL import Image
     from marble.request import GenerationRequest, resolve
     from marble.server.app import create_app
     from marble.server.state import ServerConfig
