@@ -7,7 +7,7 @@ estimated below; $TMPDIR needs 7 GB free, and the in-RAM row about 12 GB of RAM)
     cd /work/main && flock /work/wt/cpu.lock .venv/bin/python benchmarks/sd15_memory.py --arch sdxl --json docs/results/sdxl-memory.json
 
     python benchmarks/sd15_memory.py [--arch sd15|sdxl] [--size N] [--steps 2] [--cfg C]
-                                     [--width-divisor N] [--only ROW] [--json report.json]
+                                     [--width-divisor N] [--only ROW] [--vae-tiling] [--json report.json]
 
 Writes the architecture (`--arch sd15`, the default: SD1.5 at 512², CFG 7.5; `--arch sdxl`: SDXL
 base at 1024², CFG 5) with seeded random weights (each tensor drawn in float32, the scheme of
@@ -38,6 +38,11 @@ VmHWM (a fraction of a MB over at times: the kernel's RSS counters are approxima
 the report also gives the weights' bytes per network and each phase's peak over all the file's
 fp16 weights (issue 17's target: ≤ 1.2×; text encoders included, unlike the 5.30 GB of
 `marble bench --arch sdxl`).
+
+`--vae-tiling` (or `--vae-tile-size N`) runs every row's decode as `marble generate --vae-tiling`
+does: the VAE in overlapping 512-pixel (N-pixel) tiles, one at a time (marble.models.vae_tiling;
+not the untiled image, so compare its rows with an untiled run's peaks, not its pixels). Off by
+default.
 
 `--width-divisor N` narrows the U-Net N times (text encoders and VAE whole; the marble config is
 then stored in the file): a smoke run, e.g. `--arch sdxl --width-divisor 5 --size 128`.
@@ -220,10 +225,12 @@ def write_fp16_single_file(config, path: Path, seed: int = 0, with_config: bool 
 # --- one row, in its own process --------------------------------------------------------------------
 
 def generate_measured(path: Path, size: int, steps: int, cfg: float, low_memory: bool, seed: int = 0,
-                      storage: torch.dtype | None = torch.float16, quantize: str | None = None) -> dict:
+                      storage: torch.dtype | None = torch.float16, quantize: str | None = None,
+                      vae_tile_size: int = 0) -> dict:
     """In this (fresh) process: load `path` as `marble generate --weights fp16 [--low-memory]` does
     and generate one image, closing a phase at the first U-Net call, at the decode and at the end.
-    `storage`, `quantize`: load_pipeline's (None, None: `marble generate` without --weights)."""
+    `storage`, `quantize`: load_pipeline's (None, None: `marble generate` without --weights);
+    `vae_tile_size`: the request's (`--vae-tile-size`; 0: untiled)."""
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, resolve
     from marble.tensor_file import mapped_bytes
@@ -242,14 +249,13 @@ def generate_measured(path: Path, size: int, steps: int, cfg: float, low_memory:
         if len(phases) == 1:
             close("text encoding")
     model.unet.register_forward_pre_hook(first_unet_call)
-    decode = model.vae.decode
 
-    def decode_closing(*args, **kwargs):
-        close("U-Net steps")
-        return decode(*args, **kwargs)
-    model.vae.decode = decode_closing   # an instance attribute: the pipeline's `vae.decode(x)` finds it first
+    def first_decoder_call(module, args):   # the whole decode, or its first tile
+        if len(phases) == 2:
+            close("U-Net steps")
+    model.vae.decoder.register_forward_pre_hook(first_decoder_call)
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=steps, sampler="Euler",
-                                cfg=cfg, width=size, height=size)
+                                cfg=cfg, width=size, height=size, vae_tile_size=vae_tile_size)
     image = pipe.generate(resolve(request, pipe.defaults)).images[0]
     close("VAE decode")
     sampler.stop()
@@ -261,11 +267,12 @@ def generate_measured(path: Path, size: int, steps: int, cfg: float, low_memory:
             "image_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(), "image_shape": list(pixels.shape)}
 
 
-def run_child(path: Path, size: int, steps: int, cfg: float, low_memory: bool, threads: int | None) -> dict:
+def run_child(path: Path, size: int, steps: int, cfg: float, low_memory: bool, threads: int | None,
+              vae_tile_size: int = 0) -> dict:
     """generate_measured in a fresh interpreter (this one, this PYTHONPATH): its RSS is that run's alone."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--size", str(size),
-           "--steps", str(steps), "--cfg", str(cfg)] + (["--low-memory"] if low_memory else []) + \
-          (["--threads", str(threads)] if threads else [])
+           "--steps", str(steps), "--cfg", str(cfg), "--vae-tile-size", str(vae_tile_size)] + \
+          (["--low-memory"] if low_memory else []) + (["--threads", str(threads)] if threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         raise RuntimeError(f"the measured run failed: {proc.stderr.strip()[-2000:]}")
@@ -275,9 +282,9 @@ def run_child(path: Path, size: int, steps: int, cfg: float, low_memory: bool, t
 # --- the report -----------------------------------------------------------------------------------
 
 def measure(size: int = 512, steps: int = 2, cfg: float = 7.5, threads: int | None = None, config=None,
-            rows: dict[str, bool] = ROWS, log=print, arch: str = "sd15") -> dict:
+            rows: dict[str, bool] = ROWS, log=print, arch: str = "sd15", vae_tile_size: int = 0) -> dict:
     """Write the file once (`config` None: `arch`'s released architecture), then one fresh process
-    per row; the report as a dict."""
+    per row (each with VAE tiles of `vae_tile_size` pixels; 0: untiled); the report as a dict."""
     from marble.eval.sdxl_bench import cpu_model, malloc_trim
     from marble.models.stable_diffusion import sd_config
     spec = ARCHS[arch]
@@ -290,7 +297,7 @@ def measure(size: int = 512, steps: int = 2, cfg: float = 7.5, threads: int | No
         malloc_trim()   # this parent keeps nothing while the rows run
         log(f"wrote {nbytes / 1e9:.3f} GB of fp16 weights to {path} in {written:.0f} s")
         report = {"settings": {"arch": arch, "model": model.name, "size": size, "steps": steps, "sampler": "Euler",
-                               "cfg": cfg, "weights": "fp16", "threads": threads},
+                               "cfg": cfg, "weights": "fp16", "threads": threads, "vae_tile_size": vae_tile_size},
                   "cpu": cpu_model(), "weights_gb": nbytes / 1e9, "file_gb": path.stat().st_size / 1e9,
                   "networks_gb": {k: v / 1e9 for k, v in network_bytes(model).items()}, "write_seconds": written,
                   "target_gb": spec.target_gb if spec.target_ratio is None else spec.target_ratio * nbytes / 1e9,
@@ -298,7 +305,7 @@ def measure(size: int = 512, steps: int = 2, cfg: float = 7.5, threads: int | No
         for label, low_memory in rows.items():
             log(f"{label}: loading and generating in a fresh process ...")
             t0 = time.perf_counter()
-            row = run_child(path, size, steps, cfg, low_memory, threads)
+            row = run_child(path, size, steps, cfg, low_memory, threads, vae_tile_size)
             row["wall_seconds"] = time.perf_counter() - t0
             report["rows"][label] = row
             log("  " + ", ".join(f"{p['phase']} {p['peak_gb']:.3f} GB" for p in row["phases"]))
@@ -343,7 +350,8 @@ def markdown(report: dict) -> str:
     labels = list(rows)
     head = (f"{s['model']}, random weights in an fp16 single file ({report['weights_gb']:.3f} GB of weights), "
             f"{s['size']}×{s['size']}, Euler {s['steps']} steps, CFG {s['cfg']:g}, "
-            f"{next(iter(rows.values()))['threads']} threads{', ' + report['cpu'] if report['cpu'] else ''}")
+            f"{next(iter(rows.values()))['threads']} threads{', ' + report['cpu'] if report['cpu'] else ''}"
+            + (f", VAE tiles of {s['vae_tile_size']} px" if s.get("vae_tile_size") else ""))
     lines = [head, "", "| peak RSS (GB, 10⁹ B) | " + " | ".join(f"fp16 weights, {k}" for k in labels) + " |",
              "|---" * (len(labels) + 1) + "|"]
     for i, phase in enumerate(PHASES):
@@ -388,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width-divisor", type=int, default=None,
                     help="the U-Net this many times narrower (e.g. 5: SDXL's at model_channels 64), for a smoke run")
     ap.add_argument("--only", choices=list(ROWS), default=None, help="one row only")
+    ap.add_argument("--vae-tiling", dest="vae_tile_size", action="store_const", const=512, default=0,
+                    help="decode (every row) in 512-pixel VAE tiles, as `marble generate --vae-tiling`")
+    ap.add_argument("--vae-tile-size", dest="vae_tile_size", type=int, help="the same with N-pixel tiles (0: off)")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here (never overwritten)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
@@ -396,10 +407,16 @@ def main(argv: list[str] | None = None) -> None:
     size, cfg = a.size or spec.size, spec.cfg if a.cfg is None else a.cfg
     if size <= 0 or size % 8 or a.steps < 1:
         raise SystemExit("--size must be a positive multiple of 8 and --steps >= 1")
+    from marble.models.vae_tiling import check_tile_size
+    try:   # before the file is written: SD's and SDXL's latent factor 8
+        check_tile_size(a.vae_tile_size, 8)
+    except ValueError as e:
+        raise SystemExit(f"--vae-tile-size: {e}") from None
     if a.child is not None:
         if a.threads:
             torch.set_num_threads(a.threads)
-        print(json.dumps(generate_measured(a.child, size, a.steps, cfg, a.low_memory)))
+        print(json.dumps(generate_measured(a.child, size, a.steps, cfg, a.low_memory,
+                                           vae_tile_size=a.vae_tile_size)))
         return
     if a.json is not None and a.json.exists():
         raise SystemExit(f"{a.json} exists; nothing is overwritten")
@@ -412,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         from marble.models.stable_diffusion import sd_config
         config = reduced(config or sd_config(spec.preset), a.width_divisor)
     rows = ROWS if a.only is None else {a.only: ROWS[a.only]}
-    report = measure(size, a.steps, cfg, a.threads, config, rows, log=lambda m: print(m, file=sys.stderr), arch=a.arch)
+    report = measure(size, a.steps, cfg, a.threads, config, rows, log=lambda m: print(m, file=sys.stderr), arch=a.arch,
+                     vae_tile_size=a.vae_tile_size)
     print(markdown(report))
     if a.json is not None:
         from marble.fileio import write_new

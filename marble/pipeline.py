@@ -39,6 +39,7 @@ from marble.models.quantize import check_quantization, quantize_linear
 from marble.models.tome import token_merging
 from marble.models.traced import TracedNetwork
 from marble.models.unet import UNet
+from marble.models.vae_tiling import tiled
 from marble.models.weight_cast import compute_dtype
 from marble.prompts.conditioning import PromptConditioning, scheduled_denoiser
 from marble.prompts.encode import encode_prompts, prompt_chunks
@@ -275,11 +276,12 @@ class Pipeline:
         sigmas = spacing(spacing_name or get_sampler(sampler).spacing, m.schedule, steps).to(m.device)
         return sigmas if strength is None else sigmas[steps - int(steps * strength):]
 
-    def extra_conditioning(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
+    def extra_conditioning(self, vae, pixels: torch.Tensor | None, mask: torch.Tensor | None, width: int,
                            height: int) -> dict[str, torch.Tensor]:
+        """`vae`: the request's codec (the model's VAE, tiled or not)."""
         m = self.model
         if m.config.unet.in_channels > m.latent_channels:   # 9-channel inpainting U-Net: ldm's c_concat
-            return {"concat": inpaint_concat(m.vae, pixels, mask, width, height)}
+            return {"concat": inpaint_concat(vae, pixels, mask, width, height)}
         return {}
 
     def sample(self, sampler: str, denoiser, sigmas: torch.Tensor, seed: int, shape: tuple[int, ...],
@@ -302,13 +304,14 @@ class Pipeline:
     def hires_start(self, req: ResolvedRequest, latent: torch.Tensor, size) -> torch.Tensor:
         """The first pass's latent upscaled to `size` (hires_size), as the second pass's known latent:
         interpolated in latent space, or decoded, resized as an image and encoded again (the img2img
-        path's own encode)."""
+        path's own encode, tiled as the request asks)."""
         m, h = self.model, req.hires
         if h.upscaler in LATENT_UPSCALERS:
             return upscale_latent(latent, size, m.latent_factor, h.upscaler)
-        first = pixels_to_pil(m.vae.decode(latent.to(m.dtype)))[0]
+        vae = tiled(m.vae, req.vae_tile_size)
+        first = pixels_to_pil(vae.decode(latent.to(m.dtype)))[0]
         image = upscale_image(first, size, m.latent_factor, h.upscaler)
-        return m.vae.encode(pil_to_pixels(image, size.width, size.height).to(m.device, m.dtype)).float()
+        return vae.encode(pil_to_pixels(image, size.width, size.height).to(m.device, m.dtype)).float()
 
     @torch.inference_mode()
     def generate(self, req: ResolvedRequest, callback: Callback | None = None) -> GenerationResult:
@@ -334,6 +337,7 @@ class Pipeline:
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
             emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
             micro=req.micro.given() or None, deepcache=req.deepcache, tome=req.tome, quantize=self.quantize,
+            vae_tile_size=req.vae_tile_size,
             marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
             controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
@@ -386,18 +390,19 @@ class Pipeline:
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
         device, dtype = m.device, m.dtype
+        vae = tiled(m.vae, req.vae_tile_size)   # tile 0: the VAE itself
 
         init_pixels = known = mask = latent_mask = None
         if req.init_image is not None:
             init_pixels = pil_to_pixels(req.init_image, req.width, req.height).to(device, dtype)
-            known = m.vae.encode(init_pixels).float()   # the sampler's state is float32 whatever the model's dtype
+            known = vae.encode(init_pixels).float()   # the sampler's state is float32 whatever the model's dtype
             if req.mask is not None:
                 mask = mask_to_tensor(req.mask, req.width, req.height).to(device, dtype)
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
         sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None, req.spacing)
         conditioning = self.conditioning(req)
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
-                                 self.extra_conditioning(init_pixels, mask, req.width, req.height),
+                                 self.extra_conditioning(vae, init_pixels, mask, req.width, req.height),
                                  self.vector_conditioning(m, conditioning, req, req.width, req.height),
                                  control=self.control_units(req, req.width, req.height), deepcache=req.deepcache)
         if self.refiner is not None and req.hires is None:
@@ -413,15 +418,15 @@ class Pipeline:
                               resize_y=req.hires.resize_y, factor=m.latent_factor)
             hires_conditioning = self.conditioning(req, hires_steps)
             hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
-                                           self.extra_conditioning(None, None, size.width, size.height),
+                                           self.extra_conditioning(vae, None, None, size.width, size.height),
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
                                            control=self.control_units(req, size.width, size.height),
                                            deepcache=req.deepcache)
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
         self.release(*(n.text_encoder for n in models), m.vae)   # stage over: prompts (and init image) encoded
-        decoder = self.decoder if self.decoder is not None else \
-            (self.refiner.model if self.refiner is not None else m).vae   # else the last denoiser's VAE decodes
+        decoder = self.decoder if self.decoder is not None else tiled(   # else the last denoiser's VAE decodes
+            (self.refiner.model if self.refiner is not None else m).vae, req.vae_tile_size)
         per_image = len(sigmas) - 1 + (len(hires_sigmas) - 1 if hires_sigmas is not None else 0)
 
         def progress(i: int, offset: int):

@@ -25,6 +25,7 @@ from marble.hires import HiresError, HiresFix, check_hires
 from marble.models.conditioning import MicroConditioning
 from marble.models.deepcache import MAX_INTERVAL
 from marble.models.tome import MAX_RATIO
+from marble.models.vae_tiling import check_tile_size
 from marble.prompts.encode import check_emphasis
 from marble.prompts.attention import PromptSyntaxError
 from marble.prompts.schedule import check_prompt
@@ -67,6 +68,7 @@ class GenerationRequest:
     micro: MicroConditioning = MicroConditioning()  # SDXL's size/crop/aesthetic conditioning (None fields: defaults)
     deepcache: int | None = None                # DeepCache interval: full U-Net every N steps (marble.models.deepcache); 1 = off
     tome: float | None = None                   # ToMe ratio of tokens merged, [0, 0.75] (marble.models.tome); 0 = off
+    vae_tile_size: int | None = None            # VAE encode/decode in tiles of this side, pixels (marble.models.vae_tiling); 0 = off
 
     @property
     def mode(self) -> str:
@@ -136,7 +138,8 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     fields_ = {f.name: getattr(request, f.name) for f in fields(GenerationRequest)}
     fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
                    strength=strength, hires=hires, emphasis=emphasis, spacing=spacing,
-                   controls=_controls(request, defaults), **_approximations(request, defaults))
+                   controls=_controls(request, defaults), vae_tile_size=_vae_tile_size(request, defaults),
+                   **_approximations(request, defaults))
     warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
 
@@ -155,6 +158,13 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
     if interval > 1 and request.controls:
         raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
     return {"deepcache": interval, "tome": float(ratio)}
+
+
+def _vae_tile_size(request: GenerationRequest, defaults: ModelDefaults) -> int:
+    try:
+        return check_tile_size(0 if request.vae_tile_size is None else request.vae_tile_size, defaults.latent_factor)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def _few_step(request: GenerationRequest, defaults: ModelDefaults) -> FewStepSettings | None:

@@ -135,3 +135,21 @@ def test_width_divisor_narrows_only_the_unet(script):
     assert narrow.text == full.text and narrow.vae == full.vae and narrow.name != full.name
     with pytest.raises(SystemExit):   # 320 / 3 is not a whole channel count
         script.reduced(full, 3)
+
+
+def test_vae_tiling_runs_every_row_tiled_and_says_so(script, tmp_path, capsys, monkeypatch):
+    """--vae-tile-size: the rows decode in tiles (tiny VAE, factor 4: a 128² image is 32 latent
+    cells, 3 × 3 tiles of 64 px), the phases still close in order (the decode's phase starts at
+    the first tile), the report and its header state the tile, and bad sizes stop before any work."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(config_to_dict(tiny_sd("sd1"))))
+    out = tmp_path / "report.json"
+    script.main(["--config", str(config), "--size", "128", "--steps", "1", "--threads", "1", "--only", "in RAM",
+                 "--vae-tile-size", "64", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["settings"]["vae_tile_size"] == 64
+    assert [p["phase"] for p in report["rows"]["in RAM"]["phases"]] == list(script.PHASES)
+    assert "VAE tiles of 64 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        script.main(["--config", str(config), "--vae-tile-size", "40"])

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # imported where used: `marble --help` should not load torch
     from marble.record import GenerationRecord
     from marble.request import GenerationRequest, ResolvedRequest
 
+DEFAULT_TILE = 512   # --vae-tiling's tile, pixels (marble.models.vae_tiling.DEFAULT_TILE; not imported: no torch for --help)
+
 MODEL_HELP = ("Model: 'builtin' (default), 'tiny-random', a marble .safetensors file, a diffusers folder or an "
               "SD 1.x/2.x single file.")
 
@@ -79,6 +81,7 @@ class Flags:
     deepcache: int | None = None    # approximations (docs/bench.md): DeepCache interval, ToMe ratio, quantisation
     tome: float | None = None
     quantize: str | None = None
+    vae_tile_size: int | None = None    # VAE tiling: tile side in pixels, 0 = off
 
     @property
     def hires(self) -> bool:
@@ -89,7 +92,7 @@ class Flags:
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
                 "sampler": "sampler", "strength": "strength", "model": "model_name",
                 "emphasis": "emphasis", "spacing": "spacing", "deepcache": "deepcache", "tome": "tome",
-                "quantize": "quantize"}   # flag -> record field
+                "quantize": "quantize", "vae_tile_size": "vae_tile_size"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -198,7 +201,7 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         init_image=init, mask=mask, init_image_path=str(flags.init_image) if flags.init_image else None,
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
         hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
-        preset=flags.preset, deepcache=flags.deepcache, tome=flags.tome,
+        preset=flags.preset, deepcache=flags.deepcache, tome=flags.tome, vae_tile_size=flags.vae_tile_size,
         controls=read_controls(flags.controls, read_image), micro=read_micro(flags))
 
 
@@ -368,6 +371,8 @@ def generate(
     deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Approximation: run the whole U-Net every N steps and reuse its deep features in between (DeepCache), 1..100; 1 = off (default). Faster, not the exact image: docs/bench.md gives its cost."),
     tome: Optional[float] = typer.Option(None, "--tome", help="Approximation: merge this fraction of the tokens before self-attention in the highest-resolution transformers (ToMe for SD), 0..0.75; 0 = off (default). docs/bench.md gives its cost."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' runs the U-Net transformers' Linear layers in dynamic int8 (float32 models only; not with LoRAs). Default: off. docs/bench.md gives its cost."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Encode and decode with the VAE in overlapping 512-pixel tiles, one at a time (diffusers' enable_tiling): the VAE's memory follows the tile, not the image (SDXL at 1024²). Not the exact image: each tile normalises on its own and the seams are cross-faded. Images within one tile are unchanged. Recorded. docs/bench.md."),
+    vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="VAE tiling with tiles of this side in pixels, a multiple of 4 latent cells (32 px for SD); 0 = off. Implies --vae-tiling."),
     aesthetic_score: Optional[float] = typer.Option(None, "--aesthetic-score", help="SDXL refiner: aesthetic score of the prompt, 0..10 (default 6)."),
     negative_aesthetic_score: Optional[float] = typer.Option(None, "--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the negative prompt, 0..10 (default 2.5)."),
 ) -> None:
@@ -384,7 +389,8 @@ def generate(
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
                   loras=parse_loras(lora), spacing=spacing, preset=preset, deepcache=deepcache, tome=tome,
-                  quantize=quantize,
+                  quantize=quantize, vae_tile_size=vae_tile_size if vae_tile_size is not None else
+                  DEFAULT_TILE if vae_tiling else None,   # None: off, or the record's with --from
                   controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,
                                          start=control_start, end=control_end, mode=control_mode,
                                          resize=control_resize, processor_res=control_processor_res,

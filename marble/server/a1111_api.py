@@ -59,6 +59,10 @@ class Txt2ImgParams(BaseModel):
     tome: float | None = Field(None, description="marble: approximation, the fraction of tokens merged before "
                                                  "self-attention at the highest resolution (ToMe), 0..0.75; "
                                                  "0 = off (default).")
+    vae_tile_size: int | None = Field(None, description="marble: encode and decode with the VAE in overlapping "
+                                                        "tiles of this side, pixels (diffusers' enable_tiling; 512 is "
+                                                        "its usual tile), a multiple of 4 latent cells; less memory "
+                                                        "for large images, not the exact image. 0 = off (default).")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -122,7 +126,7 @@ def _request(params: Txt2ImgParams, micro_kinds: tuple[str, ...] = (), **images)
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
         height=params.height, n=_count(params), emphasis=_emphasis(params),
         spacing=_spacing(params.scheduler), preset=params.preset, micro=_micro(params, micro_kinds),
-        deepcache=params.deepcache, tome=params.tome,
+        deepcache=params.deepcache, tome=params.tome, vae_tile_size=params.vae_tile_size,
         **images)
 
 
