@@ -52,5 +52,9 @@ def write_replace(path: Path, data: bytes | Callable[[IO[bytes]], None]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _write_temp(path, data if callable(data) else (lambda f: f.write(data)))
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)   # e.g. `path` is a folder: leave no temporary file behind
+        raise
     return path

@@ -11,6 +11,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests 
 from marble.checkpoints.resolve import LoadedModel, random_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache_in_tmp(tmp_path_factory):
+    """The model-hash cache (marble.checkpoints.file_hashes) of the whole run, and of the
+    subprocesses it starts, lives in a temporary folder: tests never write to the real ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MARBLE_CACHE_DIR", str(tmp_path_factory.mktemp("marble-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_loaded() -> LoadedModel:
     """The seeded random tiny model (SD-shaped U-Net + VAE + tiny CLIP), shared by the tests."""

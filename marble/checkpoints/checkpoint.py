@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from marble.checkpoints.file_hashes import file_sha256
 from marble.config import config_from_json
 from marble.errors import ModelLoadError
 from marble.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -211,13 +212,8 @@ def config_from_metadata(path: Path, text: str | None, cls: type, what: str):
 
 def file_hash(*paths: Path) -> str:
     """First 10 hex of the sha256 of the files' bytes, concatenated in the order given (one file:
-    A1111's "Model hash")."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:10]
+    A1111's "Model hash"); computed once per change of the files (marble.checkpoints.file_hashes)."""
+    return file_sha256(*paths)[:10]
 
 
 def state_hash(model: LatentDiffusion) -> str:

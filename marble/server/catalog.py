@@ -5,13 +5,15 @@ SDXL single files) and diffusers pipeline folders (with `model_index.json`). A c
 its name (the file stem or folder name), its file name or A1111's title `name [hash]`; a name is
 only ever matched against this listing, never joined to a path, so no request reaches outside the
 folder. Hashes are A1111's (first 10 hex of the sha256), computed when a model is loaded, as
-A1111 does, and remembered for the listing.
+A1111 does, and remembered for the listing; the hash cache (marble.checkpoints.file_hashes) makes
+that once per file change, across restarts too, and shares the hash the load computed.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from marble.checkpoints.file_hashes import cached_sha256, file_sha256
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,6 @@ class CatalogEntry:
 class ModelCatalog:
     def __init__(self, folder: Path | None):
         self.folder = folder.resolve() if folder is not None else None
-        self._sha256: dict[tuple[str, int, int], str] = {}   # (path, size, mtime_ns) -> full sha256 hex
 
     def entries(self) -> list[CatalogEntry]:
         """The folder's models, sorted by name; [] when there is no folder."""
@@ -53,25 +54,14 @@ class ModelCatalog:
         return None
 
     def sha256(self, entry: CatalogEntry) -> str | None:
-        """The full sha256 of a single file, if known (remembered by `remember`); None for folders."""
+        """The full sha256 of a single file, if known without reading it (hashed by `remember`, by
+        a load, or in an earlier run); None for folders."""
         if not entry.path.is_file():
             return None
-        return self._sha256.get(self._key(entry.path))
+        return cached_sha256(entry.path)
 
     def remember(self, entry: CatalogEntry) -> str | None:
-        """Hash a single file now (when it is loaded) and keep the result for the listing."""
+        """The full sha256 of a single file (when it is loaded), hashed now unless it is known."""
         if not entry.path.is_file():
             return None
-        key = self._key(entry.path)
-        if key not in self._sha256:
-            h = hashlib.sha256()
-            with open(entry.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._sha256[key] = h.hexdigest()
-        return self._sha256[key]
-
-    @staticmethod
-    def _key(path: Path) -> tuple[str, int, int]:
-        st = path.stat()
-        return str(path), st.st_size, st.st_mtime_ns
+        return file_sha256(entry.path)
