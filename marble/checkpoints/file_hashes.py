@@ -72,7 +72,7 @@ def cached_sha256(*paths: Path, key: Key | None = None) -> str | None:
             return _known[key]
         digest = _load(_cache_file()).get(key)
         if digest is not None:
-            _known[key] = digest
+            _keep_in_process(key, digest)
         return digest
 
 
@@ -128,13 +128,17 @@ def _still_there(key: Key) -> bool:
         return False
 
 
+def _keep_in_process(key: Key, digest: str) -> None:
+    _known[key] = digest
+    while len(_known) > KEEP:
+        del _known[next(iter(_known))]
+
+
 def _remember(key: Key, digest: str) -> None:
     """Keep `digest` for this process and, when the cache folder is writable, on disk; merged with
     what the file holds now (another process may have added entries)."""
     with _lock:
-        _known[key] = digest
-        while len(_known) > KEEP:
-            del _known[next(iter(_known))]
+        _keep_in_process(key, digest)
         file = _cache_file()
         entries = {k: v for k, v in _load(file).items() if k != key and _still_there(k)}
         entries[key] = digest   # newest last, so trimming drops the oldest
