@@ -70,7 +70,7 @@ def cached_sha256(*paths: Path, key: Key | None = None) -> str | None:
     with _lock:
         if key in _known:
             return _known[key]
-        digest = _load(_cache_file()).get(key)
+        digest = _load_unless_unchanged(_cache_file()).get(key)
         if digest is not None:
             _keep_in_process(key, digest)
         return digest
@@ -119,6 +119,22 @@ def _load(file: Path) -> dict[Key, str]:
         except (KeyError, TypeError, ValueError, OverflowError):
             continue
     return out
+
+
+_parsed: dict[Path, tuple[tuple[int, int], dict[Key, str]]] = {}   # cache file -> ((mtime_ns, size), entries)
+
+
+def _load_unless_unchanged(file: Path) -> dict[Key, str]:
+    """`_load(file)`, parsed again only when the file's mtime or size changed: a model listing asks
+    for every entry's hash, and must not parse the whole cache file once per model."""
+    try:
+        st = file.stat()
+    except OSError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size)
+    if file not in _parsed or _parsed[file][0] != stamp:
+        _parsed[file] = (stamp, _load(file))
+    return _parsed[file][1]
 
 
 def _still_there(key: Key) -> bool:
