@@ -7,6 +7,10 @@ import torch
 # oversubscribed machine (2 cores, subprocess tests alongside) makes OpenMP spin-waits ~10x slower.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
+# The CLI's --dtype auto is bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and fp32 elsewhere; the
+# tests compare CLI and server images with the library's (fp32) bit for bit, so they pin fp32 on every
+# machine. Tests of auto itself pass --dtype and the cpuinfo they mean.
+os.environ.setdefault("MARBLE_DTYPE", "fp32")
 
 from marble.checkpoints.resolve import LoadedModel, random_model
 

@@ -90,7 +90,8 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, restore_threads, tmp_path):
+def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, restore_threads, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpuinfo_text", lambda: AVX2_EPYC)   # this machine may have native bf16
     args = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
     r = runner.invoke(app, args + ["--threads", "1", "--dtype", "bf16"] + (["--trace"] if command != "generate" else []))
     assert r.exit_code == 2 and "stub: not loading" in r.output, r.output
@@ -100,6 +101,8 @@ def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, rest
     r = runner.invoke(app, args + ["--dtype", "auto"])
     assert caught_load == {"dtype": torch.float32, "threads": 2, "trace": False}   # AVX2: fp32; 0 threads: as it was
     assert "warning" not in r.output
+    runner.invoke(app, args, env={"MARBLE_DTYPE": "bf16"})   # the option's default from the environment
+    assert caught_load["dtype"] == torch.bfloat16
 
 
 @pytest.mark.parametrize("command", COMMANDS)

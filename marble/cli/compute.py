@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 THREADS_HELP = ("torch CPU threads; 0 = one per core. On a machine where other processes compete for "
                 "the cores, 1 can be faster (docs/bench.md, \"Threads\").")
 DTYPE_HELP = ("Compute dtype: auto (bf16 where the CPU has AVX512-BF16 or AMX, else fp32), fp32, bf16 or fp16. "
-              "The PNG record states the one used.")
+              "The PNG record states the one used. Also $MARBLE_DTYPE.")
 
 
 TRACE_HELP = ("Run the U-Net as a TorchScript trace: the same bits with less Python per call (the built-in model's "
@@ -29,7 +29,7 @@ def threads_option(default: int = 0):
 
 
 def dtype_option():
-    return typer.Option("auto", "--dtype", help=DTYPE_HELP)
+    return typer.Option("auto", "--dtype", envvar="MARBLE_DTYPE", help=DTYPE_HELP)
 
 
 def apply_threads(threads: int) -> None:
