@@ -90,8 +90,7 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, restore_threads, tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_features, "cpuinfo_text", lambda: AVX2_EPYC)   # this machine may have native bf16
+def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, restore_threads, tmp_path):
     args = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
     r = runner.invoke(app, args + ["--threads", "1", "--dtype", "bf16"] + (["--trace"] if command != "generate" else []))
     assert r.exit_code == 2 and "stub: not loading" in r.output, r.output
@@ -103,6 +102,19 @@ def test_threads_and_dtype_reach_torch_and_the_loader(command, caught_load, rest
     assert "warning" not in r.output
     runner.invoke(app, args, env={"MARBLE_DTYPE": "bf16"})   # the option's default from the environment
     assert caught_load["dtype"] == torch.bfloat16
+
+
+def test_bench_times_fp32_unless_told_and_its_dtype_reaches_the_loader(caught_load):
+    args = ["bench", "--model", "builtin", "--runs", "1", "--cold-runs", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "stub: not loading" in r.output and caught_load["dtype"] == torch.float32
+    r = runner.invoke(app, args + ["--dtype", "bf16"], env={"MARBLE_DTYPE": "fp16"})   # bench ignores the env
+    assert caught_load["dtype"] == torch.bfloat16 and r.output.count("no native bf16") == 1
+    caught_load.clear()
+    r = runner.invoke(app, args + ["--dtype", "int8"])
+    assert r.exit_code == 2 and "--dtype must be one of" in r.output and caught_load == {}
+    r = runner.invoke(app, ["bench", "--dtype", "bf16"])
+    assert r.exit_code == 2 and "--dtype is an option of --model" in r.output and caught_load == {}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

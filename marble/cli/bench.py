@@ -33,6 +33,9 @@ def bench(
     cold_runs: int = typer.Option(3, "--cold-runs", help="With --model: timed cold CLI runs (median); 0 skips."),
     trace: bool = typer.Option(False, "--trace", help="With --model: also time the traced U-Net (`--trace`), "
                                "interleaved with the eager one."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="With --model: the compute dtype, as generate's "
+                                        "--dtype (auto, fp32, bf16, fp16). Default fp32, so that runs compare "
+                                        "across CPUs; auto times what generate runs on this one."),
 ) -> None:
     """Time Stable Diffusion 1.5's architecture (random weights from the config, no download):
     seconds per U-Net step, per VAE decode and per image, peak RSS, against diffusers' pipeline on
@@ -45,14 +48,18 @@ def bench(
         fail(f"{json_out} exists; marble never overwrites a file")
     if low_memory and (arch != "sdxl" or model is not None):
         fail("--low-memory is an option of --arch sdxl")
+    if dtype is not None and model is None:
+        fail("--dtype is an option of --model (the SD1.5 comparison times fp32 and bf16 itself)")
     if model is not None:
         if runs < 1 or cold_runs < 0:
             fail("--runs must be >= 1 and --cold-runs >= 0")
+        from marble.cli.compute import read_dtype
         from marble.errors import ModelLoadError
         from marble.eval.speed import measure
 
+        compute = read_dtype(dtype or "fp32")
         try:
-            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads, trace=trace)
+            speed = measure(model, runs=runs, cold_runs=cold_runs, threads=threads, trace=trace, dtype=compute)
         except ModelLoadError as e:
             fail(str(e))
         typer.echo(speed.markdown())

@@ -52,18 +52,21 @@ class SpeedReport:
 
 
 def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: int | None = None,
-            trace: bool = False) -> SpeedReport:
+            trace: bool = False, dtype=None) -> SpeedReport:
+    """`dtype`: the compute dtype (None: float32), for the warm images and the cold CLI runs alike."""
     import torch
 
+    from marble.cpu_features import dtype_name
     from marble.pipeline import load_pipeline
     from marble.request import GenerationRequest, resolve
 
+    dtype = torch.float32 if dtype is None else dtype
     if threads:
         torch.set_num_threads(threads)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, dtype=dtype)
     request = GenerationRequest(prompt=PROMPT, seed=0)
     resolved = resolve(request, pipe.defaults)
-    pipes = [pipe] + ([load_pipeline(model, trace=True)] if trace else [])
+    pipes = [pipe] + ([load_pipeline(model, dtype=dtype, trace=True)] if trace else [])
     for p in pipes:
         p.generate(resolved)  # warm-up: first calls allocate, pick kernels and trace
     times: list[list[float]] = [[] for _ in pipes]
@@ -77,8 +80,9 @@ def measure(model: str = "builtin", runs: int = 7, cold_runs: int = 3, threads: 
         for i in range(cold_runs):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "marble", "generate", PROMPT, "--model", model, "--seed", str(i),
+                            "--dtype", dtype_name(dtype),
                             "--out", out], check=True, capture_output=True)
             cold.append(time.perf_counter() - t0)
     settings = (f"{resolved.width}x{resolved.height}, {resolved.sampler}, {resolved.steps} steps, "
-                f"CFG {resolved.cfg:g}, {torch.get_num_threads()} threads")
+                f"CFG {resolved.cfg:g}, {dtype_name(dtype)}, {torch.get_num_threads()} threads")
     return SpeedReport(model, settings, times[0], cold, warm_traced_s=times[1] if trace else [])
