@@ -20,7 +20,8 @@ from marble.server.thread import ServerThread
 from server_support import GatedPipeline, noise_image, png_array
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+NO_CHROMIUM = "Debian's chromium is not installed (apt-get install chromium)"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 PROMPT = "two red circles above a blue square"
@@ -28,6 +29,10 @@ PROMPT = "two red circles above a blue square"
 
 @pytest.fixture(scope="module")
 def browser():
+    # here, not only in this module's mark: other modules borrow the fixture, and without chromium
+    # Playwright would look for a browser of its own and error instead of skipping
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

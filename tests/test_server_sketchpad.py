@@ -21,7 +21,6 @@ from marble.server.thread import ServerThread
 from sd_fixtures import randomize_
 from server_support import png_array
 from test_server_browser import browser, fill_form, open_page, result_pixels  # noqa: F401 (browser: a fixture)
-from test_server_browser import pytestmark  # noqa: F401 (skipped, as there, where Debian's chromium is missing)
 
 SIZE = 32            # the generation's size, so the pad is 32 px shown at 256: 8 screen px per pad px
 WHITE = BACKGROUNDS["white"]
