@@ -16,6 +16,9 @@ logs=runs/$name/eval-logs
 mkdir -p "$out" "$logs"
 marble=.venv/bin/marble
 export OMP_NUM_THREADS=1
+# fp32 unless told: the shipped model's and earlier candidates' evals ran in fp32, and `--dtype auto`
+# is bf16 on CPUs with native bf16, which moves a few verdicts (docs/controlnet-training.md)
+export MARBLE_DTYPE=${MARBLE_DTYPE:-fp32}
 
 for split in heldout seen; do
   echo "$marble eval --model $model --split $split --seeds 4 --prompts 200 --threads 1 --probe \
