@@ -272,3 +272,59 @@ def test_training_with_grounding_logs_its_terms_and_moves_the_weights(tmp_path):
         meta = f.metadata()
         assert "key" in meta and meta["format"].startswith("grounding targets v1")
         assert f.get_tensor("masks").shape == (8, 2, 8, 8) and f.get_tensor("tokens").shape == (8, 2, MAX_GROUP_TOKENS)
+
+
+LCM = """
+kind = "lcm"
+run_dir = "{run_dir}"
+steps = 2
+batch = 4
+seed = 5
+checkpoint_every = 10
+log_every = 1
+threads = 1
+ema_decay = 0.95
+
+[model]
+init = "{init}"
+guidance = 3.0
+{grounding}
+
+[data]
+world = "shapes"
+n = 8
+size = 16
+caption_dropout = 0.25
+
+[optim]
+lr = 1e-3
+warmup = 1
+"""
+
+
+def test_lcm_distillation_with_grounding_logs_its_terms_and_zero_weights_change_nothing(tmp_path):
+    teacher = _train(tmp_path, "teacher", "") / "model.safetensors"
+
+    def distil(name, grounding):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(LCM.format(run_dir=tmp_path / name, init=teacher, grounding=grounding))
+        out = subprocess.run([sys.executable, "-m", "marble", "train", "lcm", str(path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return tmp_path / name
+    off = distil("off", "")
+    zero = distil("zero", "grounding = {token_weight = 0, pixel_weight = 0, levels = [1]}")
+    on = distil("on", "grounding = {token_weight = 1.0, pixel_weight = 0.1, levels = [1]}")
+    a, z, b = (load_file(d / "model.safetensors") for d in (off, zero, on))
+    assert all(torch.equal(a[k], z[k]) for k in a)
+    assert not (zero / "cache" / "grounding.safetensors").exists()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+    log = [json.loads(line) for line in (on / "loss.jsonl").read_text().splitlines()]
+    assert all(r["token"] > 0 and r["pixel"] > 0 and r["loss"] > r["denoise"] for r in log)
+    # the first step starts from the teacher's weights in both runs, so its distillation term is the plain run's loss
+    plain = [json.loads(line) for line in (off / "loss.jsonl").read_text().splitlines()]
+    assert log[0]["denoise"] == pytest.approx(plain[0]["loss"], rel=1e-6)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(LCM.format(run_dir=tmp_path / "bad", init=teacher, grounding="grounding = {token_weight = -1}"))
+    out = subprocess.run([sys.executable, "-m", "marble", "train", "lcm", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "token_weight" in out.stderr and "Traceback" not in out.stderr

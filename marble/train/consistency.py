@@ -64,6 +64,18 @@ def huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt(d + c * c) - c).mean(dim=tuple(range(1, a.ndim)))
 
 
+def lcd_target(target: Denoiser, teacher: Denoiser, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+               s: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The no-gradient half of LCD: x_t = x0 + σ_t·eps, the guided teacher's DDIM step to x_s and
+    the EMA target's f_θ⁻(x_s, s). Returns (x_t, σ_t, y); the student is then pulled to y at x_t."""
+    sigma_t, sigma_s = sigmas[t].to(x0), sigmas[s].to(x0)
+    x_t = x0 + broadcast_sigma(sigma_t, x0) * eps
+    with torch.no_grad():
+        x_s = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_s)
+        y = consistency(target, x_s, sigma_s, s)
+    return x_t, sigma_t, y
+
+
 def lcd_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor, eps: torch.Tensor,
              t: torch.Tensor, s: torch.Tensor, sigmas: torch.Tensor, huber_c: float = 0.001) -> torch.Tensor:
     """The LCD loss (Luo et al. 2023 eq. 11) for a batch.
@@ -73,10 +85,5 @@ def lcd_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.T
     (CFG closed over), `target` the EMA student; neither receives gradients. Returns the mean
     pseudo-Huber distance d(f_θ(x_t, t), f_θ⁻(x_s, s)) with x_s the teacher's DDIM step.
     """
-    sigma_t, sigma_s = sigmas[t].to(x0), sigmas[s].to(x0)
-    x_t = x0 + broadcast_sigma(sigma_t, x0) * eps
-    with torch.no_grad():
-        x_s = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_s)
-        y = consistency(target, x_s, sigma_s, s)
-    f = consistency(student, x_t, sigma_t, t)
-    return huber(f, y, huber_c).mean()
+    x_t, sigma_t, y = lcd_target(target, teacher, x0, eps, t, s, sigmas)
+    return huber(consistency(student, x_t, sigma_t, t), y, huber_c).mean()

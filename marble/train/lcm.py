@@ -15,6 +15,9 @@ model table:
   export_dtype  float16 (default) | float32 for the shipped file
   default_steps / default_sampler / default_cfg   written into the student (default 4 / LCM / 1), also
                 as its few-step card (`few_step`: 1-4 steps, CFG 1, the `lcm` spacing of its training grid)
+  grounding     {token_weight, pixel_weight, levels}: TokenCompose's losses on the student's
+                cross-attention maps, as in `marble train diffusion` (marble/train/grounding.py); absent = off.
+                Only the student's forward is recorded: the teacher's step and the EMA target run first
 ema_decay is μ of the target network f_θ⁻ (LCM: 0.95); the shipped weights are that EMA.
 Output: run_dir/model.safetensors; every sample_every steps a grid in run_dir/samples/ and the EMA
 student as run_dir/snapshots/step-NNNNNN.safetensors (to evaluate a run while it continues).
@@ -34,14 +37,15 @@ from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.guidance import guided_denoiser
 from marble.train.config import ConfigError, TrainConfig
-from marble.train.consistency import lcd_loss, skipping_grid
+from marble.train.consistency import consistency, huber, lcd_target, skipping_grid
 from marble.train.data import batch_indices
 from marble.train.diffusion import cached_training_set, write_samples
 from marble.train.distributed import World
+from marble.train.grounding import cached_grounding, grounding_config, grounding_term
 from marble.train.loop import TrainLoop
 
 STUDENT_DEFAULTS = {"default_steps": 4, "default_sampler": "LCM", "default_cfg": 1.0}
-MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "export_dtype", *STUDENT_DEFAULTS}
+MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "export_dtype", "grounding", *STUDENT_DEFAULTS}
 
 
 def check_model_table(m: dict) -> None:
@@ -55,6 +59,7 @@ def check_model_table(m: dict) -> None:
             raise ConfigError(f"model.{key} must be a number >= 0, not {m[key]!r}")
     if m.get("export_dtype", "float16") not in ("float16", "float32"):
         raise ConfigError(f"model.export_dtype must be float16 or float32, not {m['export_dtype']!r}")
+    grounding_config(m.get("grounding", {}))     # checked before the teacher loads
 
 
 def student_config(m: dict, teacher_config, solver_steps: int):
@@ -89,6 +94,11 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     model.unet.requires_grad_(True)
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
+    grounding = grounding_config(m.get("grounding", {}))
+    ground = None
+    if grounding.on:    # off: nothing hooked, cached or drawn, the plain recipe bit for bit
+        targets = cached_grounding(cfg, world, model.text_encoder, model.config.text, latents.shape[-1])
+        ground = grounding_term(grounding, model.unet, *targets)
     loop = TrainLoop(cfg, model.unet, world, run_dir)
     if resume:
         loop.resume()
@@ -106,11 +116,16 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
         cond, uncond = {"context": context}, {"context": states[:1].expand_as(context).to(dev)}
         student = discrete_denoiser(net, model.schedule, model.config.prediction)
-        loss = lcd_loss(lambda x, sigma: student(x, sigma, **cond),
-                        lambda x, sigma: target(x, sigma, **cond),
-                        guided_denoiser(teacher, cond, uncond, guidance),
-                        latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas, huber_c)
-        return loss, {}
+        x_t, sigma_t, y = lcd_target(lambda x, sigma: target(x, sigma, **cond),
+                                     guided_denoiser(teacher, cond, uncond, guidance),
+                                     latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas)
+
+        def distance():     # LCD eq. 11; the target ran above, outside any attention hooks
+            return huber(consistency(lambda x, sigma: student(x, sigma, **cond), x_t, sigma_t, t.to(dev)),
+                         y, huber_c).mean()
+        if ground is None:
+            return distance(), {}
+        return ground(distance, idx, drop)
 
     def write_student(path: Path) -> None:
         """The EMA student as a marble model file (never over an existing one)."""
