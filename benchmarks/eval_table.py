@@ -5,9 +5,9 @@ Each row is a (label, JSON) pair. Files written before the strict verdict existe
 model's eval-heldout.json and eval-seen.json) are judged again from their stored detections: the
 strict verdict is a function of the detections and the prompt's requirement, so no image is redrawn.
 
-    python benchmarks/eval_table.py shipped=docs/results/eval-heldout.json \
+    python benchmarks/eval_table.py shipped=docs/results/builtin-v1/eval-heldout.json \
         mmdit=docs/results/builtin-v2-mmdit/eval-heldout.json
-    python benchmarks/eval_table.py --position shipped=docs/results/eval-heldout.json \
+    python benchmarks/eval_table.py --position shipped=docs/results/builtin-v1/eval-heldout.json \
         coords=docs/results/builtin-v2-coords/eval-heldout.json
 
 GenEval's position verdict mixes two things a model can learn apart: the *axis* a relation word
