@@ -3,7 +3,7 @@ backward, AdamW) of each config's U-Net, interleaved in one process with the sam
 and noise, medians; and, at the grounded config's initial weights, the gradient norm of each term.
 
     python benchmarks/grounding_cost.py --threads 1 --steps 3 \\
-        configs/builtin.toml configs/experiments/builtin-v2-coords.toml configs/experiments/builtin-v2-grounding.toml
+        configs/experiments/builtin-v1.toml configs/experiments/builtin-v2-coords.toml configs/experiments/builtin-v2-grounding.toml
 
 Latents are random (the cost does not depend on them); captions, masks and token positions are
 the first images of the shapes world's training split, their context the pretrained MiniLM's.
