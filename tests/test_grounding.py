@@ -236,7 +236,9 @@ vae = {{preset = "tiny", seed = 0}}
 text = {{preset = "minilm-l6", pretrained = false, layers = 1, width = 32, heads = 2, mlp_dim = 64, max_tokens = 16}}
 prediction = "v"
 {grounding}
+"""
 
+DATA_AND_OPTIM = """
 [data]
 world = "shapes"
 n = 8
@@ -247,15 +249,20 @@ caption_dropout = 0.25
 lr = 1e-3
 warmup = 1
 """
+CONFIG += DATA_AND_OPTIM
+
+
+def _run(kind: str, config: Path) -> Path:
+    out = subprocess.run([sys.executable, "-m", "marble", "train", kind, str(config)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return config.with_suffix("")
 
 
 def _train(tmp: Path, name: str, grounding: str) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(CONFIG.format(run_dir=tmp / name, grounding=grounding))
-    out = subprocess.run([sys.executable, "-m", "marble", "train", "diffusion", str(path)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return tmp / name
+    return _run("diffusion", path)
 
 
 def test_training_with_grounding_logs_its_terms_and_moves_the_weights(tmp_path):
@@ -289,17 +296,8 @@ ema_decay = 0.95
 init = "{init}"
 guidance = 3.0
 {grounding}
-
-[data]
-world = "shapes"
-n = 8
-size = 16
-caption_dropout = 0.25
-
-[optim]
-lr = 1e-3
-warmup = 1
 """
+LCM += DATA_AND_OPTIM
 
 
 def test_lcm_distillation_with_grounding_logs_its_terms_and_zero_weights_change_nothing(tmp_path):
@@ -308,10 +306,7 @@ def test_lcm_distillation_with_grounding_logs_its_terms_and_zero_weights_change_
     def distil(name, grounding):
         path = tmp_path / f"{name}.toml"
         path.write_text(LCM.format(run_dir=tmp_path / name, init=teacher, grounding=grounding))
-        out = subprocess.run([sys.executable, "-m", "marble", "train", "lcm", str(path)],
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return tmp_path / name
+        return _run("lcm", path)
     off = distil("off", "")
     zero = distil("zero", "grounding = {token_weight = 0, pixel_weight = 0, levels = [1]}")
     on = distil("on", "grounding = {token_weight = 1.0, pixel_weight = 0.1, levels = [1]}")
