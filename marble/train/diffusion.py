@@ -43,7 +43,7 @@ from marble.models.vae import AutoencoderKL
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.data import batch_indices, digest, latent_cache, load_captioned, text_cache
 from marble.train.distributed import World, barrier, shard
-from marble.train.grounding import cached_grounding, grounding_config, grounding_term
+from marble.train.grounding import grounding_closure, grounding_config
 from marble.train.loop import TrainLoop
 from marble.train.objective import diffusion_loss, flow_loss, logit_normal_t
 from marble.train.vae import vae_config
@@ -153,10 +153,7 @@ def train_diffusion(cfg: TrainConfig, world: World, resume: bool = False) -> Pat
 
     grounding = grounding_config(cfg.model.get("grounding", {}))
     latents, states, rows = cached_training_set(cfg, world, model.vae, text, config.text)
-    ground = None
-    if grounding.on:    # off: nothing hooked, cached or drawn, the plain recipe bit for bit
-        targets = cached_grounding(cfg, world, text, config.text, latents.shape[-1])
-        ground = grounding_term(grounding, model.unet, *targets)
+    ground = grounding_closure(grounding, cfg, world, model.unet, text, config.text, latents.shape[-1])
     loop = TrainLoop(cfg, model.unet, world, run_dir)
     if resume:
         loop.resume()

@@ -136,3 +136,12 @@ def grounding_term(cfg: GroundingConfig, unet: nn.Module, masks: torch.Tensor, t
         total = loss + cfg.token_weight * token + cfg.pixel_weight * pixel
         return total, {"denoise": loss.item(), "token": token.item(), "pixel": pixel.item()}
     return term
+
+
+def grounding_closure(cfg: GroundingConfig, run: TrainConfig, world: World, unet: nn.Module, text,
+                      text_config: dict, side: int):
+    """grounding_term over the run's cached targets, or None when the table is off: then nothing is
+    hooked, cached or drawn, and the run is its plain recipe bit for bit."""
+    if not cfg.on:
+        return None
+    return grounding_term(cfg, unet, *cached_grounding(run, world, text, text_config, side))

@@ -41,7 +41,7 @@ from marble.train.consistency import consistency, huber, lcd_target, skipping_gr
 from marble.train.data import batch_indices
 from marble.train.diffusion import cached_training_set, write_samples
 from marble.train.distributed import World
-from marble.train.grounding import cached_grounding, grounding_config, grounding_term
+from marble.train.grounding import grounding_closure, grounding_config
 from marble.train.loop import TrainLoop
 
 STUDENT_DEFAULTS = {"default_steps": 4, "default_sampler": "LCM", "default_cfg": 1.0}
@@ -94,11 +94,8 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     model.unet.requires_grad_(True)
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
-    grounding = grounding_config(m.get("grounding", {}))
-    ground = None
-    if grounding.on:    # off: nothing hooked, cached or drawn, the plain recipe bit for bit
-        targets = cached_grounding(cfg, world, model.text_encoder, model.config.text, latents.shape[-1])
-        ground = grounding_term(grounding, model.unet, *targets)
+    ground = grounding_closure(grounding_config(m.get("grounding", {})), cfg, world, model.unet,
+                               model.text_encoder, model.config.text, latents.shape[-1])
     loop = TrainLoop(cfg, model.unet, world, run_dir)
     if resume:
         loop.resume()
