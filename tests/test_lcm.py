@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 
 from gmm import standard_mixture
 from marble.diffusion.guidance import cfg_denoiser
-from marble.diffusion.schedule import make_schedule
+from marble.diffusion.samplers import sample_euler, sample_heun
+from marble.diffusion.schedule import make_schedule, spacing_karras, spacing_lcm, timesteps_lcm
 from marble.train.checkpoint import load_checkpoint
-from marble.train.consistency import boundary, consistency, huber, lcd_loss, skipping_grid
+from marble.train.consistency import (boundary, consistency, edge_sigma, huber, lcd_loss, phase_edges, phased,
+                                      skipping_grid)
 from test_train import finish, make_folder, marble, same_tensors
 
 SIGMAS = make_schedule("scaled_linear").sigmas.double()
@@ -86,6 +88,96 @@ def test_the_exact_consistency_function_minimises_the_loss_on_the_mixture_oracle
     assert exact20 < post20 / 10
     assert 3.0 < exact20 / exact10 < 5.0       # second order in the step
     assert 1.6 < post20 / post10 < 2.5         # first order
+
+
+@pytest.mark.parametrize("phases", [1, 2, 4, 8])
+def test_phase_edges_are_where_the_lcm_spacing_steps(phases):
+    """A sampler on the LCM spacing at `phases` steps starts each step on an edge and ends it on the
+    edge below: the σ the trainer takes each step's timestep to is the spacing's next σ, exactly."""
+    edges = phase_edges(1000, 50, phases)
+    steps_t = torch.from_numpy(timesteps_lcm(1000, phases).copy())
+    assert edges.tolist() == sorted(steps_t.tolist())[:-1] and steps_t[0] == 999
+    # the sampler's σ are float32: equal there
+    assert torch.equal(edge_sigma(steps_t, edges, SIGMAS).float(), spacing_lcm(make_schedule("scaled_linear"), phases)[1:])
+    if phases == 4:
+        assert edges.tolist() == [259, 499, 759]
+        t = torch.tensor([19, 259, 279, 759, 779, 999])   # an edge belongs to the phase above it
+        assert edge_sigma(t, edges, SIGMAS).tolist() == [0.0, 0.0, float(SIGMAS[259]), float(SIGMAS[499]),
+                                                         float(SIGMAS[759]), float(SIGMAS[759])]
+    with pytest.raises(ValueError):
+        phase_edges(1000, 50, 0)
+
+
+def test_one_phase_is_lcd_bit_for_bit_and_an_edge_is_its_own_target():
+    gen = torch.Generator().manual_seed(3)
+    x, d0 = torch.randn(2, 4, 3, 3, 3, generator=gen).unbind(0)
+    denoiser = lambda x, sigma: d0  # noqa: E731
+    sigma, t = torch.tensor([0.4, 3.0, 9.0, 14.0]), torch.tensor([0, 199, 599, 999])
+    assert torch.equal(phased(denoiser, x, sigma, t, torch.zeros(4)), consistency(denoiser, x, sigma, t))
+    assert torch.allclose(phased(denoiser, x, sigma, t, sigma), x, rtol=0, atol=1e-6)   # f(x, edge) = x
+
+
+def _exact_phase_maps(gmm, edges, steps=200):
+    """The mixture's probability-flow ODE from σ to the phase edge below (Heun), written as the
+    denoiser D with DDIM(x, D, σ → σ_edge) = the ODE's point there: what a PCM student learns."""
+    schedule = make_schedule("scaled_linear")
+
+    def ode(x, level, sigma_edge):
+        if sigma_edge == 0:
+            return gmm.consistency_function(steps)(x, torch.tensor([level]))
+        return sample_heun(gmm.denoise, x, spacing_karras(sigma_edge, level, steps)[:-1].double())
+
+    def denoiser(x, sigma):
+        level = float(sigma.reshape(-1)[0])
+        t = torch.full((len(x),), int((SIGMAS - level).abs().argmin()))
+        sigma_edge = float(edge_sigma(t, edges, schedule.sigmas)[0])
+        r = sigma_edge / level
+        return (ode(x, level, sigma_edge) - r * x) / (1 - r)
+    return denoiser
+
+
+def test_euler_on_the_lcm_spacing_walks_the_exact_phase_maps_to_the_ode_endpoint():
+    """With the exact phase maps as its network, 4 Euler steps on the LCM spacing land on the
+    mixture's probability-flow ODE endpoint from σ_max (integration error only). A sampler stepping
+    anywhere but the trainer's edges (e.g. the normal spacing) misses it by far."""
+    gmm = standard_mixture()
+    gen = torch.Generator().manual_seed(4)
+    schedule = make_schedule("scaled_linear")
+    sigmas = spacing_lcm(schedule, 4).double()
+    x = torch.randn(256, 2, generator=gen, dtype=torch.float64) * sigmas[0]
+    d = _exact_phase_maps(gmm, phase_edges(1000, 50, 4), steps=800)   # Heun's error: 1e-4 at 800 steps, 1.7e-3 at 200
+    out = sample_euler(d, x, sigmas)
+    endpoint = gmm.consistency_function(800)(x, torch.full((256,), float(sigmas[0]), dtype=torch.float64))
+    err = float((out - endpoint).abs().max())
+    off = float((sample_euler(d, x, torch.tensor([float(sigmas[0]), 5.0, 2.0, 0.5, 0.0], dtype=torch.float64))
+                 - endpoint).abs().max())
+    print(f"max |Euler on the phase maps − ODE endpoint|: lcm spacing {err:.2e}, other levels {off:.2e}")
+    assert err < 5e-4 and off > 100 * err
+
+
+def test_the_exact_phase_map_minimises_the_phased_loss_on_the_mixture_oracle():
+    """As for LCD: inside a phase the exact map leaves the DDIM step's O(Δσ²) error, while the
+    posterior mean, not constant along trajectories, is off by O(Δσ). t = 379 lies in (259, 499]."""
+    gmm = standard_mixture()
+    gen = torch.Generator().manual_seed(5)
+    n, t = 512, 379
+    edges = phase_edges(1000, 50, 4)
+    x0, _ = gmm.sample(n, gen)
+    eps = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    tt = torch.full((n,), t)
+    sigma_edge = edge_sigma(tt, edges, SIGMAS)
+    assert float(sigma_edge[0]) == float(SIGMAS[259])
+    f_true = _exact_phase_maps(gmm, edges)
+
+    def losses(k):
+        ss = torch.full((n,), t - k)
+        return (float(lcd_loss(f_true, f_true, gmm.denoise, x0, eps, tt, ss, SIGMAS, 0.0, sigma_edge)),
+                float(lcd_loss(gmm.denoise, gmm.denoise, gmm.denoise, x0, eps, tt, ss, SIGMAS, 0.0, sigma_edge)))
+    (exact20, post20), (exact10, post10) = losses(20), losses(10)
+    print(f"L1 phased loss, k = 20 / 10: phase map {exact20:.2e} / {exact10:.2e}, posterior mean {post20:.2e} / {post10:.2e}")
+    assert exact10 < post10 / 10               # measured: 9x at k = 20, 20x at k = 10
+    assert 3.0 < exact20 / exact10 < 5.0
+    assert 1.6 < post20 / post10 < 2.5
 
 
 def test_consistency_and_huber_are_the_formulas():
@@ -194,6 +286,25 @@ def test_the_student_file_loads_samples_and_carries_its_settings(tmp_path, teach
     assert a.size == (64, 64) and a.tobytes() == b.tobytes()
 
 
+def test_a_phased_student_carries_its_card_and_one_phase_is_the_plain_run(tmp_path, teacher):
+    from marble.checkpoints.resolve import load_model
+    cfg = write_config(tmp_path, "pcm", teacher, steps=2, lr=0.0)
+    cfg.write_text(cfg.read_text().replace("solver_steps = 50", "solver_steps = 50\nphases = 4"))
+    finish(marble("train", "lcm", cfg))
+    c = load_model(str(tmp_path / "pcm" / "model.safetensors")).model.config
+    assert (c.default_sampler, c.default_steps, c.default_cfg) == ("Euler", 4, 1.0)
+    assert (c.few_step.sampler, c.few_step.spacing, c.few_step.steps) == ("Euler", "lcm", (1, 8))
+    runs = {}
+    for name, extra in [("plain", ""), ("one", "\nphases = 1"), ("four", "\nphases = 4")]:
+        cfg = write_config(tmp_path, name, teacher, steps=2)
+        cfg.write_text(cfg.read_text().replace("solver_steps = 50", "solver_steps = 50" + extra))
+        finish(marble("train", "lcm", cfg))
+        runs[name] = ([json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()],
+                      load_checkpoint(tmp_path / name / "checkpoint.pt")["model"])
+    assert runs["one"][0] == runs["plain"][0] and same_tensors(runs["one"][1], runs["plain"][1])
+    assert runs["four"][0][0] != runs["plain"][0][0]      # same draws, another target
+
+
 def test_bad_model_tables_are_one_line(tmp_path, teacher):
     cfg = write_config(tmp_path, "bad", teacher)
     cfg.write_text(cfg.read_text().replace("solver_steps = 50", "solver_steps = 30\nwhatever = 1"))
@@ -204,3 +315,9 @@ def test_bad_model_tables_are_one_line(tmp_path, teacher):
     p = marble("train", "lcm", cfg, "--run-dir", tmp_path / "bad2")
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "solver_steps" in err and "Traceback" not in err
+    for extra, word in [("phases = 0", "phases"), ("phases = 4", "solver_steps = 50")]:
+        cfg.write_text(cfg.read_text().replace("solver_steps = 30", f"solver_steps = 25\n{extra}"))
+        p = marble("train", "lcm", cfg, "--run-dir", tmp_path / "bad3")
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        cfg.write_text(cfg.read_text().replace(f"solver_steps = 25\n{extra}", "solver_steps = 30"))

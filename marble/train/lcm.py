@@ -12,9 +12,12 @@ model table:
                 default_cfg). One fixed scale, no w-embedding: the U-Net keeps the teacher's shape
   solver_steps  the teacher's DDIM grid, a divisor of T: skipping step k = T / solver_steps (default 50)
   huber_c       the pseudo-Huber constant c (default 0.001, as LCM-SD; 0 = L1)
+  phases        PCM's phases (Wang et al. 2024; default 1 = plain LCD): the student learns each phase's
+                map to its lower edge, the LCM spacing's timesteps at `phases` steps, and samples
+                deterministically edge to edge (default sampler Euler; needs solver_steps = 50)
   export_dtype  float16 (default) | float32 for the shipped file
   default_steps / default_sampler / default_cfg   written into the student (default 4 / LCM / 1), also
-                as its few-step card (`few_step`: 1-4 steps, CFG 1, the `lcm` spacing of its training grid)
+                as its few-step card (`few_step`: 1-4 steps, or 1-2·phases, CFG 1, the `lcm` spacing of its grid)
   grounding     {token_weight, pixel_weight, levels}: TokenCompose's losses on the student's
                 cross-attention maps, as in `marble train diffusion` (marble/train/grounding.py); absent = off.
                 Only the student's forward is recorded: the teacher's step and the EMA target run first
@@ -37,7 +40,7 @@ from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.guidance import guided_denoiser
 from marble.train.config import ConfigError, TrainConfig
-from marble.train.consistency import consistency, huber, lcd_target, skipping_grid
+from marble.train.consistency import edge_sigma, huber, lcd_target, phase_edges, phased, skipping_grid
 from marble.train.data import batch_indices
 from marble.train.diffusion import cached_training_set, write_samples
 from marble.train.distributed import World
@@ -45,7 +48,8 @@ from marble.train.grounding import grounding_closure, grounding_config
 from marble.train.loop import TrainLoop
 
 STUDENT_DEFAULTS = {"default_steps": 4, "default_sampler": "LCM", "default_cfg": 1.0}
-MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "export_dtype", "grounding", *STUDENT_DEFAULTS}
+MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "phases", "export_dtype", "grounding",
+              *STUDENT_DEFAULTS}
 
 
 def check_model_table(m: dict) -> None:
@@ -57,6 +61,11 @@ def check_model_table(m: dict) -> None:
     for key in ("guidance", "huber_c"):
         if key in m and not (isinstance(m[key], (int, float)) and not isinstance(m[key], bool) and m[key] >= 0):
             raise ConfigError(f"model.{key} must be a number >= 0, not {m[key]!r}")
+    phases = m.get("phases", 1)
+    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
+        raise ConfigError(f"model.phases must be an integer >= 1, not {phases!r}")
+    if phases > 1 and m.get("solver_steps", 50) != 50:
+        raise ConfigError("model.phases > 1 needs solver_steps = 50: its edges are the LCM spacing's timesteps")
     if m.get("export_dtype", "float16") not in ("float16", "float32"):
         raise ConfigError(f"model.export_dtype must be float16 or float32, not {m['export_dtype']!r}")
     grounding_config(m.get("grounding", {}))     # checked before the teacher loads
@@ -64,12 +73,16 @@ def check_model_table(m: dict) -> None:
 
 def student_config(m: dict, teacher_config, solver_steps: int):
     """The teacher's config under the student's name, with the student's sampler settings, also as
-    its few-step card (defaults, and warnings outside 1-4 steps and CFG 1). Its spacing is `lcm`,
-    the grid it was trained on, when that grid is LCM's 50 steps, else `trailing`."""
+    its few-step card (defaults, and warnings outside 1-4 steps, 1-2·phases for a phased student,
+    and CFG 1). Its spacing is `lcm`, the grid it was trained on, when that grid is LCM's 50 steps,
+    else `trailing`. A phased student samples with Euler (deterministic DDIM) by default."""
     name = m.get("name") or f"{teacher_config.name}-lcm"
-    settings = {k: m.get(k, v) for k, v in STUDENT_DEFAULTS.items()}
+    phases = m.get("phases", 1)
+    defaults = dict(STUDENT_DEFAULTS, default_sampler="Euler" if phases > 1 else "LCM")
+    settings = {k: m.get(k, v) for k, v in defaults.items()}
+    most = max(4, settings["default_steps"], 2 * phases if phases > 1 else 0)
     card = FewStepSettings(f"{name} (marble train lcm)", settings["default_sampler"],
-                           "lcm" if solver_steps == 50 else "trailing", (1, max(4, settings["default_steps"])),
+                           "lcm" if solver_steps == 50 else "trailing", (1, most),
                            (1.0, max(1.0, float(settings["default_cfg"]))), settings["default_steps"],
                            float(settings["default_cfg"]))
     return teacher_config.replace(name=name, few_step=card, **settings)
@@ -90,6 +103,7 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     k = model.schedule.num_timesteps // len(grid)
+    edges = phase_edges(model.schedule.num_timesteps, len(grid), m.get("phases", 1))
     teacher = discrete_denoiser(copy.deepcopy(model.unet), model.schedule, model.config.prediction)
     model.unet.requires_grad_(True)
 
@@ -113,12 +127,14 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
         cond, uncond = {"context": context}, {"context": states[:1].expand_as(context).to(dev)}
         student = discrete_denoiser(net, model.schedule, model.config.prediction)
+        sigma_edge = edge_sigma(t, edges, sigmas.cpu()).to(dev)
         x_t, sigma_t, y = lcd_target(lambda x, sigma: target(x, sigma, **cond),
                                      guided_denoiser(teacher, cond, uncond, guidance),
-                                     latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas)
+                                     latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas,
+                                     sigma_edge)
 
-        def distance():     # LCD eq. 11; the target ran above, outside any attention hooks
-            return huber(consistency(lambda x, sigma: student(x, sigma, **cond), x_t, sigma_t, t.to(dev)),
+        def distance():     # LCD eq. 11 (PCM's phased form); the target ran above, outside any attention hooks
+            return huber(phased(lambda x, sigma: student(x, sigma, **cond), x_t, sigma_t, t.to(dev), sigma_edge),
                          y, huber_c).mean()
         if ground is None:
             return distance(), {}
