@@ -293,7 +293,7 @@ def test_a_phased_student_carries_its_card_and_one_phase_is_the_plain_run(tmp_pa
     finish(marble("train", "lcm", cfg))
     c = load_model(str(tmp_path / "pcm" / "model.safetensors")).model.config
     assert (c.default_sampler, c.default_steps, c.default_cfg) == ("Euler", 4, 1.0)
-    assert (c.few_step.sampler, c.few_step.spacing, c.few_step.steps) == ("Euler", "lcm", (1, 8))
+    assert (c.few_step.sampler, c.few_step.spacing, c.few_step.steps) == ("Euler", "lcm", (2, 8))
     runs = {}
     for name, extra in [("plain", ""), ("one", "\nphases = 1"), ("four", "\nphases = 4")]:
         cfg = write_config(tmp_path, name, teacher, steps=2)
