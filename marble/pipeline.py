@@ -22,6 +22,7 @@ from marble.adapters.controlnet import (ActiveUnit, ControlNetLoader, controlled
 from marble.adapters.lora import LoraUse, overlay
 from marble.adapters.lora_loader import LoraLoader, record_entries
 from marble.adapters.preprocess import PROCESSOR_RES, preprocess
+from marble.adapters.regions import Region, region_denoiser, region_networks, sketch_regions
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.checkpoints.taesd_file import read_taesd
 from marble.cpu_features import dtype_name
@@ -208,20 +209,22 @@ class Pipeline:
 
     def denoiser(self, conditioning: PromptConditioning, sigmas: torch.Tensor, cfg: float,
                  extra: dict[str, torch.Tensor], vectors=None, model=None, control: list[ActiveUnit] | None = None,
-                 deepcache: int = 1):
+                 deepcache: int = 1, regions: tuple[list[Region], float] = ([], 0.0), latent: tuple[int, int] = (0, 0)):
         """Guidance around the network, with each step's contexts picked inside the closure.
         `vectors` (from `vector_conditioning`) adds SDXL's y to each branch, and zeros the
         unconditional context where the model conditions an empty negative prompt on zeros.
         `control`: ControlNet units whose residuals join the U-Net (marble.adapters.controlnet); the
         halves of CFG carry `cond_mark` so a unit can act on the conditional half alone.
         `deepcache` > 1: the U-Net's deep features are reused between every `deepcache`-th step
-        (marble.models.deepcache; the request refuses it with ControlNet)."""
+        (marble.models.deepcache; the request refuses it with ControlNet). `regions` (regions, strength)
+        modulate the U-Net's cross-attention at a latent of side `latent` (marble.adapters.regions)."""
         model = model or self.model
         y_cond, y_uncond, zero_uncond = vectors or ({}, {}, False)
         network = model.denoiser
         marks: tuple[dict, dict] = ({}, {})
         if control:
-            network = controlled_denoiser(model, control, sigmas)
+            network = region_denoiser(controlled_denoiser(model, control, sigmas), region_networks(model, control),
+                                      regions[0], latent, model.schedule, regions[1])
             one = torch.ones(1, device=model.device)
             marks = ({"cond_mark": one}, {"cond_mark": torch.zeros_like(one)})
         elif deepcache > 1:
@@ -337,7 +340,7 @@ class Pipeline:
             hires_resize_y=h.resize_y if h else 0, hires_steps=h.steps if h else 0, hires_denoise=h and h.denoise,
             emphasis=req.emphasis, spacing=req.spacing, vae=self.decoder_name, dtype=dtype_name(self.model.dtype),
             micro=req.micro.given() or None, deepcache=req.deepcache, tome=req.tome, quantize=self.quantize,
-            vae_tile_size=req.vae_tile_size,
+            vae_tile_size=req.vae_tile_size, regions=req.regions,
             marble_version=__version__, loras=tuple(record_entries(uses, req.lora_specs)),
             controlnets=tuple(self.control_records(req)))
         if self.refiner is not None:
@@ -377,15 +380,30 @@ class Pipeline:
         its processor resolution), fitted (resize mode) and handed to its ControlNet as a [0, 1] hint:
         sd-webui-controlnet's order, so a map made at 512 px is then resized to the output."""
         m = self.model
-        units = []
-        for spec, loaded in zip(req.controls, self.control_nets(req)):
+        return [ActiveUnit.of_mode(loaded.net, hint_tensor(image).to(m.device, m.dtype), spec.weight, spec.start,
+                                   spec.end, spec.mode)
+                for spec, loaded, image in zip(req.controls, self.control_nets(req),
+                                               self.control_images(req, width, height))]
+
+    def control_images(self, req: ResolvedRequest, width: int, height: int) -> list[Image.Image]:
+        """Each unit's control image preprocessed (module, at its processor resolution) and fitted
+        to width × height (resize mode)."""
+        out = []
+        for spec in req.controls:
             res = (pixel_perfect_resolution(spec.image.size, width, height, spec.resize) if spec.pixel_perfect
                    else spec.processor_res or PROCESSOR_RES)
-            image = resize_control(preprocess(spec.image, spec.module, spec.threshold_a, spec.threshold_b, res),
-                                   width, height, spec.resize)
-            hint = hint_tensor(image).to(m.device, m.dtype)
-            units.append(ActiveUnit.of_mode(loaded.net, hint, spec.weight, spec.start, spec.end, spec.mode))
-        return units
+            out.append(resize_control(preprocess(spec.image, spec.module, spec.threshold_a, spec.threshold_b, res),
+                                      width, height, spec.resize))
+        return out
+
+    def regions(self, req: ResolvedRequest, width: int, height: int) -> tuple[list[Region], float]:
+        """The first control image's colour regions that the prompt's colour phrases name, and the
+        request's strength (marble.adapters.regions); none when the request has no regions."""
+        if not req.regions:
+            return [], 0.0
+        text = self.model.text_encoder
+        image = self.control_images(req, width, height)[0]
+        return sketch_regions(image, req.text_prompt, text.count_tokens, text.max_tokens), req.regions
 
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
@@ -404,7 +422,9 @@ class Pipeline:
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(vae, init_pixels, mask, req.width, req.height),
                                  self.vector_conditioning(m, conditioning, req, req.width, req.height),
-                                 control=self.control_units(req, req.width, req.height), deepcache=req.deepcache)
+                                 control=self.control_units(req, req.width, req.height), deepcache=req.deepcache,
+                                 regions=self.regions(req, req.width, req.height),
+                                 latent=(req.height // m.latent_factor, req.width // m.latent_factor))
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
         models = [m] if self.refiner is None else [m, self.refiner.model]
@@ -421,7 +441,8 @@ class Pipeline:
                                            self.extra_conditioning(vae, None, None, size.width, size.height),
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
                                            control=self.control_units(req, size.width, size.height),
-                                           deepcache=req.deepcache)
+                                           deepcache=req.deepcache, regions=self.regions(req, size.width, size.height),
+                                           latent=(size.height // m.latent_factor, size.width // m.latent_factor))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)
         self.release(*(n.text_encoder for n in models), m.vae)   # stage over: prompts (and init image) encoded

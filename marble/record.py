@@ -54,6 +54,7 @@ class GenerationRecord:
     tome: float = 0.0                     # ToMe ratio of merged tokens; 0 = off (exact)
     quantize: str | None = None           # "int8": the U-Net's Linear layers dynamically quantised; None = off
     vae_tile_size: int = 0                # VAE encode/decode in tiles of this side (pixels); 0 = off (exact)
+    regions: float = 0.0                  # strength binding colour phrases to the first control image's colours; 0 = off
     marble_version: str = ""
     record_version: int = RECORD_VERSION
     # LoRAs applied, in order: {"name", "hash" (A1111's, 12 hex), "te", "unet"} and "path" for one
@@ -96,7 +97,8 @@ class GenerationRecord:
         for i, unit in enumerate(self.controlnets):   # sd-webui-controlnet's unit text
             pairs.append((f"ControlNet {i}", controlnet_text(unit)))
         for key, value, off in (("DeepCache", self.deepcache, 1), ("ToMe", self.tome, 0.0),
-                                ("Quantize", self.quantize, None), ("VAE tile size", self.vae_tile_size, 0)):
+                                ("Quantize", self.quantize, None), ("VAE tile size", self.vae_tile_size, 0),
+                                ("Regions", self.regions, 0.0)):
             if value != off:   # approximations: the image differs from the exact path's
                 pairs.append((key, _num(value) if isinstance(value, float) else value))
         if self.refiner is not None:   # A1111's names for its refiner
@@ -141,6 +143,7 @@ class GenerationRecord:
                        emphasis=names.get(p.get("Emphasis", "Original").lower(), "a1111"),
                        deepcache=int(p.get("DeepCache", 1)), tome=float(p.get("ToMe", 0)),
                        quantize=p.get("Quantize") or None, vae_tile_size=int(p.get("VAE tile size", 0)),
+                       regions=float(p.get("Regions", 0)),
                        spacing=schedule if schedule in SPACINGS and schedule != "karras" else None)
         except ValueError as e:
             raise ValueError(f"the A1111 parameters have an unreadable value ({e})") from None

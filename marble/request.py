@@ -17,6 +17,7 @@ from marble.adapters.controlnet import ControlSpec, control_mode, resize_mode
 from marble.adapters.lora_loader import LoraSpec
 from marble.adapters.preprocess import PROCESSOR_RES, PROCESSOR_RES_RANGE, module_name
 from marble.adapters.lora_tags import LoraTagError, split_lora_tags
+from marble.adapters.regions import MAX_STRENGTH as MAX_REGIONS
 from marble.diffusion.few_step import FewStepSettings, few_step_warnings, get_preset
 from marble.diffusion.noise import SEED_MAX
 from marble.diffusion.samplers import get_sampler
@@ -69,6 +70,7 @@ class GenerationRequest:
     deepcache: int | None = None                # DeepCache interval: full U-Net every N steps (marble.models.deepcache); 1 = off
     tome: float | None = None                   # ToMe ratio of tokens merged, [0, 0.75] (marble.models.tome); 0 = off
     vae_tile_size: int | None = None            # VAE encode/decode in tiles of this side, pixels (marble.models.vae_tiling); 0 = off
+    regions: float | None = None                # bind colour phrases to the first control image's colours, this strong (marble.adapters.regions); 0 = off
 
     @property
     def mode(self) -> str:
@@ -145,7 +147,7 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
 
 
 def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict:
-    """DeepCache's interval and ToMe's ratio, checked: {deepcache: 1, tome: 0.0} when off."""
+    """DeepCache's interval, ToMe's ratio and the regions' strength, checked: 1, 0.0, 0.0 when off."""
     interval = 1 if request.deepcache is None else request.deepcache
     if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
         raise RequestError(f"deepcache must be an integer in [1, {MAX_INTERVAL}] (1 = off), got {interval!r}")
@@ -157,7 +159,14 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
         raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
     if interval > 1 and request.controls:
         raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
-    return {"deepcache": interval, "tome": float(ratio)}
+    regions = 0.0 if request.regions is None else request.regions
+    if isinstance(regions, bool) or not isinstance(regions, (int, float)) or not math.isfinite(regions) \
+            or not 0 <= regions <= MAX_REGIONS:
+        raise RequestError(f"regions must be a number in [0, {MAX_REGIONS:g}] (0 = off), got {regions!r}")
+    if regions and not (request.controls and defaults.unet):
+        raise RequestError("regions binds the prompt's colour phrases to a control sketch's colours: it needs a "
+                           "control image (--control) and a U-Net")
+    return {"deepcache": interval, "tome": float(ratio), "regions": float(regions)}
 
 
 def _vae_tile_size(request: GenerationRequest, defaults: ModelDefaults) -> int:

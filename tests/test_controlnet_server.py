@@ -150,3 +150,19 @@ def test_a_transformer_denoiser_refuses_a_controlnet(client):
                       pipe.defaults)
     with pytest.raises(ModelLoadError, match="ControlNets steer U-Nets"):
         pipe.generate(request)
+
+
+def test_regions_through_the_api(client):
+    """marble's `regions` beside the unit: recorded in the PNG; without a unit or out of range, 400."""
+    c, name, _ = client
+    im = Image.new("RGB", (32, 32), "white")
+    im.paste((220, 30, 30), (4, 4, 14, 14))
+    body = {**BASE, "prompt": "a red circle", "regions": 1.5,
+            "alwayson_scripts": {"controlnet": {"args": [unit(name, image=b64(im))]}}}
+    r = c.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Regions: 1.5" in png_text(r.json()["images"][0])["parameters"]
+    for bad, message in [({"regions": 1.5, "alwayson_scripts": {}}, "needs a control image"),
+                         ({**body, "regions": 11}, "regions must be a number in [0, 10]")]:
+        r = c.post("/sdapi/v1/txt2img", json={**BASE, **bad})
+        assert r.status_code == 400 and message in r.json()["detail"], r.text

@@ -70,7 +70,7 @@ def test_weight_0_is_the_run_without_and_an_explicit_default_unit_is_the_default
     assert len(ctrl) == len(plain) == 2 and ctrl.keys() == plain.keys()
     assert all(ctrl[k] != plain[k] for k in ctrl), "the ControlNet must change every image, or weight 0 proves nothing"
     assert default["control_settings"] == {"weight": 1.0, "mode": "Balanced", "start": 0.0, "end": 1.0,
-                                           "resize": "Just Resize"}
+                                           "resize": "Just Resize", "regions": 0.0}
     assert {p["category"] for p in default["with_control"]["prompts"]} == {"position", "color_attr"}
     assert set(default["side_by_side"]) == {"position", "color_attr", "overall"}
 
@@ -94,9 +94,10 @@ def test_weight_0_is_the_run_without_and_an_explicit_default_unit_is_the_default
                                         ("Balanced", "Balanced")])
 def test_the_json_records_the_unit_with_the_mode_by_its_canonical_name(controlnet, tmp_path, images, mode, name):
     report = run_eval(tmp_path, "r", "--control", "sketch", "--control-model", controlnet, "--control-weight", "1.5",
-                      "--control-mode", mode, "--control-start", "0.25", "--control-end", "0.75", "--control-only")
+                      "--control-mode", mode, "--control-start", "0.25", "--control-end", "0.75", "--control-only",
+                      "--regions", "0.5")
     assert report["control_settings"] == {"weight": 1.5, "mode": name, "start": 0.25, "end": 0.75,
-                                          "resize": "Just Resize"}
+                                          "resize": "Just Resize", "regions": 0.5}
     assert report["without_control"] is None and len(images) == 2
 
 
@@ -105,6 +106,7 @@ def test_the_json_records_the_unit_with_the_mode_by_its_canonical_name(controlne
     (["--control-weight", "2.5"], "weight must be a number in [0, 2]"),
     (["--control-start", "0.6", "--control-end", "0.4"], "guidance start 0.6 must be below guidance end 0.4"),
     (["--control-end", "1.5"], "guidance end must be a number in [0, 1]"),
+    (["--regions", "12"], "regions must be a number in [0, 10]"),
 ])
 def test_a_bad_unit_is_one_line_exit_2_before_any_image(controlnet, tmp_path, images, args, message):
     out = tmp_path / "out.json"
@@ -119,6 +121,7 @@ def test_a_bad_unit_is_one_line_exit_2_before_any_image(controlnet, tmp_path, im
     (["--control-mode", "prompt"], "--control-mode needs --control sketch"),
     (["--control-start", "0.1", "--control-end", "0.9"], "--control-start needs --control sketch"),
     (["--control-only"], "--control-only needs --control sketch"),
+    (["--regions", "0.5"], "--regions needs --control sketch"),
     (["--categories", "position,colour_attr"],
      "--categories: unknown category 'colour_attr'; choose from " + ", ".join(CATEGORIES)),
     (["--categories", ","], "--categories: no category given"),

@@ -120,11 +120,17 @@ def test_draw_a_sketch_and_generate_with_it(sketch_site):
     # the image shown is the server's answer to that request, and the ControlNet changed it
     again = httpx.post(url + "/sdapi/v1/txt2img", json=body, timeout=120).json()
     assert np.array_equal(png_array(again["images"][0]), shown)
-    plain_body = {k: v for k, v in body.items() if k != "alwayson_scripts"}
+    plain_body = {k: v for k, v in body.items() if k not in ("alwayson_scripts", "regions")}
     plain = png_array(httpx.post(url + "/sdapi/v1/txt2img", json=plain_body, timeout=120).json()["images"][0])
     assert np.abs(plain.astype(int) - shown.astype(int)).max() > 10
     record = httpx.get(url + "/api/outputs").json()["items"][-1]["record"]
     assert record["controlnets"][0]["model"] == "sketch" and record["controlnets"][0]["weight"] == 1.5
+    # colour words bound to the sketch (0.5 by default): sent as marble's `regions`, recorded
+    assert body["regions"] == 0.5 and record["regions"] == 0.5
+    pg.fill("#cn-regions", "0")                                        # 0: off, not sent
+    body_zero, _ = generate(pg)
+    assert "regions" not in body_zero and body_zero["alwayson_scripts"] == body["alwayson_scripts"]
+    assert httpx.get(url + "/api/outputs").json()["items"][0]["record"]["regions"] == 0   # newest first
 
     # the panel off: the page sends no unit, and gets the plain image
     pg.uncheck("#cn-enable")

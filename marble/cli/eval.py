@@ -129,6 +129,9 @@ def eval_command(
                                                 "where it stops, 0..1 (default 1)."),
     control_only: bool = typer.Option(False, "--control-only", help="With --control: skip the run without the "
                                       "ControlNet (it does not depend on the --control-* settings: a sweep needs it once)."),
+    regions: Optional[float] = typer.Option(None, "--regions", help="With --control: also bind the caption's colour "
+                                            "phrases to the sketch's colour regions (generate's --regions), this "
+                                            "strong, 0..10."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories, comma-separated "
                                              "(e.g. position,color_attr); each keeps the prompts it has in the full "
                                              "run of --prompts. Default: all six."),
@@ -145,7 +148,8 @@ def eval_command(
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     counts = category_counts(prompts, categories)
     unit = {"weight": control_weight, "mode": control_mode, "start": control_start, "end": control_end}
-    unit_flags = [f"--control-{k}" for k, v in unit.items() if v is not None] + (["--control-only"] if control_only else [])
+    unit_flags = [f"--control-{k}" for k, v in unit.items() if v is not None] + (["--control-only"] if control_only else []) \
+        + (["--regions"] if regions is not None else [])
     if control is not None or control_model is not None or unit_flags:
         if deepcache is not None or tome is not None or quantize is not None:
             fail("--control runs the exact path: leave out --deepcache, --tome and --quantize")
@@ -153,7 +157,8 @@ def eval_command(
         prompt_list = build_prompts(split, counts)
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
                                      threads, lora, dtype, trace, keep_tiles=sheet is not None,
-                                     unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only)
+                                     unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only,
+                                     regions=regions)
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
             _write_sheet(sheet, tiles, group=2)
@@ -303,11 +308,12 @@ def check_control(control: str | None, control_model: Path | None, model: str, p
 
 def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[int], split: str, sampler, steps, cfg,
                  threads: int, loras, dtype: str, trace: bool, keep_tiles: bool, unit: dict | None = None,
-                 baseline: bool = True) -> tuple[dict, list]:
+                 baseline: bool = True, regions: float | None = None) -> tuple[dict, list]:
     """Both runs on one loaded model: with the sketch ControlNet, then (`baseline`) without it.
     `unit`: the ControlNet unit's weight, mode, start and end where given (ControlSpec's defaults
-    otherwise). Prints the side-by-side table and returns the JSON report and the controlled run's
-    sheet tiles."""
+    otherwise); `regions`: the strength binding the caption's colour phrases to the sketch
+    (marble.adapters.regions) in the controlled run. Prints the side-by-side table and returns the
+    JSON report and the controlled run's sheet tiles."""
     from dataclasses import replace
 
     from PIL import Image
@@ -326,7 +332,7 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
                        **(unit or {}))
     try:
         # generate's checks and mode names (marble.request): the unit every controlled image uses
-        req = resolve(GenerationRequest(prompt="a shape", seed=0, controls=(spec,)), pipe.defaults)
+        req = resolve(GenerationRequest(prompt="a shape", seed=0, controls=(spec,), regions=regions), pipe.defaults)
         loaded = pipe.controlnets.get(spec)    # a file for another architecture: exit 2 before any image
     except (ModelLoadError, RequestError) as e:
         fail(str(e))
@@ -338,7 +344,7 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
 
     def controlled(prompt: str, seed: int, image):
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg,
-                                   controls=(replace(spec, image=image),))
+                                   controls=(replace(spec, image=image),), regions=regions)
 
     def plain(prompt: str, seed: int):
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
@@ -366,7 +372,7 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
               "control_model": {"name": loaded.name, "hash": loaded.hash, "path": str(control_path),
                                 "base_model_hash": base_hash},
               "control_settings": {"weight": spec.weight, "mode": spec.mode, "start": spec.start, "end": spec.end,
-                                   "resize": spec.resize},
+                                   "resize": spec.resize, "regions": req.regions},
               "side_by_side": table, "bar": bar_verdict(table), "with_control": with_d, "without_control": without_d,
               "scenes": {text: scene.to_dict() for text, scene in scenes.items()}}
     return report, tiles

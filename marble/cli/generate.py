@@ -82,6 +82,7 @@ class Flags:
     tome: float | None = None
     quantize: str | None = None
     vae_tile_size: int | None = None    # VAE tiling: tile side in pixels, 0 = off
+    regions: float | None = None    # colour phrases bound to the first control image's colours (marble.adapters.regions)
 
     @property
     def hires(self) -> bool:
@@ -92,7 +93,7 @@ class Flags:
 _FROM_RECORD = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg",
                 "sampler": "sampler", "strength": "strength", "model": "model_name",
                 "emphasis": "emphasis", "spacing": "spacing", "deepcache": "deepcache", "tome": "tome",
-                "quantize": "quantize", "vae_tile_size": "vae_tile_size"}   # flag -> record field
+                "quantize": "quantize", "vae_tile_size": "vae_tile_size", "regions": "regions"}   # flag -> record field
 
 
 def merge_record(flags: Flags, record: GenerationRecord) -> Flags:
@@ -202,7 +203,7 @@ def read_request(flags: Flags, n: int) -> GenerationRequest:
         init_image_sha256=init_sha, mask_path=str(flags.mask) if flags.mask else None, mask_sha256=mask_sha,
         hires=read_hires(flags), emphasis=flags.emphasis, loras=flags.loras or (), spacing=flags.spacing,
         preset=flags.preset, deepcache=flags.deepcache, tome=flags.tome, vae_tile_size=flags.vae_tile_size,
-        controls=read_controls(flags.controls, read_image), micro=read_micro(flags))
+        controls=read_controls(flags.controls, read_image), micro=read_micro(flags), regions=flags.regions)
 
 
 def read_micro(flags: Flags):
@@ -373,6 +374,7 @@ def generate(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Approximation: 'int8' runs the U-Net transformers' Linear layers in dynamic int8 (float32 models only; not with LoRAs). Default: off. docs/bench.md gives its cost."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Encode and decode with the VAE in overlapping 512-pixel tiles, one at a time (diffusers' enable_tiling): the VAE's memory follows the tile, not the image (SDXL at 1024²). Not the exact image: each tile normalises on its own and the seams are cross-faded. Images within one tile are unchanged. Recorded. docs/bench.md."),
     vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="VAE tiling with tiles of this side in pixels, a multiple of 4 latent cells (32 px for SD); 0 = off. Implies --vae-tiling."),
+    regions: Optional[float] = typer.Option(None, "--regions", help="Bind the prompt's colour phrases ('red circle') to the regions of that colour in the first --control image (a sketch in the built-in palette, as the web UI's pad draws), by modulating cross-attention (Dense Diffusion), this strong: 0..10, 0 = off (default). Recorded. docs/controlnet-training.md."),
     aesthetic_score: Optional[float] = typer.Option(None, "--aesthetic-score", help="SDXL refiner: aesthetic score of the prompt, 0..10 (default 6)."),
     negative_aesthetic_score: Optional[float] = typer.Option(None, "--negative-aesthetic-score", help="SDXL refiner: aesthetic score of the negative prompt, 0..10 (default 2.5)."),
 ) -> None:
@@ -388,7 +390,7 @@ def generate(
     flags = Flags(prompt, negative, seed, steps, cfg, sampler, size, strength, model, init_image, mask,
                   hires_scale=hires_scale, hires_resize=hires_resize, hires_steps=hires_steps,
                   hires_denoise=hires_denoise, hires_upscaler=hires_upscaler, emphasis=emphasis,
-                  loras=parse_loras(lora), spacing=spacing, preset=preset, deepcache=deepcache, tome=tome,
+                  loras=parse_loras(lora), spacing=spacing, preset=preset, deepcache=deepcache, tome=tome, regions=regions,
                   quantize=quantize, vae_tile_size=vae_tile_size if vae_tile_size is not None else
                   DEFAULT_TILE if vae_tiling else None,   # None: off, or the record's with --from
                   controls=control_flags(control, model=control_model, module=control_module, weight=control_weight,

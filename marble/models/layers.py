@@ -7,6 +7,7 @@ weights were saved from (`ldm/modules/diffusionmodules/openaimodel.py`, `attenti
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +76,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                     bias: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`attention` with the scaled scores (B, heads, N, T), in float32, passed through `bias` before
+    the softmax: the explicit product, for the calls a modulation asks for (marble.adapters.regions)."""
+    b, n, inner = q.shape
+    dh = inner // heads
+    q, k, v = (z.reshape(b, -1, heads, dh).transpose(1, 2) for z in (q, k, v))
+    scores = bias(q.float() @ k.float().transpose(-1, -2) * dh ** -0.5)
+    return (scores.softmax(-1).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, inner)
+
+
 class CrossAttention(nn.Module):
-    """Scaled dot-product attention; self-attention when `context` is None."""
+    """Scaled dot-product attention; self-attention when `context` is None. `score_bias`: None, or
+    scores -> scores for the text cross-attention, set around a call by marble.adapters.regions."""
+
+    score_bias = None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -88,6 +103,9 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.score_bias is not None and context is not None:
+            return self.to_out(biased_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                                                self.score_bias))
         context = x if context is None else context
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 

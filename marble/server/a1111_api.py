@@ -63,6 +63,10 @@ class Txt2ImgParams(BaseModel):
                                                         "tiles of this side, pixels (diffusers' enable_tiling; 512 is "
                                                         "its usual tile), a multiple of 4 latent cells; less memory "
                                                         "for large images, not the exact image. 0 = off (default).")
+    regions: float | None = Field(None, description="marble: bind the prompt's colour phrases ('red circle') to the "
+                                                    "regions of that colour in the first ControlNet unit's image (a "
+                                                    "sketch in the built-in palette), by modulating cross-attention "
+                                                    "(Dense Diffusion), this strong: 0..10, 0 = off (default).")
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float | None = Field(
@@ -126,7 +130,7 @@ def _request(params: Txt2ImgParams, micro_kinds: tuple[str, ...] = (), **images)
         sampler=params.sampler_name or params.sampler_index, cfg=params.cfg_scale, width=params.width,
         height=params.height, n=_count(params), emphasis=_emphasis(params),
         spacing=_spacing(params.scheduler), preset=params.preset, micro=_micro(params, micro_kinds),
-        deepcache=params.deepcache, tome=params.tome, vae_tile_size=params.vae_tile_size,
+        deepcache=params.deepcache, tome=params.tome, vae_tile_size=params.vae_tile_size, regions=params.regions,
         **images)
 
 

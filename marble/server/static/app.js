@@ -166,6 +166,8 @@ function payload() {
   }
   const unit = controlUnit();   // sketch.js: the ControlNet panel's unit, or null when it is off
   if (unit) p.alwayson_scripts = { controlnet: { args: [unit] } };
+  const regions = regionsStrength();   // sketch.js: colour words bound to the sketch, or null
+  if (regions) p.regions = regions;
   return p;
 }
 

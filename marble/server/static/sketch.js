@@ -178,6 +178,14 @@ function controlUnit() {
   };
 }
 
+// The strength binding the prompt's colour words to the sketch's colours (marble's `regions`), or
+// null when the panel is off or it is 0.
+function regionsStrength() {
+  if (!controlUnit()) return null;
+  const v = Number($("cn-regions").value);
+  return v > 0 ? v : null;
+}
+
 async function loadControlOptions() {
   const [info, models, modules] = await Promise.all([api("/api/sketch"), api("/controlnet/model_list"),
     api("/controlnet/module_list")]);

@@ -1,0 +1,210 @@
+"""Regions: the prompt's colour phrases bound to the regions of that colour in a sketch, by
+modulating the U-Net's cross-attention (Dense Diffusion, Kim et al. ICCV 2023, eq. 4-6).
+
+A sketch in the shapes world's palette (marble.data.sketch: flat silhouettes on white, as the web
+UI's pad draws them) says where each colour goes; a prompt says "a red circle above a blue square".
+The text alone leaves the colour words free to land on either shape, and the ControlNet, which
+sees the colours, still swaps them for pairs it never saw (docs/controlnet-training.md). Here each
+colour region of the sketch is tied to the prompt's phrase that starts with that colour's word
+("red circle"): at every cross-attention call, for the conditional half of the batch,
+
+    S' = S + λ_t (1 − a_r) [ m_r (max_j S − S) − (1 − m_r) (S − min_j S) ]   for the tokens j of region r
+
+with S the scaled query-key scores (per query, over the keys j), m_r the region's coverage of the
+query's cell, a_r its share of the image (small regions are pushed harder) and λ_t = strength ·
+(t / T)^DECAY. Dense Diffusion fades it out with DECAY = 5; here the held-out sweep
+(benchmarks/regions_sweep.py, docs/controlnet-training.md#regions) found a constant λ (DECAY = 0)
+far better for colour binding (0.97 against 0.56-0.63 with decays 1 and 2). Tokens outside every
+phrase are left alone. Strength 0 is the plain network, bit for bit.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from marble.data.captions import COLOR_SYNONYMS, SHAPE_SYNONYMS, plural
+from marble.data.shapes import COLORS, SHAPES
+from marble.models.layers import SpatialTransformer
+
+MAX_STRENGTH = 10.0
+DECAY = 0.0           # λ_t ∝ (t/T)^DECAY: Dense Diffusion uses 5; 0 (constant) won the sweep here (benchmarks/regions_sweep.py)
+CONTROLNETS = False   # the ControlNets' own cross-attention too (region_networks)
+TOLERANCE = 40        # a pixel belongs to a palette colour within this RGB distance (anti-aliased uploads)
+STOP_WORDS = {"and", "above", "below", "over", "under", "beneath", "left", "right", "of", "to", "on", "in", "at",
+              "next", "beside", "with", "the", "a", "an", "near", "behind", "background", ","}
+
+
+@dataclass(frozen=True)
+class Region:
+    color: str
+    mask: torch.Tensor            # (H, W) float32, 1 on the region's pixels
+    tokens: tuple[int, ...]       # context positions of its phrase
+
+
+def color_masks(image: Image.Image, palette: dict[str, tuple[int, int, int]] = COLORS,
+                tolerance: int = TOLERANCE) -> dict[str, torch.Tensor]:
+    """{colour name: (H, W) float mask} of the palette colours the image holds: each pixel goes to
+    the nearest palette colour within `tolerance` (RGB distance), or to none (white, the rest)."""
+    rgb = np.asarray(image.convert("RGB"), np.int32)
+    names = list(palette)
+    colors = np.array([palette[n] for n in names], np.int32)
+    dist = ((rgb[:, :, None, :] - colors[None, None]) ** 2).sum(-1)          # (H, W, colours)
+    nearest = dist.argmin(-1)
+    inside = dist.min(-1) <= tolerance ** 2
+    return {name: torch.from_numpy((inside & (nearest == i)).astype(np.float32))
+            for i, name in enumerate(names) if (inside & (nearest == i)).any()}
+
+
+def _nouns() -> set[tuple[str, ...]]:
+    forms = set()
+    for shape in SHAPES:
+        for name in SHAPE_SYNONYMS.get(shape, (shape,)):
+            forms.update({tuple(name.split()), tuple(plural(name).split())})
+    return forms
+
+
+def color_phrases(prompt: str) -> list[tuple[str, tuple[int, int]]]:
+    """(colour name, character span) of each phrase that starts with a colour word: the colour word,
+    then up to its shape noun ("violet plus signs"), or else the next word unless it is a stop
+    word; "on a blue background" names no region."""
+    found = list(re.finditer(r"\S+", prompt))
+    words = [(m.group().lower().strip(",.;"), m.span()) for m in found]
+    by_word = {w: name for name in COLORS for w in COLOR_SYNONYMS.get(name, (name,))}
+    nouns = _nouns()
+    out = []
+    for i, (word, (start, end)) in enumerate(words):
+        if word not in by_word:
+            continue
+        if found[i].group().endswith((",", ".", ";")):    # "red, ..." ends where it stands
+            out.append((by_word[word], (start, end)))
+            continue
+        rest = [w for w, _ in words[i + 1:i + 4]]
+        stop = next((j for j, w in enumerate(rest) if w in STOP_WORDS or w in by_word), len(rest))
+        hit = next((j + len(form) for j in range(stop) for form in sorted(nouns, key=len, reverse=True)
+                    if tuple(rest[j:j + len(form)]) == form), None)
+        if hit is None and "background" in rest[:1]:
+            continue
+        last = i + (hit if hit is not None else min(stop, 1))
+        out.append((by_word[word], (start, words[last][1][1])))
+    return out
+
+
+def phrase_tokens(count_tokens: Callable[[str], int], prompt: str, span: tuple[int, int], max_tokens: int
+                  ) -> tuple[int, ...]:
+    """Context positions of the characters `span` of the prompt: the tokens its prefix and the
+    phrase need, special tokens (one before, one after) taken out. Whitespace separates words in
+    both CLIP's and WordPiece's pre-tokenizers, so a prefix tokenizes as the prompt's start does.
+    Positions the context truncates (the last keeps the closing token) are left out."""
+    first = count_tokens(prompt[:span[0]].rstrip()) - 1
+    last = count_tokens(prompt[:span[1]]) - 1
+    return tuple(range(first, min(last, max_tokens - 1)))
+
+
+def sketch_regions(image: Image.Image, prompt: str, count_tokens: Callable[[str], int], max_tokens: int
+                   ) -> list[Region]:
+    """The regions of a colour sketch that the prompt names: one a colour phrase whose colour the
+    sketch holds (a phrase whose colour is absent, and a colour no phrase names, bind nothing)."""
+    masks = color_masks(image)
+    return [Region(color, masks[color], tokens) for color, span in color_phrases(prompt)
+            if color in masks and (tokens := phrase_tokens(count_tokens, prompt, span, max_tokens))]
+
+
+def level_grid(latent: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The (h, w) of a U-Net level with `queries` cells: the latent halved (ceil, as a stride-2
+    convolution with padding 1 does) until it fits."""
+    h, w = latent
+    while h * w > queries and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != queries:
+        raise ValueError(f"no U-Net level of a {latent[0]}x{latent[1]} latent has {queries} cells")
+    return h, w
+
+
+def modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A closure (scores (B, heads, N, T) float32, scale (B,)) -> scores, eq. 4-6 above with λ = the
+    row's scale (0 for the unconditional rows). Per grid, the coverage m (N, T) and the weight
+    1 − a (T,) of the region tokens are made once."""
+    cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(n: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, t, id(device))
+        if key not in cache:
+            h, w = level_grid(latent, n)
+            cover = torch.zeros(n, t)
+            weight = torch.zeros(t)
+            for r in regions:
+                m = F.interpolate(r.mask[None, None], size=(h, w), mode="area").reshape(n)
+                area = float(r.mask.mean())
+                for j in r.tokens:
+                    if j < t:
+                        cover[:, j] = torch.maximum(cover[:, j], m)
+                        weight[j] = max(float(weight[j]), 1.0 - area)
+            cache[key] = (cover.to(device), weight.to(device))
+        return cache[key]
+
+    def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        cover, weight = tables(scores.shape[-2], scores.shape[-1], scores.device)
+        hi = scores.amax(-1, keepdim=True) - scores
+        lo = scores - scores.amin(-1, keepdim=True)
+        push = weight * (cover * hi - (1 - cover) * lo)        # zero on tokens outside every phrase
+        return scores + scale.to(scores)[:, None, None, None] * push
+    return modulate
+
+
+@contextmanager
+def region_attention(networks: list[nn.Module], bias: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Route the text cross-attention of every spatial transformer of `networks` through `bias` for
+    the calls inside the context (marble.models.layers.CrossAttention.score_bias)."""
+    layers = [block.attn2 for net in networks for m in net.modules() if isinstance(m, SpatialTransformer)
+              for block in m.transformer_blocks]
+    try:
+        for layer in layers:
+            layer.score_bias = bias
+        yield
+    finally:
+        for layer in layers:
+            layer.score_bias = None
+
+
+def region_denoiser(network, networks: list[nn.Module], regions: list[Region], latent: tuple[int, int], schedule,
+                    strength: float, decay: float | None = None):
+    """network(x, sigma, cond_mark=..., **cond) with the regions' modulation on the cross-attention of
+    `networks` (the U-Net, and the ControlNets that run inside `network`): λ = strength · (t/T)^decay
+    at the call's σ (decay None: the module's DECAY, read per call so a sweep can set it), on the rows
+    of the conditional half (cond_mark 1; the halves split the batch evenly, as
+    marble.diffusion.guidance batches them). A ControlNet that runs on the conditional rows alone
+    ("ControlNet is more important") gets those rows' λ."""
+    if strength == 0 or not regions:
+        return network
+    decay = DECAY if decay is None else decay
+    modulate = modulation(regions, latent)
+    top = schedule.num_timesteps - 1
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond_mark: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        t = schedule.sigma_to_t(sigma.detach().float().cpu()).clamp(0, top)
+        scale = strength * (t / top) ** decay
+        cond_rows = torch.ones(len(x), dtype=torch.bool)
+        if cond_mark is not None:           # one mark a half: repeat it over the half's rows
+            cond_rows = (cond_mark.cpu() > 0).repeat_interleave(len(x) // len(cond_mark))
+            scale = scale * cond_rows
+        by_rows = {len(x): scale, int(cond_rows.sum()): scale[cond_rows]}
+
+        def bias(scores: torch.Tensor) -> torch.Tensor:
+            return modulate(scores, by_rows[scores.shape[0]])
+        with region_attention(networks, bias):
+            return network(x, sigma, cond_mark=cond_mark, **cond)
+    return denoise
+
+
+def region_networks(model, units) -> list[nn.Module]:
+    """The networks whose cross-attention the regions modulate: the U-Net, and with CONTROLNETS the
+    ControlNets of the units (they read the same caption). Read per call so a sweep can set it."""
+    return [model.unet, *(u.net for u in units if CONTROLNETS)]

@@ -1,0 +1,240 @@
+"""Regions (marble.adapters.regions): colour phrases and their tokens, the sketch's colour masks,
+Dense Diffusion's modulation against its formula, the biased attention against SDPA, and
+`--regions` through the request, the record and the CLI."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from marble.adapters.regions import (Region, color_masks, color_phrases, level_grid, modulation, phrase_tokens,
+                                     region_attention, sketch_regions)
+from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
+from marble.cli import app
+from marble.data.grounding import group_spans, token_indices
+from marble.data.shapes import COLORS, sample_scene
+from marble.data.sketch import sketch
+from marble.models.controlnet import ControlNet, controlnet_config
+from marble.models.latent_diffusion import tiny_config
+from marble.models.layers import CrossAttention
+from marble.png import read_record
+from marble.record import GenerationRecord
+from sd_fixtures import randomize_
+
+runner = CliRunner()
+
+
+def phrases(prompt):
+    return [(color, prompt[a:b]) for color, (a, b) in color_phrases(prompt)]
+
+
+def test_colour_phrases_run_from_the_colour_word_to_its_noun():
+    assert phrases("a red circle above a blue square") == [("red", "red circle"), ("blue", "blue square")]
+    assert phrases("two small violet plus signs to the left of a pink star") == [
+        ("purple", "violet plus signs"), ("pink", "pink star")]
+    assert phrases("a red circle on a blue background") == [("red", "red circle")]   # a background is no region
+    assert phrases("Red, then green") == [("red", "Red,"), ("green", "green")]
+    assert phrases("a teal circle") == []
+
+
+def test_phrase_tokens_are_the_tokenizers_own_positions():
+    """Oracle: the WordPiece offsets the grounding trainer uses (marble.data.grounding), for the
+    colour + noun of every group of 200 shapes-world captions, with the built-in text encoder."""
+    from marble.checkpoints.resolve import load_model
+    text = load_model("builtin").model.text_encoder
+    tokenizer = text.tokenizer.tokenizer
+    checked = 0
+    for i in range(200):
+        scene, caption = sample_scene("train", 0, i, 64)
+        starts = {span[0]: (color, span) for color, span in color_phrases(caption)}
+        for group, words in zip(scene.groups, group_spans(scene, caption)):
+            if len(words) < 2:                   # no colour word in front of this noun (its span comes last)
+                continue
+            color, span = starts[words[-1][0]]
+            assert color == scene.objects[group[0]].color
+            want = token_indices(words, tokenizer.encode(caption).offsets, text.max_tokens)
+            assert list(phrase_tokens(text.count_tokens, caption, span, text.max_tokens)) == want, caption
+            checked += 1
+    assert checked > 100
+
+
+def test_colour_masks_take_the_nearest_palette_colour_within_tolerance():
+    im = Image.new("RGB", (4, 2), (255, 255, 255))
+    im.putpixel((0, 0), COLORS["red"])
+    im.putpixel((1, 0), tuple(c + 12 for c in COLORS["blue"]))       # anti-aliased edge: still blue
+    im.putpixel((2, 0), (128, 128, 128))                              # far from every colour: none
+    masks = color_masks(im)
+    assert set(masks) == {"red", "blue"}
+    assert masks["red"].tolist() == [[1, 0, 0, 0], [0, 0, 0, 0]] and masks["blue"].tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_level_grid():
+    assert level_grid((16, 16), 256) == (16, 16) and level_grid((16, 16), 16) == (4, 4)
+    assert level_grid((9, 13), 35) == (5, 7) and level_grid((9, 13), 12) == (3, 4)   # halved by ceil
+    with pytest.raises(ValueError):
+        level_grid((16, 16), 50)
+
+
+def test_the_modulation_is_dense_diffusions_formula():
+    """A 2x2 grid, 4 tokens; a region over the top row bound to tokens 1 and 2. By hand: S' = S +
+    λ (1 − a) [m (max S − S) − (1 − m)(S − min S)] on tokens 1, 2; tokens 0, 3 and λ = 0 rows unchanged."""
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    modulate = modulation([Region("red", mask, (1, 2))], (2, 2))
+    scores = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = modulate(scores, torch.tensor([0.0, 0.7]))
+    assert torch.equal(out[0], scores[0])
+    want = scores[1].clone()
+    for h in range(3):
+        for n in range(4):
+            s = scores[1, h, n]
+            m = 1.0 if n < 2 else 0.0
+            for j in (1, 2):
+                want[h, n, j] = s[j] + 0.7 * 0.5 * (m * (s.max() - s[j]) - (1 - m) * (s[j] - s.min()))
+    assert torch.allclose(out[1], want, atol=1e-6)
+    # the phrase's share of each query's attention: up inside the region, down outside it
+    share, before = out[1].softmax(-1)[..., 1:3].sum(-1), scores[1].softmax(-1)[..., 1:3].sum(-1)
+    assert (share[:, :2] > before[:, :2]).all() and (share[:, 2:] < before[:, 2:]).all()
+
+
+def test_biased_attention_with_no_bias_is_sdpa():
+    torch.manual_seed(0)
+    layer = CrossAttention(16, 8, heads=2, head_dim=8)
+    x, context = torch.randn(2, 9, 16), torch.randn(2, 5, 8)
+    plain = layer(x, context)
+    layer.score_bias = lambda s: s
+    assert torch.allclose(layer(x, context), plain, atol=1e-6)
+    layer.score_bias = lambda s: s + torch.tensor([0, 0, 0, 0, 50.0])   # all mass on the last token
+    assert torch.allclose(layer(x, context), layer.to_out(layer.to_v(context)[:, 4:].expand(2, 9, -1)), atol=1e-5)
+
+
+def test_region_attention_hooks_only_inside_the_context():
+    from marble.models.latent_diffusion import tiny_config as cfg
+    from marble.models.unet import UNet
+    unet = UNet(cfg().unet)
+    bias = lambda s: s  # noqa: E731
+    with region_attention([unet], bias):
+        layers = [m for m in unet.modules() if isinstance(m, CrossAttention) and m.score_bias is bias]
+        assert layers
+    assert all(m.score_bias is None for m in unet.modules() if isinstance(m, CrossAttention))
+
+
+@pytest.mark.parametrize("decay", [0.0, 2.0])
+def test_the_denoiser_scales_the_conditional_half_by_the_time_law(decay):
+    """λ = strength · (t/T)^decay at the call's σ on the rows marked conditional, 0 on the others; the
+    hook is gone after the call."""
+    from marble.adapters.regions import region_denoiser
+    from marble.diffusion.schedule import make_schedule
+    from marble.models.unet import UNet
+    unet = UNet(tiny_config().unet)
+    schedule = make_schedule("scaled_linear")
+    region = Region("red", torch.tensor([[1.0, 0.0], [0.0, 0.0]]), (1,))
+    scores = torch.randn(4, 1, 4, 3, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def network(x, sigma, cond_mark=None, **cond):
+        layer = next(m for m in unet.modules() if isinstance(m, CrossAttention) and m.score_bias is not None)
+        seen["out"] = layer.score_bias(scores.clone())
+        return x
+
+    t = 600
+    sigma = schedule.sigmas[t].float().expand(4)
+    denoise = region_denoiser(network, [unet], [region], (2, 2), schedule, 1.5, decay)
+    denoise(torch.zeros(4, 4, 2, 2), sigma, cond_mark=torch.tensor([0.0, 1.0]))   # [uncond; cond], 2 rows each
+    lam = 1.5 * (t / 999) ** decay
+    want = modulation([region], (2, 2))(scores, torch.tensor([0.0, 0.0, lam, lam]))
+    assert torch.equal(seen["out"][:2], scores[:2]) and torch.allclose(seen["out"], want, atol=1e-5)
+    assert not torch.allclose(seen["out"][2:], scores[2:])
+    assert all(m.score_bias is None for m in unet.modules() if isinstance(m, CrossAttention))
+    assert region_denoiser(network, [unet], [region], (2, 2), schedule, 0.0) is network
+
+
+# --- through the request, the record and the CLI ------------------------------------------------
+
+FAST = ["--model", "tiny-random", "--steps", "3", "--size", "32x32", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regions")
+    config = controlnet_config(tiny_config().unet, 2)
+    net = randomize_(ControlNet(config), seed=4)
+    model = write_controlnet(ControlNetFile(config, net.state_dict(), root, "", "marble"), root / "cn.safetensors",
+                             "single-file")
+    im = Image.new("RGB", (32, 32), "white")
+    im.paste(COLORS["red"], (2, 2, 14, 14))
+    im.paste(COLORS["blue"], (18, 18, 30, 30))
+    im.save(root / "sketch.png")
+    return root / "sketch.png", model
+
+
+def generate(*args):
+    r = runner.invoke(app, ["generate", *map(str, args)])
+    return r.exit_code, r.output, [Path(line) for line in r.stdout.split() if line.endswith(".png")]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_regions_change_the_image_are_recorded_and_0_is_the_plain_unit(files, tmp_path):
+    image, model = files
+    unit = ["--control", image, "--control-model", model]
+    prompt = "a red circle above a blue square"
+    results = {}
+    for name, extra in [("plain", []), ("zero", ["--regions", "0"]), ("on", ["--regions", "3"])]:
+        code, out, (path,) = generate(prompt, *FAST, *unit, *extra, "--out", tmp_path / name)
+        assert code == 0, out
+        results[name] = path
+    assert (pixels(results["zero"]) == pixels(results["plain"])).all()
+    assert np.abs(pixels(results["on"]) - pixels(results["plain"])).max() > 0
+    record = read_record(results["on"])
+    assert record.regions == 3.0 and "Regions: 3" in record.to_parameters()
+    assert GenerationRecord.from_parameters(record.to_parameters()).regions == 3.0
+    code, out, (again,) = generate("--from", results["on"], "--control", image, "--out", tmp_path / "again")
+    assert code == 0, out
+    assert (pixels(again) == pixels(results["on"])).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--regions", "2"], "needs a control image"),
+    (["--regions", "11", "--control", "SKETCH", "--control-model", "MODEL"], "regions must be a number in [0, 10]"),
+    (["--regions", "-1", "--control", "SKETCH", "--control-model", "MODEL"], "regions must be a number in [0, 10]"),
+])
+def test_bad_regions_are_one_line_exit_2_and_write_nothing(files, tmp_path, args, message):
+    image, model = files
+    args = [str(image) if a == "SKETCH" else str(model) if a == "MODEL" else a for a in args]
+    code, out, paths = generate("a red circle", *FAST, *args, "--out", tmp_path / "bad")
+    assert code == 2 and message in out and "Traceback" not in out and not paths
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_sketch_regions_of_a_shapes_world_scene_bind_each_named_colour():
+    from marble.checkpoints.resolve import load_model
+    text = load_model("builtin").model.text_encoder
+    scene, _ = sample_scene("train", 0, 3, 64)
+    prompt = " and ".join(f"a {scene.objects[g[0]].color} {scene.objects[g[0]].shape}" for g in scene.groups)
+    regions = sketch_regions(sketch(scene), prompt, text.count_tokens, text.max_tokens)
+    assert [r.color for r in regions] == [scene.objects[g[0]].color for g in scene.groups]
+    for r in regions:
+        assert r.mask.sum() > 0 and len(r.tokens) >= 2
+
+
+@pytest.mark.parametrize("mode", ["Balanced", "ControlNet is more important"])
+def test_the_controlnets_attention_too_when_asked(files, monkeypatch, mode):
+    """regions.CONTROLNETS also routes the ControlNet's cross-attention through the modulation, in
+    both halves of CFG or on the conditional rows alone (the mode where the ControlNet runs there)."""
+    from marble.adapters import regions
+    from marble.adapters.controlnet import ControlSpec
+    from marble.checkpoints.resolve import load_model
+    from marble.pipeline import Pipeline
+    image, model = files
+    pipe = Pipeline(load_model("tiny-random"))
+    spec = ControlSpec(image=Image.open(image).convert("RGB"), model=str(model), is_path=True, mode=mode)
+    options = dict(seed=5, steps=3, width=32, height=32, controls=(spec,), regions=3.0)
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(regions, "CONTROLNETS", on)
+        out[on] = np.asarray(pipe.generate_image("a red circle above a blue square", **options), dtype=int)
+    assert np.abs(out[True] - out[False]).max() > 0
