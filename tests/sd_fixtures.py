@@ -92,6 +92,17 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def random_controlnet_file(path: Path, layout: str = "single-file", seed: int = 4) -> Path:
+    """A seeded random ControlNet for the tiny-random model (non-zero zero-convs: it changes the
+    image), written at `path` in `layout` (marble.checkpoints.controlnet_files)."""
+    from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
+    from marble.models.controlnet import ControlNet, controlnet_config
+    from marble.models.latent_diffusion import tiny_config
+    config = controlnet_config(tiny_config().unet, 2)
+    net = randomize_(ControlNet(config), seed=seed)
+    return write_controlnet(ControlNetFile(config, net.state_dict(), path.parent, "", "marble"), path, layout)
+
+
 def oracle_tokenizer_folder(folder: Path, pad: str = "<|endoftext|>") -> Path:
     """vocab.json / merges.txt from the shipped gz by OpenAI's recipe, independently of marble's code."""
     from importlib.resources import files

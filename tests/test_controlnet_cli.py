@@ -15,7 +15,7 @@ from marble.cli import app
 from marble.models.controlnet import ControlNet, controlnet_config
 from marble.models.latent_diffusion import tiny_config
 from marble.png import read_record
-from sd_fixtures import randomize_
+from sd_fixtures import random_controlnet_file, randomize_
 
 runner = CliRunner()
 FAST = ["--model", "tiny-random", "--steps", "3", "--size", "32x32", "--seed", "5"]
@@ -25,10 +25,7 @@ FAST = ["--model", "tiny-random", "--steps", "3", "--size", "32x32", "--seed", "
 def files(tmp_path_factory):
     """A random (non-zero) ControlNet for the tiny-random model, in lllyasviel's layout, and control images."""
     root = tmp_path_factory.mktemp("cn-cli")
-    config = controlnet_config(tiny_config().unet, 2)
-    net = randomize_(ControlNet(config), seed=4)
-    path = write_controlnet(ControlNetFile(config, net.state_dict(), root, "", "marble"), root / "edges.safetensors",
-                            "single-file")
+    path = random_controlnet_file(root / "edges.safetensors")
     images = []
     for i, box in enumerate([(4, 4, 20, 28), (12, 2, 30, 14)]):
         im = Image.new("RGB", (32, 32), "white")

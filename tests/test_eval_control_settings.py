@@ -11,12 +11,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
 from marble.cli import app
 from marble.eval.prompts import CATEGORIES, build_prompts, pick_categories, scale_counts
-from marble.models.controlnet import ControlNet, controlnet_config
-from marble.models.latent_diffusion import tiny_config
-from sd_fixtures import randomize_
+from sd_fixtures import random_controlnet_file
 
 runner = CliRunner()
 SMALL = ["--model", "tiny-random", "--split", "heldout", "--prompts", "6", "--seeds", "1", "--steps", "2",
@@ -25,11 +22,7 @@ SMALL = ["--model", "tiny-random", "--split", "heldout", "--prompts", "6", "--se
 
 @pytest.fixture(scope="module")
 def controlnet(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-cn")
-    config = controlnet_config(tiny_config().unet, 2)
-    net = randomize_(ControlNet(config), seed=4)
-    return write_controlnet(ControlNetFile(config, net.state_dict(), root, "", "marble"), root / "cn.safetensors",
-                            "marble")
+    return random_controlnet_file(tmp_path_factory.mktemp("eval-cn") / "cn.safetensors", "marble")
 
 
 @pytest.fixture

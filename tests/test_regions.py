@@ -11,17 +11,15 @@ from typer.testing import CliRunner
 
 from marble.adapters.regions import (Region, color_masks, color_phrases, level_grid, modulation, phrase_tokens,
                                      region_attention, sketch_regions)
-from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
 from marble.cli import app
 from marble.data.grounding import group_spans, token_indices
 from marble.data.shapes import COLORS, sample_scene
 from marble.data.sketch import sketch
-from marble.models.controlnet import ControlNet, controlnet_config
 from marble.models.latent_diffusion import tiny_config
 from marble.models.layers import CrossAttention
 from marble.png import read_record
 from marble.record import GenerationRecord
-from sd_fixtures import randomize_
+from sd_fixtures import random_controlnet_file
 
 runner = CliRunner()
 
@@ -158,10 +156,7 @@ FAST = ["--model", "tiny-random", "--steps", "3", "--size", "32x32", "--seed", "
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("regions")
-    config = controlnet_config(tiny_config().unet, 2)
-    net = randomize_(ControlNet(config), seed=4)
-    model = write_controlnet(ControlNetFile(config, net.state_dict(), root, "", "marble"), root / "cn.safetensors",
-                             "single-file")
+    model = random_controlnet_file(root / "cn.safetensors")
     im = Image.new("RGB", (32, 32), "white")
     im.paste(COLORS["red"], (2, 2, 14, 14))
     im.paste(COLORS["blue"], (18, 18, 30, 30))
