@@ -6,10 +6,10 @@ table. How the default decay and the documented strength were picked
     python benchmarks/regions_sweep.py --out runs/regions-sweep --threads 2
     python benchmarks/regions_sweep.py --out runs/regions-sweep --table-only     # every point in OUT
 
-Each point runs in this process (so that it can set regions.DECAY and regions.CONTROLNETS) as `marble eval --control
+Each point runs in this process (so that it can set regions.DECAY, CONTROLNETS and SELF_ATTENTION) as `marble eval --control
 sketch --control-only --regions S` does, on seeds --first-seed.. (default 4, 5: not the 0..3 that
 `marble eval --seeds 4` reports, so the pick and the report use different images) and writes
-OUT/s{strength}-d{decay}[-cn][-w{weight}-{mode}].json; a point whose JSON exists is read, not run (a sweep resumes).
+OUT/s{strength}-d{decay}[-cn][-self][-w{weight}-{mode}].json; a point whose JSON exists is read, not run (a sweep resumes).
 Strength 0 is the ControlNet alone. Rows: per category GenEval / strict, their mean.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ CONTROLNET = Path("models/controlnet/builtin-sketch.safetensors")
 
 
 def point_name(strength: float, decay: float, args) -> str:
-    extra = "-cn" if args.controlnets else ""
+    extra = ("-cn" if args.controlnets else "") + ("-self" if args.self_attention else "")
     if args.weight is not None or args.mode is not None:
         extra += f"-w{args.weight or 1:g}-{args.mode or 'balanced'}"
     return f"s{strength:g}-d{decay:g}{extra}"
@@ -36,14 +36,15 @@ def point_name(strength: float, decay: float, args) -> str:
 
 def table(rows: list[tuple[str, dict]], categories: tuple[str, ...]) -> str:
     heads = [f"{c} (bar {BAR[c]:g})" if c in BAR else c for c in categories]
-    lines = ["| strength | decay | ControlNets' attention | ControlNet weight, mode | " + " | ".join(heads)
-             + " | mean | images | s |", "|---:|---:|---|---|" + "---:|" * (len(categories) + 3)]
+    lines = ["| strength | decay | ControlNets' attention | self-attention | ControlNet weight, mode | "
+             + " | ".join(heads) + " | mean | images | s |", "|---:|---:|---|---|---|" + "---:|" * (len(categories) + 3)]
     for _, report in rows:
         result, unit = report["with_control"], report["control_settings"]
         cats = result["categories"]
         cells = [f"{cats[c]['accuracy']:.3f} / {cats[c]['strict_accuracy']:.3f}" for c in categories]
         cn = "yes" if report.get("regions_controlnets") else "no"
-        lines.append(f"| {unit['regions']:g} | {report['regions_decay']:g} | {cn} | {unit['weight']:g}, {unit['mode']} | "
+        sa = "yes" if report.get("regions_self_attention") else "no"
+        lines.append(f"| {unit['regions']:g} | {report['regions_decay']:g} | {cn} | {sa} | {unit['weight']:g}, {unit['mode']} | "
                      + " | ".join(cells)
                      + f" | **{result['overall']:.3f} / {result['overall_strict']:.3f}** | {result['images']} "
                      f"| {result['seconds']:.0f} |")
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--controlnets", action="store_true", help="also modulate the ControlNet's own cross-attention")
+    ap.add_argument("--self-attention", action="store_true", help="also modulate the U-Net's self-attention")
     ap.add_argument("--weight", type=float, default=None, help="the ControlNet unit's weight (default 1)")
     ap.add_argument("--mode", default=None, help="its control mode (default balanced)")
     ap.add_argument("--table-only", action="store_true")
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table_only:                       # every point in OUT, whatever grid made it
         rows = sorted(((f.stem, json.loads(f.read_text())) for f in args.out.glob("s*-d*.json")),
-                      key=lambda r: (r[1].get("regions_controlnets", False), r[1]["control_settings"]["weight"],
+                      key=lambda r: (r[1].get("regions_controlnets", False), r[1].get("regions_self_attention", False),
+                                     r[1]["control_settings"]["weight"],
                                      r[1]["regions_decay"], r[1]["control_settings"]["regions"]))
         text = table(rows, categories)
         print(text)
@@ -88,12 +91,13 @@ def main(argv=None) -> int:
                 continue                      # strength 0 does not depend on the decay: once
             path = args.out / f"{point_name(strength, 0 if strength == 0 else decay, args)}.json"
             if not path.exists():
-                regions.DECAY, regions.CONTROLNETS = decay, args.controlnets
+                regions.DECAY, regions.CONTROLNETS, regions.SELF_ATTENTION = decay, args.controlnets, args.self_attention
                 unit = {k: v for k, v in (("weight", args.weight), ("mode", args.mode)) if v is not None}
                 report, _ = control_eval("builtin", CONTROLNET.resolve(), prompts, seeds, args.split, None, None, None,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
                                          regions=strength)
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
+                report["regions_self_attention"] = args.self_attention
                 tmp = path.with_suffix(".part")
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
                 tmp.rename(path)

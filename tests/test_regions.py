@@ -96,6 +96,24 @@ def test_the_modulation_is_dense_diffusions_formula():
     assert (share[:, :2] > before[:, :2]).all() and (share[:, 2:] < before[:, 2:]).all()
 
 
+def test_the_self_attention_modulation_is_dense_diffusions_formula():
+    """A 2x2 grid: one region over the top row (share 1/2), the background the bottom row. Cells of
+    one segment pull each other (M = 1), cells of different segments push apart; λ = 0 rows unchanged."""
+    from marble.adapters.regions import self_modulation
+    modulate = self_modulation([Region("red", torch.tensor([[1.0, 1.0], [0.0, 0.0]]), (1,))], (2, 2))
+    scores = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    out = modulate(scores, torch.tensor([0.0, 0.4]))
+    assert torch.equal(out[0], scores[0])
+    want = scores[1].clone()
+    for h in range(2):
+        for i in range(4):
+            s = scores[1, h, i]
+            for j in range(4):
+                same = (i < 2) == (j < 2)
+                want[h, i, j] = s[j] + 0.4 * 0.5 * ((s.max() - s[j]) if same else -(s[j] - s.min()))
+    assert torch.allclose(out[1], want, atol=1e-6)
+
+
 def test_biased_attention_with_no_bias_is_sdpa():
     torch.manual_seed(0)
     layer = CrossAttention(16, 8, heads=2, head_dim=8)

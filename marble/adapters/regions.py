@@ -37,6 +37,7 @@ from marble.models.layers import SpatialTransformer
 MAX_STRENGTH = 10.0
 DECAY = 0.0           # λ_t ∝ (t/T)^DECAY: Dense Diffusion uses 5; 0 (constant) won the sweep here (benchmarks/regions_sweep.py)
 CONTROLNETS = False   # the ControlNets' own cross-attention too (region_networks)
+SELF_ATTENTION = False  # Dense Diffusion's self-attention modulation too (self_modulation)
 TOLERANCE = 40        # a pixel belongs to a palette colour within this RGB distance (anti-aliased uploads)
 STOP_WORDS = {"and", "above", "below", "over", "under", "beneath", "left", "right", "of", "to", "on", "in", "at",
               "next", "beside", "with", "the", "a", "an", "near", "behind", "background", ","}
@@ -159,18 +160,51 @@ def modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torc
     return modulate
 
 
+def self_modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Dense Diffusion's self-attention half: a closure (scores (B, heads, N, N), scale (B,)) -> scores
+    raised between cells of one segment and lowered across segments, S' = S + λ (1 − a_i) [M (max S
+    − S) − (1 − M)(S − min S)], with M_ij = Σ_r m_r(i) m_r(j) over the regions and the background
+    (what no region covers) and a_i the share of the image of i's segment."""
+    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, id(device))
+        if key not in cache:
+            h, w = level_grid(latent, n)
+            cover = torch.stack([F.interpolate(r.mask[None, None], size=(h, w), mode="area").reshape(n)
+                                 for r in regions]).clamp(0, 1)                  # (R, N)
+            segments = torch.cat([cover, (1 - cover.sum(0, keepdim=True)).clamp(min=0)])   # + background
+            same = (segments.T @ segments).clamp(0, 1)                             # (N, N)
+            weight = 1 - segments.T @ segments.mean(1)                             # (N,) 1 − its segment's share
+            cache[key] = (same.to(device), weight.to(device))
+        return cache[key]
+
+    def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        same, weight = tables(scores.shape[-1], scores.device)
+        hi = scores.amax(-1, keepdim=True) - scores
+        lo = scores - scores.amin(-1, keepdim=True)
+        push = weight[:, None] * (same * hi - (1 - same) * lo)
+        return scores + scale.to(scores)[:, None, None, None] * push
+    return modulate
+
+
 @contextmanager
-def region_attention(networks: list[nn.Module], bias: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Route the text cross-attention of every spatial transformer of `networks` through `bias` for
-    the calls inside the context (marble.models.layers.CrossAttention.score_bias)."""
-    layers = [block.attn2 for net in networks for m in net.modules() if isinstance(m, SpatialTransformer)
+def region_attention(networks: list[nn.Module], bias: Callable[[torch.Tensor], torch.Tensor],
+                     self_bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    """Route the text cross-attention of every spatial transformer of `networks` through `bias`, and
+    with `self_bias` their self-attention through it, for the calls inside the context
+    (marble.models.layers.CrossAttention.score_bias)."""
+    blocks = [block for net in networks for m in net.modules() if isinstance(m, SpatialTransformer)
               for block in m.transformer_blocks]
+    layers = [(block.attn2, bias) for block in blocks]
+    if self_bias is not None:
+        layers += [(block.attn1, self_bias) for block in blocks]
     try:
-        for layer in layers:
-            layer.score_bias = bias
+        for layer, f in layers:
+            layer.score_bias = f
         yield
     finally:
-        for layer in layers:
+        for layer, _ in layers:
             layer.score_bias = None
 
 
@@ -186,6 +220,7 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
         return network
     decay = DECAY if decay is None else decay
     modulate = modulation(regions, latent)
+    modulate_self = self_modulation(regions, latent) if SELF_ATTENTION else None
     top = schedule.num_timesteps - 1
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond_mark: torch.Tensor | None = None, **cond) -> torch.Tensor:
@@ -199,7 +234,10 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
 
         def bias(scores: torch.Tensor) -> torch.Tensor:
             return modulate(scores, by_rows[scores.shape[0]])
-        with region_attention(networks, bias):
+
+        def self_bias(scores: torch.Tensor) -> torch.Tensor:
+            return modulate_self(scores, by_rows[scores.shape[0]])
+        with region_attention(networks, bias, self_bias if modulate_self else None):
             return network(x, sigma, cond_mark=cond_mark, **cond)
     return denoise
 

@@ -89,7 +89,7 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 class CrossAttention(nn.Module):
     """Scaled dot-product attention; self-attention when `context` is None. `score_bias`: None, or
-    scores -> scores for the text cross-attention, set around a call by marble.adapters.regions."""
+    scores -> scores before the softmax, set around a call by marble.adapters.regions."""
 
     score_bias = None
 
@@ -103,10 +103,10 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.score_bias is not None and context is not None:
+        context = x if context is None else context
+        if self.score_bias is not None:
             return self.to_out(biased_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
                                                 self.score_bias))
-        context = x if context is None else context
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
