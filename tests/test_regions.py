@@ -58,6 +58,21 @@ def test_phrase_tokens_are_the_tokenizers_own_positions():
     assert checked > 100
 
 
+def test_phrase_tokens_with_clips_tokenizer():
+    """With CLIP's BPE (SD models): the ids at the phrase's positions in the whole prompt's tokens are
+    the phrase's own ids, and its positions follow [BOS] and the prefix's tokens."""
+    from marble.checkpoints.resolve import load_model
+    text = load_model("tiny-random").model.text_encoder
+    prompt = "a red circle above two violet plus signs and a yellowish star"
+    ids = text.tokenizer.encode(prompt)
+    found = {}
+    for color, span in color_phrases(prompt):
+        positions = phrase_tokens(text.count_tokens, prompt, span, text.max_tokens)
+        assert [ids[i] for i in positions] == text.tokenizer.encode(prompt[span[0]:span[1]])[1:-1]
+        found[prompt[span[0]:span[1]]] = positions
+    assert found == {"red circle": (2, 3), "violet plus signs": (6, 7, 8)}   # "yellowish" is no colour word
+
+
 def test_colour_masks_take_the_nearest_palette_colour_within_tolerance():
     im = Image.new("RGB", (4, 2), (255, 255, 255))
     im.putpixel((0, 0), COLORS["red"])
