@@ -58,10 +58,9 @@ def color_masks(image: Image.Image, palette: dict[str, tuple[int, int, int]] = C
     names = list(palette)
     colors = np.array([palette[n] for n in names], np.int32)
     dist = ((rgb[:, :, None, :] - colors[None, None]) ** 2).sum(-1)          # (H, W, colours)
-    nearest = dist.argmin(-1)
-    inside = dist.min(-1) <= tolerance ** 2
-    return {name: torch.from_numpy((inside & (nearest == i)).astype(np.float32))
-            for i, name in enumerate(names) if (inside & (nearest == i)).any()}
+    nearest = np.where(dist.min(-1) <= tolerance ** 2, dist.argmin(-1), -1)   # -1: no palette colour
+    return {name: torch.from_numpy((nearest == i).astype(np.float32)) for i, name in enumerate(names)
+            if (nearest == i).any()}
 
 
 def _nouns() -> set[tuple[str, ...]]:
@@ -111,7 +110,7 @@ def phrase_tokens(count_tokens: Callable[[str], int], prompt: str, span: tuple[i
 
 def sketch_regions(image: Image.Image, prompt: str, count_tokens: Callable[[str], int], max_tokens: int
                    ) -> list[Region]:
-    """The regions of a colour sketch that the prompt names: one a colour phrase whose colour the
+    """The regions of a colour sketch that the prompt names: one per colour phrase whose colour the
     sketch holds (a phrase whose colour is absent, and a colour no phrase names, bind nothing)."""
     masks = color_masks(image)
     return [Region(color, masks[color], tokens) for color, span in color_phrases(prompt)
