@@ -90,6 +90,20 @@ def test_level_grid():
         level_grid((16, 16), 50)
 
 
+def by_hand(scores, push, pull):
+    """Dense Diffusion's modulation of scores (heads, N, T) by loops: pull(n, j) is 1 (raise toward the
+    row's max), 0 (lower toward its min) or None (untouched); push = λ (1 − a)."""
+    want = scores.clone()
+    for h in range(scores.shape[0]):
+        for n in range(scores.shape[1]):
+            s = scores[h, n]
+            for j in range(scores.shape[2]):
+                m = pull(n, j)
+                if m is not None:
+                    want[h, n, j] = s[j] + push * (m * (s.max() - s[j]) - (1 - m) * (s[j] - s.min()))
+    return want
+
+
 def test_the_modulation_is_dense_diffusions_formula():
     """A 2x2 grid, 4 tokens; a region over the top row bound to tokens 1 and 2. By hand: S' = S +
     λ (1 − a) [m (max S − S) − (1 − m)(S − min S)] on tokens 1, 2; tokens 0, 3 and λ = 0 rows unchanged."""
@@ -98,13 +112,7 @@ def test_the_modulation_is_dense_diffusions_formula():
     scores = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     out = modulate(scores, torch.tensor([0.0, 0.7]))
     assert torch.equal(out[0], scores[0])
-    want = scores[1].clone()
-    for h in range(3):
-        for n in range(4):
-            s = scores[1, h, n]
-            m = 1.0 if n < 2 else 0.0
-            for j in (1, 2):
-                want[h, n, j] = s[j] + 0.7 * 0.5 * (m * (s.max() - s[j]) - (1 - m) * (s[j] - s.min()))
+    want = by_hand(scores[1], 0.7 * 0.5, lambda n, j: (1.0 if n < 2 else 0.0) if j in (1, 2) else None)
     assert torch.allclose(out[1], want, atol=1e-6)
     # the phrase's share of each query's attention: up inside the region, down outside it
     share, before = out[1].softmax(-1)[..., 1:3].sum(-1), scores[1].softmax(-1)[..., 1:3].sum(-1)
@@ -119,13 +127,7 @@ def test_the_self_attention_modulation_is_dense_diffusions_formula():
     scores = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     out = modulate(scores, torch.tensor([0.0, 0.4]))
     assert torch.equal(out[0], scores[0])
-    want = scores[1].clone()
-    for h in range(2):
-        for i in range(4):
-            s = scores[1, h, i]
-            for j in range(4):
-                same = (i < 2) == (j < 2)
-                want[h, i, j] = s[j] + 0.4 * 0.5 * ((s.max() - s[j]) if same else -(s[j] - s.min()))
+    want = by_hand(scores[1], 0.4 * 0.5, lambda i, j: 1.0 if (i < 2) == (j < 2) else 0.0)
     assert torch.allclose(out[1], want, atol=1e-6)
 
 
