@@ -227,6 +227,20 @@ def test_regions_change_the_image_are_recorded_and_0_is_the_plain_unit(files, tm
     assert (pixels(again) == pixels(results["on"])).all()
 
 
+def test_regions_act_in_both_passes_of_the_hires_fix_and_in_img2img(files, tmp_path):
+    """The second pass fits the sketch to its own size and latent grid; img2img keeps the init image's."""
+    image, model = files
+    unit = ["--control", image, "--control-model", model]
+    for name, extra in [("hires", ["--hires-scale", "1.5"]), ("i2i", ["--init-image", image, "--strength", "0.7"])]:
+        out = {}
+        for w in ("0", "3"):
+            code, text, (path,) = generate("a red circle above a blue square", *FAST, *unit, *extra, "--regions", w,
+                                           "--out", tmp_path / f"{name}-{w}")
+            assert code == 0, text
+            out[w] = pixels(path)
+        assert out["0"].shape == out["3"].shape and np.abs(out["3"] - out["0"]).max() > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--regions", "2"], "needs a control image"),
     (["--regions", "11", "--control", "SKETCH", "--control-model", "MODEL"], "regions must be a number in [0, 10]"),
