@@ -9,7 +9,7 @@ table. How the default decay and the documented strength were picked
 Each point runs in this process (so that it can set regions.DECAY, CONTROLNETS and SELF_ATTENTION) as `marble eval --control
 sketch --control-only --regions S` does, on seeds --first-seed.. (default 4, 5: not the 0..3 that
 `marble eval --seeds 4` reports, so the pick and the report use different images) and writes
-OUT/s{strength}-d{decay}[-cn][-self][-w{weight}-{mode}].json; a point whose JSON exists is read, not run (a sweep resumes).
+OUT/s{strength}-d{decay}[-cn][-self][-w{weight}-{mode}][-cfg{cfg}].json; a point whose JSON exists is read, not run (a sweep resumes).
 Strength 0 is the ControlNet alone. Rows: per category GenEval / strict, their mean.
 """
 from __future__ import annotations
@@ -31,12 +31,14 @@ def point_name(strength: float, decay: float, args) -> str:
     extra = ("-cn" if args.controlnets else "") + ("-self" if args.self_attention else "")
     if args.weight is not None or args.mode is not None:
         extra += f"-w{args.weight or 1:g}-{args.mode or 'balanced'}"
+    if args.cfg is not None:
+        extra += f"-cfg{args.cfg:g}"
     return f"s{strength:g}-d{decay:g}{extra}"
 
 
 def table(rows: list[tuple[str, dict]], categories: tuple[str, ...]) -> str:
     heads = [f"{c} (bar {BAR[c]:g})" if c in BAR else c for c in categories]
-    lines = ["| strength | decay | ControlNets' attention | self-attention | ControlNet weight, mode | "
+    lines = ["| strength | decay | ControlNets' attention | self-attention | ControlNet weight, mode, CFG | "
              + " | ".join(heads) + " | mean | images | s |", "|---:|---:|---|---|---|" + "---:|" * (len(categories) + 3)]
     for _, report in rows:
         result, unit = report["with_control"], report["control_settings"]
@@ -44,7 +46,7 @@ def table(rows: list[tuple[str, dict]], categories: tuple[str, ...]) -> str:
         cells = [f"{cats[c]['accuracy']:.3f} / {cats[c]['strict_accuracy']:.3f}" for c in categories]
         cn = "yes" if report.get("regions_controlnets") else "no"
         sa = "yes" if report.get("regions_self_attention") else "no"
-        lines.append(f"| {unit['regions']:g} | {report['regions_decay']:g} | {cn} | {sa} | {unit['weight']:g}, {unit['mode']} | "
+        lines.append(f"| {unit['regions']:g} | {report['regions_decay']:g} | {cn} | {sa} | {unit['weight']:g}, {unit['mode']}, {report['cfg'] or 'default'} | "
                      + " | ".join(cells)
                      + f" | **{result['overall']:.3f} / {result['overall_strict']:.3f}** | {result['images']} "
                      f"| {result['seconds']:.0f} |")
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--self-attention", action="store_true", help="also modulate the U-Net's self-attention")
     ap.add_argument("--weight", type=float, default=None, help="the ControlNet unit's weight (default 1)")
     ap.add_argument("--mode", default=None, help="its control mode (default balanced)")
+    ap.add_argument("--cfg", type=float, default=None, help="the CFG scale (default: the model's)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     categories = tuple(c.strip() for c in args.categories.split(","))
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     if args.table_only:                       # every point in OUT, whatever grid made it
         rows = sorted(((f.stem, json.loads(f.read_text())) for f in args.out.glob("s*-d*.json")),
                       key=lambda r: (r[1].get("regions_controlnets", False), r[1].get("regions_self_attention", False),
-                                     r[1]["control_settings"]["weight"],
+                                     r[1]["control_settings"]["weight"], r[1]["cfg"] or 0,
                                      r[1]["regions_decay"], r[1]["control_settings"]["regions"]))
         text = table(rows, categories)
         print(text)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
             if not path.exists():
                 regions.DECAY, regions.CONTROLNETS, regions.SELF_ATTENTION = decay, args.controlnets, args.self_attention
                 unit = {k: v for k, v in (("weight", args.weight), ("mode", args.mode)) if v is not None}
-                report, _ = control_eval("builtin", CONTROLNET.resolve(), prompts, seeds, args.split, None, None, None,
+                report, _ = control_eval("builtin", CONTROLNET.resolve(), prompts, seeds, args.split, None, None, args.cfg,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
                                          regions=strength)
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
