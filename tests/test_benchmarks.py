@@ -131,3 +131,34 @@ def test_profile_unet_counts_attention_flops_and_sorts_operators():
     assert total == per["attention"] + per["convolution"]
     assert [prof.CATEGORY_OF[op] for op in ("mkldnn_convolution", "addmm", "native_group_norm", "copy_", "silu")] \
         == ["convolution", "matmul", "GroupNorm", "copies/layout", "elementwise"]
+
+
+def test_regions_sweep_tables_every_point_it_finds(tmp_path, capsys):
+    """--table-only reads every OUT/s*-d*.json, ordered by the settings, one row each with its numbers."""
+    import json
+    sweep = load_script("regions_sweep")
+
+    def report(strength, decay, weight=1.0, cfg=4.0, **flags):
+        cats = {c: {"accuracy": a, "strict_accuracy": a} for c, a in
+                (("counting", 0.5 + strength / 10), ("position", 0.25), ("color_attr", strength / 4))}
+        return {"with_control": {"categories": cats, "overall": 0.5, "overall_strict": 0.4, "images": 6, "seconds": 2.0},
+                "control_settings": {"regions": strength, "weight": weight, "mode": "Balanced"},
+                "cfg": cfg, "regions_decay": decay, **flags}
+    for name, r in [("s1-d0", report(1, 0)), ("s0.5-d0", report(0.5, 0)), ("s0.5-d2", report(0.5, 2)),
+                    ("s0.5-d0-self", report(0.5, 0, regions_self_attention=True))]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert sweep.main(["--out", str(tmp_path), "--table-only"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0") or line.startswith("| 1")]
+    assert [r.split(" | ")[:4] for r in rows] == [["| 0.5", "0", "no", "no"], ["| 1", "0", "no", "no"],
+                                                    ["| 0.5", "2", "no", "no"], ["| 0.5", "0", "no", "yes"]]
+    assert "0.600 / 0.600 | 0.250 / 0.250 | 0.250 / 0.250" in rows[1]
+    assert (tmp_path / "table.md").read_text().count("\n") == 6
+
+
+def test_regions_speed_times_both_variants(capsys):
+    speed = load_script("regions_speed")
+    assert speed.main(["--runs", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    times = [float(line.rsplit(": ", 1)[1].split()[0]) for line in lines[1:]]
+    assert lines[1].startswith("  ControlNet: ") and lines[2].startswith("  ControlNet + regions 0.5: ")
+    assert times[0] > 0 and times[1] > 0 and abs(times[2] - times[1] / times[0]) < 0.01   # printed to 3 decimals
