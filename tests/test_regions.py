@@ -153,10 +153,10 @@ def test_region_attention_hooks_only_inside_the_context():
     assert all(m.score_bias is None for m in unet.modules() if isinstance(m, CrossAttention))
 
 
-@pytest.mark.parametrize("decay", [0.0, 2.0])
+@pytest.mark.parametrize("decay", [0.0, 2.0, -1.0])
 def test_the_denoiser_scales_the_conditional_half_by_the_time_law(decay):
-    """λ = strength · (t/T)^decay at the call's σ on the rows marked conditional, 0 on the others; the
-    hook is gone after the call."""
+    """λ = strength · (t/T)^decay at the call's σ (a negative decay: strength · (1 − t/T)^|decay|) on
+    the rows marked conditional, 0 on the others; the hook is gone after the call."""
     from marble.adapters.regions import region_denoiser
     from marble.diffusion.schedule import make_schedule
     from marble.models.unet import UNet
@@ -175,7 +175,7 @@ def test_the_denoiser_scales_the_conditional_half_by_the_time_law(decay):
     sigma = schedule.sigmas[t].float().expand(4)
     denoise = region_denoiser(network, [unet], [region], (2, 2), schedule, 1.5, decay)
     denoise(torch.zeros(4, 4, 2, 2), sigma, cond_mark=torch.tensor([0.0, 1.0]))   # [uncond; cond], 2 rows each
-    lam = 1.5 * (t / 999) ** decay
+    lam = 1.5 * ((t / 999) ** decay if decay >= 0 else (1 - t / 999) ** -decay)
     want = modulation([region], (2, 2))(scores, torch.tensor([0.0, 0.0, lam, lam]))
     assert torch.equal(seen["out"][:2], scores[:2]) and torch.allclose(seen["out"], want, atol=1e-5)
     assert not torch.allclose(seen["out"][2:], scores[2:])

@@ -12,10 +12,12 @@ colour region of the sketch is tied to the prompt's phrase that starts with that
 
 with S the scaled query-key scores (per query, over the keys j), m_r the region's coverage of the
 query's cell, a_r its share of the image (small regions are pushed harder) and λ_t = strength ·
-(t / T)^DECAY. Dense Diffusion fades it out with DECAY = 5; here the held-out sweep
-(benchmarks/regions_sweep.py, docs/controlnet-training.md#regions) found a constant λ (DECAY = 0)
-far better for colour binding (0.97 against 0.56-0.63 with decays 1 and 2). Tokens outside every
-phrase are left alone. Strength 0 is the plain network, bit for bit.
+(1 − t/T): it grows as the noise falls. Dense Diffusion fades λ out instead, as (t/T)^5, to shape
+the layout early; here the ControlNet draws the layout, and the held-out sweep
+(benchmarks/regions_sweep.py, docs/controlnet-training.md#regions) found colour bound late: fading
+laws held colour attribution at 0.56-0.68, a constant λ reached 0.97, and the late-acting one kept
+that while losing fewer objects (DECAY = -1). Tokens outside every phrase are left alone. Strength
+0 is the plain network, bit for bit.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from marble.data.shapes import COLORS, SHAPES
 from marble.models.layers import SpatialTransformer
 
 MAX_STRENGTH = 10.0
-DECAY = 0.0           # λ_t ∝ (t/T)^DECAY: Dense Diffusion uses 5; 0 (constant) won the sweep here (benchmarks/regions_sweep.py)
+DECAY = -1.0          # λ_t ∝ (1 − t/T): late-acting won the sweep here (Dense Diffusion fades it as (t/T)^5; benchmarks/regions_sweep.py)
 CONTROLNETS = False   # the ControlNets' own cross-attention too (region_networks)
 SELF_ATTENTION = False  # Dense Diffusion's self-attention modulation too (self_modulation)
 TOLERANCE = 40        # a pixel belongs to a palette colour within this RGB distance (anti-aliased uploads)
@@ -211,7 +213,8 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
                     strength: float, decay: float | None = None):
     """network(x, sigma, cond_mark=..., **cond) with the regions' modulation on the cross-attention of
     `networks` (the U-Net, and the ControlNets that run inside `network`): λ = strength · (t/T)^decay
-    at the call's σ (decay None: the module's DECAY, read per call so a sweep can set it), on the rows
+    at the call's σ, or for a negative decay its mirror strength · (1 − t/T)^|decay|, acting late
+    (decay None: the module's DECAY, read per call so a sweep can set it), on the rows
     of the conditional half (cond_mark 1; the halves split the batch evenly, as
     marble.diffusion.guidance batches them). A ControlNet that runs on the conditional rows alone
     ("ControlNet is more important") gets those rows' λ."""
@@ -224,7 +227,7 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond_mark: torch.Tensor | None = None, **cond) -> torch.Tensor:
         t = schedule.sigma_to_t(sigma.detach().float().cpu()).clamp(0, top)
-        scale = strength * (t / top) ** decay
+        scale = strength * ((t / top) ** decay if decay >= 0 else (1 - t / top) ** -decay)
         cond_rows = torch.ones(len(x), dtype=torch.bool)
         if cond_mark is not None:           # one mark a half: repeat it over the half's rows
             cond_rows = (cond_mark.cpu() > 0).repeat_interleave(len(x) // len(cond_mark))
