@@ -375,19 +375,18 @@ class Pipeline:
             out.append(entry)
         return out
 
-    def control_units(self, req: ResolvedRequest, width: int, height: int) -> list[ActiveUnit]:
-        """The request's units for a pass at width × height: each control image preprocessed (module, at
-        its processor resolution), fitted (resize mode) and handed to its ControlNet as a [0, 1] hint:
-        sd-webui-controlnet's order, so a map made at 512 px is then resized to the output."""
+    def control_units(self, req: ResolvedRequest, images: list[Image.Image]) -> list[ActiveUnit]:
+        """The request's units for a pass, each handed its fitted control image (`control_images`) as a
+        [0, 1] hint."""
         m = self.model
         return [ActiveUnit.of_mode(loaded.net, hint_tensor(image).to(m.device, m.dtype), spec.weight, spec.start,
                                    spec.end, spec.mode)
-                for spec, loaded, image in zip(req.controls, self.control_nets(req),
-                                               self.control_images(req, width, height))]
+                for spec, loaded, image in zip(req.controls, self.control_nets(req), images)]
 
     def control_images(self, req: ResolvedRequest, width: int, height: int) -> list[Image.Image]:
-        """Each unit's control image preprocessed (module, at its processor resolution) and fitted
-        to width × height (resize mode)."""
+        """Each unit's control image for a pass at width × height: preprocessed (module, at its
+        processor resolution), then fitted (resize mode): sd-webui-controlnet's order, so a map made
+        at 512 px is then resized to the output."""
         out = []
         for spec in req.controls:
             res = (pixel_perfect_resolution(spec.image.size, width, height, spec.resize) if spec.pixel_perfect
@@ -396,14 +395,13 @@ class Pipeline:
                                       width, height, spec.resize))
         return out
 
-    def regions(self, req: ResolvedRequest, width: int, height: int) -> tuple[list[Region], float]:
-        """The first control image's colour regions that the prompt's colour phrases name, and the
-        request's strength (marble.adapters.regions); none when the request has no regions."""
+    def regions(self, req: ResolvedRequest, images: list[Image.Image]) -> tuple[list[Region], float]:
+        """The first fitted control image's colour regions that the prompt's colour phrases name, and
+        the request's strength (marble.adapters.regions); none when the request has no regions."""
         if not req.regions:
             return [], 0.0
         text = self.model.text_encoder
-        image = self.control_images(req, width, height)[0]
-        return sketch_regions(image, req.text_prompt, text.count_tokens, text.max_tokens), req.regions
+        return sketch_regions(images[0], req.text_prompt, text.count_tokens, text.max_tokens), req.regions
 
     def _images(self, req: ResolvedRequest, callback: Callback | None) -> list[Image.Image]:
         m = self.model
@@ -419,11 +417,12 @@ class Pipeline:
                 latent_mask = F.max_pool2d(mask, m.latent_factor).float()  # repaint a latent cell if any pixel under it is
         sigmas = self.sigmas(req.sampler, req.steps, req.strength if known is not None else None, req.spacing)
         conditioning = self.conditioning(req)
+        controls = self.control_images(req, req.width, req.height)
         denoiser = self.denoiser(conditioning, sigmas, req.cfg,
                                  self.extra_conditioning(vae, init_pixels, mask, req.width, req.height),
                                  self.vector_conditioning(m, conditioning, req, req.width, req.height),
-                                 control=self.control_units(req, req.width, req.height), deepcache=req.deepcache,
-                                 regions=self.regions(req, req.width, req.height),
+                                 control=self.control_units(req, controls), deepcache=req.deepcache,
+                                 regions=self.regions(req, controls),
                                  latent=(req.height // m.latent_factor, req.width // m.latent_factor))
         if self.refiner is not None and req.hires is None:
             denoiser = self.hand_off(denoiser, req, sigmas, req.width, req.height)
@@ -437,11 +436,12 @@ class Pipeline:
             size = hires_size(req.width, req.height, scale=req.hires.scale, resize_x=req.hires.resize_x,
                               resize_y=req.hires.resize_y, factor=m.latent_factor)
             hires_conditioning = self.conditioning(req, hires_steps)
+            hires_controls = self.control_images(req, size.width, size.height)
             hires_denoiser = self.denoiser(hires_conditioning, hires_sigmas, req.cfg,
                                            self.extra_conditioning(vae, None, None, size.width, size.height),
                                            self.vector_conditioning(m, hires_conditioning, req, size.width, size.height),
-                                           control=self.control_units(req, size.width, size.height),
-                                           deepcache=req.deepcache, regions=self.regions(req, size.width, size.height),
+                                           control=self.control_units(req, hires_controls), deepcache=req.deepcache,
+                                           regions=self.regions(req, hires_controls),
                                            latent=(size.height // m.latent_factor, size.width // m.latent_factor))
             if self.refiner is not None:   # the refiner takes over the end of the last pass
                 hires_denoiser = self.hand_off(hires_denoiser, req, hires_sigmas, size.width, size.height, hires_steps)

@@ -141,13 +141,13 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     fields_.update(seed=seed, steps=steps, sampler=sampler.name, cfg=float(cfg), width=width, height=height,
                    strength=strength, hires=hires, emphasis=emphasis, spacing=spacing,
                    controls=_controls(request, defaults), vae_tile_size=_vae_tile_size(request, defaults),
-                   **_approximations(request, defaults))
+                   regions=_regions(request, defaults), **_approximations(request, defaults))
     warnings = tuple(few_step_warnings(few, steps, float(cfg))) if few else ()
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
 
 
 def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict:
-    """DeepCache's interval, ToMe's ratio and the regions' strength, checked: 1, 0.0, 0.0 when off."""
+    """DeepCache's interval and ToMe's ratio, checked: {deepcache: 1, tome: 0.0} when off."""
     interval = 1 if request.deepcache is None else request.deepcache
     if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
         raise RequestError(f"deepcache must be an integer in [1, {MAX_INTERVAL}] (1 = off), got {interval!r}")
@@ -159,6 +159,11 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
         raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
     if interval > 1 and request.controls:
         raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
+    return {"deepcache": interval, "tome": float(ratio)}
+
+
+def _regions(request: GenerationRequest, defaults: ModelDefaults) -> float:
+    """The regions' strength, checked: 0.0 when off."""
     regions = 0.0 if request.regions is None else request.regions
     if isinstance(regions, bool) or not isinstance(regions, (int, float)) or not math.isfinite(regions) \
             or not 0 <= regions <= MAX_REGIONS:
@@ -166,7 +171,7 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
     if regions and not (request.controls and defaults.unet):
         raise RequestError("regions binds the prompt's colour phrases to a control sketch's colours: it needs a "
                            "control image (--control) and a U-Net")
-    return {"deepcache": interval, "tome": float(ratio), "regions": float(regions)}
+    return float(regions)
 
 
 def _vae_tile_size(request: GenerationRequest, defaults: ModelDefaults) -> int:

@@ -98,7 +98,7 @@ def test_guess_mode_matches_diffusers(setup):
     n = len(nets[0].controlnet_down_blocks) + 1
     guess = tuple(float(s) for s in torch.logspace(-1, 0, n))
     build = Pipeline.control_units
-    ours.control_units = lambda req, w, h: [replace(u, scales=guess, cond_only=True) for u in build(ours, req, w, h)]
+    ours.control_units = lambda req, images: [replace(u, scales=guess, cond_only=True) for u in build(ours, req, images)]
     try:
         got = ours_image(ours, [unit(image, weight=0.9)])
     finally:

@@ -81,7 +81,7 @@ def hint_of(pipe, **spec) -> torch.Tensor:
     request = GenerationRequest(prompt="x", steps=2, width=32, height=32,
                                 controls=(ControlSpec(model="edges", **spec),))
     req = resolve(request, pipe.defaults)
-    return pipe.control_units(req, 32, 32)[0].hint
+    return pipe.control_units(req, pipe.control_images(req, 32, 32))[0].hint
 
 
 def test_the_pipeline_preprocesses_at_the_processor_res_then_fits_the_output(pipe):

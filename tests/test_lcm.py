@@ -14,7 +14,7 @@ from marble.diffusion.guidance import cfg_denoiser
 from marble.diffusion.samplers import sample_euler, sample_heun
 from marble.diffusion.schedule import make_schedule, spacing_karras, spacing_lcm, timesteps_lcm
 from marble.train.checkpoint import load_checkpoint
-from marble.train.consistency import (boundary, consistency, edge_sigma, huber, lcd_loss, phase_edges, phased,
+from marble.train.consistency import (boundary, consistency, edge_sigmas, huber, lcd_loss, phase_edges, phased,
                                       skipping_grid)
 from test_train import finish, make_folder, marble, same_tensors
 
@@ -98,11 +98,11 @@ def test_phase_edges_are_where_the_lcm_spacing_steps(phases):
     steps_t = torch.from_numpy(timesteps_lcm(1000, phases).copy())
     assert edges.tolist() == sorted(steps_t.tolist())[:-1] and steps_t[0] == 999
     # the sampler's σ are float32: equal there
-    assert torch.equal(edge_sigma(steps_t, edges, SIGMAS).float(), spacing_lcm(make_schedule("scaled_linear"), phases)[1:])
+    assert torch.equal(edge_sigmas(SIGMAS, edges)[steps_t].float(), spacing_lcm(make_schedule("scaled_linear"), phases)[1:])
     if phases == 4:
         assert edges.tolist() == [259, 499, 759]
         t = torch.tensor([19, 259, 279, 759, 779, 999])   # an edge belongs to the phase above it
-        assert edge_sigma(t, edges, SIGMAS).tolist() == [0.0, 0.0, float(SIGMAS[259]), float(SIGMAS[499]),
+        assert edge_sigmas(SIGMAS, edges)[t].tolist() == [0.0, 0.0, float(SIGMAS[259]), float(SIGMAS[499]),
                                                          float(SIGMAS[759]), float(SIGMAS[759])]
     with pytest.raises(ValueError):
         phase_edges(1000, 50, 0)
@@ -130,7 +130,7 @@ def _exact_phase_maps(gmm, edges, steps=200):
     def denoiser(x, sigma):
         level = float(sigma.reshape(-1)[0])
         t = torch.full((len(x),), int((SIGMAS - level).abs().argmin()))
-        sigma_edge = float(edge_sigma(t, edges, schedule.sigmas)[0])
+        sigma_edge = float(edge_sigmas(schedule.sigmas, edges)[t[0]])
         r = sigma_edge / level
         return (ode(x, level, sigma_edge) - r * x) / (1 - r)
     return denoiser
@@ -165,7 +165,7 @@ def test_the_exact_phase_map_minimises_the_phased_loss_on_the_mixture_oracle():
     x0, _ = gmm.sample(n, gen)
     eps = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     tt = torch.full((n,), t)
-    sigma_edge = edge_sigma(tt, edges, SIGMAS)
+    sigma_edge = edge_sigmas(SIGMAS, edges)[tt]
     assert float(sigma_edge[0]) == float(SIGMAS[259])
     f_true = _exact_phase_maps(gmm, edges)
 

@@ -66,25 +66,20 @@ def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
     return grid[None].expand(b, 2, h, w)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Multi-head attention over (B, N, heads*dh) tensors through SDPA (flash / memory-efficient
-    kernels where the backend has them)."""
+    kernels where the backend has them). With `bias`, the scaled scores (B, heads, N, T), in float32,
+    pass through it before the softmax: the explicit product, for the calls a modulation asks for
+    (marble.adapters.regions)."""
     b, n, inner = q.shape
     dh = inner // heads
     q, k, v = (z.reshape(b, -1, heads, dh).transpose(1, 2) for z in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    if bias is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = bias(q.float() @ k.float().transpose(-1, -2) * dh ** -0.5).softmax(-1).to(v.dtype) @ v
     return out.transpose(1, 2).reshape(b, n, inner)
-
-
-def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                     bias: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`attention` with the scaled scores (B, heads, N, T), in float32, passed through `bias` before
-    the softmax: the explicit product, for the calls a modulation asks for (marble.adapters.regions)."""
-    b, n, inner = q.shape
-    dh = inner // heads
-    q, k, v = (z.reshape(b, -1, heads, dh).transpose(1, 2) for z in (q, k, v))
-    scores = bias(q.float() @ k.float().transpose(-1, -2) * dh ** -0.5)
-    return (scores.softmax(-1).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, inner)
 
 
 class CrossAttention(nn.Module):
@@ -104,10 +99,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        if self.score_bias is not None:
-            return self.to_out(biased_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                                                self.score_bias))
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                                     self.score_bias))
 
 
 class GEGLU(nn.Module):

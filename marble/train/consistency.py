@@ -51,12 +51,11 @@ def phase_edges(num_timesteps: int, solver_steps: int, phases: int) -> torch.Ten
     return torch.from_numpy(t.copy())
 
 
-def edge_sigma(t: torch.Tensor, edges: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """σ of the phase edge below each timestep t (B,): the largest edge < t, or 0 (data) below the
-    lowest, so an edge itself belongs to the phase above it (t = 759 maps to 499)."""
-    below = torch.searchsorted(edges.to(t), t)             # how many edges are < t
-    level = sigmas[edges.to(t)[(below - 1).clamp(min=0)]] if len(edges) else torch.zeros(len(t))
-    return torch.where(below > 0, level.to(sigmas), torch.zeros((), dtype=sigmas.dtype))
+def edge_sigmas(sigmas: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """σ of the phase edge below every timestep t (T,): the largest edge < t, or 0 (data) below the
+    lowest, so an edge itself belongs to the phase above it (t = 759 maps to 499). Index it by t."""
+    below = torch.searchsorted(edges, torch.arange(len(sigmas)))     # how many edges are < t
+    return torch.cat([sigmas.new_zeros(1), sigmas[edges]])[below]
 
 
 def boundary(t: torch.Tensor, sigma_data: float = SIGMA_DATA,
@@ -76,10 +75,12 @@ def consistency(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, t: tor
 
 
 def phased(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
-           sigma_edge: torch.Tensor) -> torch.Tensor:
+           sigma_edge: torch.Tensor | None) -> torch.Tensor:
     """PCM's f(x, t): the consistency estimate of x0 taken by DDIM from σ to the phase edge σ_edge
-    (B,). σ_edge = 0 gives `consistency` exactly; σ_edge = σ gives x (the phase's boundary)."""
-    return ddim_step(x, consistency(denoiser, x, sigma, t), sigma, sigma_edge.to(sigma))
+    (B,). None is `consistency` itself (one phase: LCD), as is σ_edge = 0, exactly; σ_edge = σ gives
+    x (the phase's boundary)."""
+    x0 = consistency(denoiser, x, sigma, t)
+    return x0 if sigma_edge is None else ddim_step(x, x0, sigma, sigma_edge.to(sigma))
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -103,11 +104,10 @@ def lcd_target(target: Denoiser, teacher: Denoiser, x0: torch.Tensor, eps: torch
     the EMA target's f_θ⁻(x_s, s), taken to t's phase edge σ_edge (B,; None = data, plain LCD).
     Returns (x_t, σ_t, y); the student is then pulled to y at x_t."""
     sigma_t, sigma_s = sigmas[t].to(x0), sigmas[s].to(x0)
-    edge = torch.zeros_like(sigma_t) if sigma_edge is None else sigma_edge.to(x0)
     x_t = x0 + broadcast_sigma(sigma_t, x0) * eps
     with torch.no_grad():
         x_s = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_s)
-        y = phased(target, x_s, sigma_s, s, edge)
+        y = phased(target, x_s, sigma_s, s, sigma_edge)
     return x_t, sigma_t, y
 
 
@@ -122,5 +122,4 @@ def lcd_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.T
     pseudo-Huber distance d(f_θ(x_t, t), f_θ⁻(x_s, s)) with x_s the teacher's DDIM step.
     """
     x_t, sigma_t, y = lcd_target(target, teacher, x0, eps, t, s, sigmas, sigma_edge)
-    edge = torch.zeros_like(sigma_t) if sigma_edge is None else sigma_edge
-    return huber(phased(student, x_t, sigma_t, t, edge), y, huber_c).mean()
+    return huber(phased(student, x_t, sigma_t, t, sigma_edge), y, huber_c).mean()

@@ -40,7 +40,7 @@ from marble.diffusion.denoiser import discrete_denoiser
 from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.guidance import guided_denoiser
 from marble.train.config import ConfigError, TrainConfig
-from marble.train.consistency import edge_sigma, huber, lcd_target, phase_edges, phased, skipping_grid
+from marble.train.consistency import edge_sigmas, huber, lcd_target, phase_edges, phased, skipping_grid
 from marble.train.data import batch_indices
 from marble.train.diffusion import cached_training_set, write_samples
 from marble.train.distributed import World
@@ -106,7 +106,8 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     k = model.schedule.num_timesteps // len(grid)
-    edges = phase_edges(model.schedule.num_timesteps, len(grid), m.get("phases", 1))
+    phases = m.get("phases", 1)     # one: plain LCD (no edge σ at all)
+    edge_table = edge_sigmas(model.schedule.sigmas, phase_edges(model.schedule.num_timesteps, len(grid), phases))
     teacher = discrete_denoiser(copy.deepcopy(model.unet), model.schedule, model.config.prediction)
     model.unet.requires_grad_(True)
 
@@ -130,7 +131,7 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
         cond, uncond = {"context": context}, {"context": states[:1].expand_as(context).to(dev)}
         student = discrete_denoiser(net, model.schedule, model.config.prediction)
-        sigma_edge = edge_sigma(t, edges, sigmas.cpu()).to(dev)
+        sigma_edge = edge_table[t].to(dev) if phases > 1 else None
         x_t, sigma_t, y = lcd_target(lambda x, sigma: target(x, sigma, **cond),
                                      guided_denoiser(teacher, cond, uncond, guidance),
                                      latents[idx].to(dev), eps.to(dev), t.to(dev), (t - k).clamp(min=0).to(dev), sigmas,
