@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from marble.adapters.regions import (Region, color_masks, color_phrases, level_grid, modulation, phrase_tokens,
-                                     region_attention, sketch_regions)
+                                     region_attention, sketch_regions, transformer_blocks)
 from marble.cli import app
 from marble.data.grounding import group_spans, token_indices
 from marble.data.shapes import COLORS, sample_scene
@@ -147,7 +147,7 @@ def test_region_attention_hooks_only_inside_the_context():
     from marble.models.unet import UNet
     unet = UNet(cfg().unet)
     bias = lambda s: s  # noqa: E731
-    with region_attention([unet], bias):
+    with region_attention(transformer_blocks([unet]), bias):
         layers = [m for m in unet.modules() if isinstance(m, CrossAttention) and m.score_bias is bias]
         assert layers
     assert all(m.score_bias is None for m in unet.modules() if isinstance(m, CrossAttention))

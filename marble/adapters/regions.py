@@ -154,11 +154,16 @@ def modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torc
 
     def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         cover, weight = tables(scores.shape[-2], scores.shape[-1], scores.device)
-        hi = scores.amax(-1, keepdim=True) - scores
-        lo = scores - scores.amin(-1, keepdim=True)
-        push = weight * (cover * hi - (1 - cover) * lo)        # zero on tokens outside every phrase
-        return scores + scale.to(scores)[:, None, None, None] * push
+        return push(scores, cover, weight, scale)        # weight 0: tokens outside every phrase untouched
     return modulate
+
+
+def push(scores: torch.Tensor, pull: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Eq. 4-6's update of scores (B, heads, N, K): S + λ w [p (max S − S) − (1 − p)(S − min S)], the
+    max and min over the keys, p the pull toward the max (N, K), w (K,) or (N, 1), λ (B,) a row."""
+    hi = scores.amax(-1, keepdim=True) - scores
+    lo = scores - scores.amin(-1, keepdim=True)
+    return scores + scale.to(scores)[:, None, None, None] * (weight * (pull * hi - (1 - pull) * lo))
 
 
 def self_modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -182,21 +187,22 @@ def self_modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[
 
     def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         same, weight = tables(scores.shape[-1], scores.device)
-        hi = scores.amax(-1, keepdim=True) - scores
-        lo = scores - scores.amin(-1, keepdim=True)
-        push = weight[:, None] * (same * hi - (1 - same) * lo)
-        return scores + scale.to(scores)[:, None, None, None] * push
+        return push(scores, same, weight[:, None], scale)
     return modulate
 
 
+def transformer_blocks(networks: list[nn.Module]) -> list[nn.Module]:
+    """Every transformer block of the networks' spatial transformers (each has attn1 and attn2)."""
+    return [block for net in networks for m in net.modules() if isinstance(m, SpatialTransformer)
+            for block in m.transformer_blocks]
+
+
 @contextmanager
-def region_attention(networks: list[nn.Module], bias: Callable[[torch.Tensor], torch.Tensor],
+def region_attention(blocks: list[nn.Module], bias: Callable[[torch.Tensor], torch.Tensor],
                      self_bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
-    """Route the text cross-attention of every spatial transformer of `networks` through `bias`, and
-    with `self_bias` their self-attention through it, for the calls inside the context
+    """Route the text cross-attention of the transformer blocks through `bias`, and with `self_bias`
+    their self-attention through it, for the calls inside the context
     (marble.models.layers.CrossAttention.score_bias)."""
-    blocks = [block for net in networks for m in net.modules() if isinstance(m, SpatialTransformer)
-              for block in m.transformer_blocks]
     layers = [(block.attn2, bias) for block in blocks]
     if self_bias is not None:
         layers += [(block.attn1, self_bias) for block in blocks]
@@ -223,6 +229,7 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
     decay = DECAY if decay is None else decay
     modulate = modulation(regions, latent)
     modulate_self = self_modulation(regions, latent) if SELF_ATTENTION else None
+    blocks = transformer_blocks(networks)        # found once, not at every call
     top = schedule.num_timesteps - 1
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond_mark: torch.Tensor | None = None, **cond) -> torch.Tensor:
@@ -239,7 +246,7 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
 
         def self_bias(scores: torch.Tensor) -> torch.Tensor:
             return modulate_self(scores, by_rows[scores.shape[0]])
-        with region_attention(networks, bias, self_bias if modulate_self else None):
+        with region_attention(blocks, bias, self_bias if modulate_self else None):
             return network(x, sigma, cond_mark=cond_mark, **cond)
     return denoise
 
