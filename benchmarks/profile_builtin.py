@@ -39,11 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's (15)")
+    parser.add_argument("--model", default="builtin", help="builtin, builtin-lcm or a model file")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's card (15 for builtin)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline("builtin")
+    pipe = load_pipeline(args.model)
     m = pipe.model
     req = resolve(GenerationRequest(prompt=PROMPT, seed=0, steps=args.steps), pipe.defaults)
     pipe.generate(req)
@@ -63,7 +64,7 @@ def main() -> None:
     component = {k: events[k].cpu_time_total for k in ("unet", "text encoder", "vae decode") if k in events}
     total = profiled * 1e6
     median = statistics.median(times)
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; {req.width}x{req.height}, {req.sampler}, "
+    print(f"{args.model}; CPU: {cpu_name()}, {torch.get_num_threads()} threads; {req.width}x{req.height}, {req.sampler}, "
           f"{req.steps} steps, CFG {req.cfg:g}")
     print(f"warm image: median {median:.3f} s of {args.runs}; the profiled run took {profiled:.3f} s\n")
     print("| component | share of the profiled image | seconds (scaled to the median) |\n|---|---|---|")

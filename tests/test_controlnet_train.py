@@ -166,6 +166,8 @@ BAD = [
     ('base = "tiny-random"', 'base = "no-such-model"', "no model named"),
     ('base = "tiny-random"', 'base = "tiny-random"\nunet = "tiny"', "unknown keys in model"),
     ('world = "shapes"', 'folder = "/tmp"', "shapes world"),
+    ('base = "tiny-random"', 'base = "tiny-random"\nregions = -1', "model.regions must be"),
+    ('base = "tiny-random"', 'base = "tiny-random"\nregions = "yes"', "model.regions must be"),
 ]
 
 
@@ -232,3 +234,67 @@ def test_eval_refuses_a_missing_control_model_with_one_line(tmp_path, args, mess
                    env_extra={"MARBLE_MODELS": str(tmp_path / "empty")})
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+# --- training under regions (model.regions) ----------------------------------------------------------
+
+def test_training_regions_are_the_ones_sampling_reads_from_the_sketch():
+    """The trainer's regions (cached palette indices + the caption's phrases) equal what
+    `--regions` reads at sampling from the sketch image and the caption (sketch_regions)."""
+    from marble.adapters.regions import sketch_regions
+    from marble.checkpoints.resolve import load_model
+    from marble.train.controlnet import caption_phrases, sketch_regions_of
+    text = load_model("builtin").model.text_encoder
+    scenes = [sample_scene("train", 0, i, 64) for i in range(40)]
+    phrases = caption_phrases([caption for _, caption in scenes], text)
+    bound = 0
+    for (scene, caption), ph in zip(scenes, phrases):
+        got = sketch_regions_of(torch.from_numpy(sketch_indices(scene, 64)), ph)
+        want = sketch_regions(sketch(scene, 64), caption, text.count_tokens, text.max_tokens)
+        assert [(r.color, r.tokens) for r in got] == [(r.color, r.tokens) for r in want], caption
+        assert all(torch.equal(a.mask, b.mask) for a, b in zip(got, want))
+        bound += len(got)
+    assert bound > 40
+
+
+def test_row_modulation_is_each_rows_own_modulation():
+    """Rows with regions of their own (a training batch) modulate as each row alone would, and a
+    row without regions is untouched."""
+    from marble.adapters.regions import Region, modulation, row_modulation
+    g = torch.Generator().manual_seed(0)
+    rows = [[Region("red", (torch.rand(4, 4, generator=g) > 0.5).float(), (1, 2))],
+            [Region("blue", (torch.rand(4, 4, generator=g) > 0.5).float(), (3,)),
+             Region("green", (torch.rand(4, 4, generator=g) > 0.5).float(), (4, 5))],
+            []]
+    scale = torch.tensor([0.3, 0.8, 0.5])
+    for n in (16, 4):
+        scores = torch.randn(3, 2, n, 6, generator=g)
+        out = row_modulation(rows, (4, 4))(scores, scale)
+        for i, regions in enumerate(rows):
+            alone = modulation(regions, (4, 4))(scores[i:i + 1], scale[i:i + 1])
+            assert torch.allclose(out[i:i + 1], alone, atol=1e-6, rtol=0)
+        assert torch.equal(out[2], scores[2])
+
+
+def test_a_tiny_run_under_regions_records_them_and_resumes_exactly(tmp_path, stop_after_checkpoint):
+    """model.regions trains the ControlNet under the modulation: a different loss from the same
+    draws without it, the setting in the file's metadata, and --resume still exact."""
+    def config(name):
+        path = write_config(tmp_path, name, steps=3)
+        path.write_text(path.read_text().replace('base = "tiny-random"', 'base = "tiny-random"\nregions = 1.0'))
+        return path
+    straight = train(config("regions"))
+    plain = train(write_config(tmp_path, "plain", steps=3))
+    assert json.loads(read_header_meta(straight)["training"])["regions"] == 1.0
+    assert "regions" not in json.loads(read_header_meta(plain)["training"])
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss.jsonl").read_text().splitlines()]
+              for run in ("regions", "plain")]
+    assert losses[0] != losses[1]
+    cfg = config("killed")
+    stop_after_checkpoint(lambda: train(cfg), 2)
+    assert same_tensors(load_file(straight), load_file(train(cfg, resume=True)))
+
+
+def read_header_meta(path):
+    from marble.tensor_file import read_header
+    return read_header(path).metadata

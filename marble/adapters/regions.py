@@ -130,37 +130,59 @@ def level_grid(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     return h, w
 
 
+def region_tables(regions: list[Region], grid: tuple[int, int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coverage m (N, T) of each region's tokens over the cells of a (h, w) grid (area-averaged
+    masks; a token two regions name takes the larger) and the weight 1 − a (T,) of its region."""
+    h, w = grid
+    cover = torch.zeros(h * w, t)
+    weight = torch.zeros(t)
+    for r in regions:
+        m = F.interpolate(r.mask[None, None], size=(h, w), mode="area").reshape(h * w)
+        area = float(r.mask.mean())
+        for j in r.tokens:
+            if j < t:
+                cover[:, j] = torch.maximum(cover[:, j], m)
+                weight[j] = max(float(weight[j]), 1.0 - area)
+    return cover, weight
+
+
 def modulation(regions: list[Region], latent: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A closure (scores (B, heads, N, T) float32, scale (B,)) -> scores, eq. 4-6 above with λ = the
     row's scale (0 for the unconditional rows). Per grid, the coverage m (N, T) and the weight
     1 − a (T,) of the region tokens are made once."""
     cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def tables(n: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (n, t, id(device))
+    def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        n, t = scores.shape[-2:]
+        key = (n, t, id(scores.device))
         if key not in cache:
-            h, w = level_grid(latent, n)
-            cover = torch.zeros(n, t)
-            weight = torch.zeros(t)
-            for r in regions:
-                m = F.interpolate(r.mask[None, None], size=(h, w), mode="area").reshape(n)
-                area = float(r.mask.mean())
-                for j in r.tokens:
-                    if j < t:
-                        cover[:, j] = torch.maximum(cover[:, j], m)
-                        weight[j] = max(float(weight[j]), 1.0 - area)
-            cache[key] = (cover.to(device), weight.to(device))
-        return cache[key]
+            cache[key] = tuple(z.to(scores.device) for z in region_tables(regions, level_grid(latent, n), t))
+        cover, weight = cache[key]
+        return push(scores, cover, weight, scale)        # weight 0: tokens outside every phrase untouched
+    return modulate
+
+
+def row_modulation(rows: list[list[Region]], latent: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`modulation` with regions of its own for each row of the batch (a training batch: each scene
+    its sketch and caption): the tables stacked to (B, 1, N, T) and (B, 1, 1, T)."""
+    cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def modulate(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        cover, weight = tables(scores.shape[-2], scores.shape[-1], scores.device)
-        return push(scores, cover, weight, scale)        # weight 0: tokens outside every phrase untouched
+        n, t = scores.shape[-2:]
+        key = (n, t, id(scores.device))
+        if key not in cache:
+            grid = level_grid(latent, n)
+            cover, weight = zip(*(region_tables(regions, grid, t) for regions in rows))
+            cache[key] = (torch.stack(cover)[:, None].to(scores.device), torch.stack(weight)[:, None, None].to(scores.device))
+        cover, weight = cache[key]
+        return push(scores, cover, weight, scale)
     return modulate
 
 
 def push(scores: torch.Tensor, pull: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Eq. 4-6's update of scores (B, heads, N, K): S + λ w [p (max S − S) − (1 − p)(S − min S)], the
-    max and min over the keys, p the pull toward the max (N, K), w (K,) or (N, 1), λ (B,) a row."""
+    max and min over the keys, p the pull toward the max (N, K) or per row (B, 1, N, K), w (K,), (N, 1)
+    or (B, 1, 1, K), λ (B,) a row."""
     hi = scores.amax(-1, keepdim=True) - scores
     lo = scores - scores.amin(-1, keepdim=True)
     return scores + scale.to(scores)[:, None, None, None] * (weight * (pull * hi - (1 - pull) * lo))

@@ -12,6 +12,10 @@ model table:
   base          the frozen base model: `builtin` (default), a registered name or a model file
   export_dtype  float16 (default) | float32 for the shipped file
   min_snr_gamma > 0: Min-SNR-γ timestep weighting (discrete-time models), as in train diffusion
+  regions       > 0: train under regions (marble.adapters.regions), the base U-Net's cross-attention
+                modulated as `--regions W` modulates it at sampling, W drawn per row uniformly in
+                [0, regions] (0 on dropped captions), so the ControlNet learns its residuals for the
+                network it will steer with regions on as well as off. 0 (default): never
 data: the shapes world only (data.world = "shapes"): the sketches come from its scenes' truth.
 data.caption_dropout also trains the control alone (the paper replaces half the captions by "").
 
@@ -29,18 +33,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marble.adapters.regions import MAX_STRENGTH, Region, color_phrases, phrase_tokens, region_attention, \
+    row_modulation, transformer_blocks
 from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.models.controlnet import ControlNet, controlnet_config
 from marble.models.unet import UNetConfig
 from marble.train.config import ConfigError, TrainConfig
-from marble.train.data import _cached, batch_indices, digest
+from marble.train.data import _cached, batch_indices, digest, load_captioned
 from marble.train.diffusion import cached_training_set
 from marble.train.distributed import World
 from marble.train.loop import TrainLoop
 from marble.train.objective import diffusion_loss, flow_loss, logit_normal_t
 
-MODEL_KEYS = {"base", "export_dtype", "min_snr_gamma"}
+MODEL_KEYS = {"base", "export_dtype", "min_snr_gamma", "regions"}
 OUTPUT = "controlnet.safetensors"
 SAMPLE_SCENES = 6     # held-out scenes in the sample grid
 
@@ -57,6 +63,9 @@ def check_model_table(m: dict) -> None:
     gamma = m.get("min_snr_gamma", 0.0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
         raise ConfigError(f"model.min_snr_gamma must be a number >= 0, not {gamma!r}")
+    regions = m.get("regions", 0.0)
+    if isinstance(regions, bool) or not isinstance(regions, (int, float)) or not 0 <= regions <= MAX_STRENGTH:
+        raise ConfigError(f"model.regions must be a number in [0, {MAX_STRENGTH:g}], not {regions!r}")
 
 
 def initial_controlnet(model, seed: int) -> ControlNet:
@@ -93,6 +102,39 @@ def hints(indices: torch.Tensor) -> torch.Tensor:
     return rgb.permute(0, 3, 1, 2).float() / 255.0
 
 
+def caption_phrases(captions: list[str], text) -> list[tuple[tuple[int, tuple[int, ...]], ...]]:
+    """Per caption: (palette index, context positions) of each colour phrase, as sketch_regions
+    reads them at sampling (marble.adapters.regions.color_phrases, phrase_tokens)."""
+    from marble.data.sketch import COLOR_INDEX
+    memo: dict[str, tuple] = {}
+    for c in set(captions):
+        memo[c] = tuple((COLOR_INDEX[color], tokens) for color, span in color_phrases(c)
+                        if (tokens := phrase_tokens(text.count_tokens, c, span, text.max_tokens)))
+    return [memo[c] for c in captions]
+
+
+def sketch_regions_of(indices: torch.Tensor, phrases) -> list[Region]:
+    """The regions of one cached sketch (palette indices (H, W)) that its caption's phrases name."""
+    from marble.data.sketch import COLOR_INDEX
+    names = {i: name for name, i in COLOR_INDEX.items()}
+    out = []
+    for k, tokens in phrases:
+        mask = (indices == k).float()
+        if mask.any():
+            out.append(Region(names[k], mask, tokens))
+    return out
+
+
+def with_regions(network, blocks, rows: list[list[Region]], latent: tuple[int, int], scale: torch.Tensor):
+    """network(x, t, context) with each row's regions on the cross-attention of `blocks`, at λ = scale."""
+    modulate = row_modulation(rows, latent)
+
+    def call(x, t, context):
+        with region_attention(blocks, lambda scores: modulate(scores, scale)):
+            return network(x, t, context)
+    return call
+
+
 def controlled(unet, controlnet, hint: torch.Tensor):
     """network(x, t, context) of the frozen U-Net with the ControlNet's residuals for `hint`."""
     def network(x, t, context):
@@ -115,6 +157,7 @@ def controlnet_metadata(cfg: TrainConfig, loaded: LoadedModel, step: int) -> dic
     """What the file says beyond its config: the base model it pairs with and how it was trained."""
     return {"base_model": loaded.name, "base_model_hash": loaded.hash, "control": "sketch",
             "training": json.dumps({"steps": step, "batch": cfg.batch, "seed": cfg.seed, "lr": cfg.optim.lr,
+                                    **({"regions": cfg.model["regions"]} if cfg.model.get("regions") else {}),
                                     "data": {"world": cfg.data.world, "split": cfg.data.split, "n": cfg.data.n,
                                              "size": cfg.data.size}}, sort_keys=True)}
 
@@ -160,6 +203,11 @@ def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Pa
         raise ConfigError("min_snr_gamma weights discrete VP timesteps; a flow model samples its time logit-normal")
     T = model.schedule.num_timesteps
     dev = world.device
+    regions = float(cfg.model.get("regions", 0.0))
+    if regions and flow:
+        raise ConfigError("model.regions scales λ by the discrete timestep; train it for an eps or v model")
+    phrases = caption_phrases(load_captioned(cfg.data).captions, model.text_encoder) if regions else None
+    blocks = transformer_blocks([model.unet])
 
     def step_loss(controlnet, step, gen):
         # the same draws, in the same order, as train diffusion's step
@@ -169,6 +217,11 @@ def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Pa
         drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
         network = controlled(model.unet, controlnet, hints(sketches[idx]).to(dev))
+        if regions:   # drawn after the diffusion draws, so a run without regions draws as before
+            strength = torch.rand(cfg.batch, generator=gen) * regions * ~drop
+            rows_regions = [[] if d else sketch_regions_of(sketches[i], phrases[i]) for i, d in zip(idx.tolist(), drop)]
+            scale = (strength * (1 - t.float() / (T - 1))).to(dev)    # λ_t = W (1 − t/T), as at sampling (DECAY = -1)
+            network = with_regions(network, blocks, rows_regions, tuple(latents.shape[-2:]), scale)
         if flow:
             return flow_loss(network, latents[idx].to(dev), context, t.to(dev), eps.to(dev)), {}
         return diffusion_loss(network, model.schedule, model.config.prediction, latents[idx].to(dev), context,
