@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight", type=float, default=None, help="the ControlNet unit's weight (default 1)")
     ap.add_argument("--mode", default=None, help="its control mode (default balanced)")
     ap.add_argument("--cfg", type=float, default=None, help="the CFG scale (default: the model's)")
+    ap.add_argument("--control-model", type=Path, default=CONTROLNET, help="the ControlNet (default: the shipped one)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     categories = tuple(c.strip() for c in args.categories.split(","))
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             if not path.exists():
                 regions.DECAY, regions.CONTROLNETS, regions.SELF_ATTENTION = decay, args.controlnets, args.self_attention
                 unit = {k: v for k, v in (("weight", args.weight), ("mode", args.mode)) if v is not None}
-                report, _ = control_eval("builtin", CONTROLNET.resolve(), prompts, seeds, args.split, None, None, args.cfg,
+                report, _ = control_eval("builtin", args.control_model.resolve(), prompts, seeds, args.split, None, None, args.cfg,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
                                          regions=strength)
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
