@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from marble.models.layers import CrossAttention
 from marble.models.traced import TracedNetwork
 from marble.pipeline import load_pipeline
 from marble.request import GenerationRequest, resolve
@@ -37,4 +38,11 @@ def test_trace_falls_back_to_eager_for_hooks_swapped_weights_and_extra_inputs():
         unet.out[2].weight = torch.nn.Parameter(old + 0.5, requires_grad=False)   # a materialised LoRA
         assert torch.equal(net(x, t, ctx), unet(x, t, ctx)) and not torch.equal(net(x, t, ctx), base)
         unet.out[2].weight = old
+        assert torch.equal(net(x, t, ctx), base)
+        # a bias set where there was none, deep inside a transformer block: also a new weight
+        to_q = next(m for m in unet.modules() if isinstance(m, CrossAttention)).to_q
+        assert to_q.bias is None
+        to_q.bias = torch.nn.Parameter(torch.full((to_q.out_features,), 0.25), requires_grad=False)
+        assert torch.equal(net(x, t, ctx), unet(x, t, ctx)) and not torch.equal(net(x, t, ctx), base)
+        to_q.bias = None
         assert torch.equal(net(x, t, ctx), base)
