@@ -9,6 +9,7 @@ rates this machine's torch kernels reach on their own: a large fp32 matrix produ
 
     python benchmarks/profile_unet.py --size 256 --threads 2          # a few minutes
     python benchmarks/profile_unet.py --size 512 --threads 2          # SD1.5's own size: a quiet quarter hour
+    python benchmarks/profile_unet.py --size 512 --threads 2 --channels-last-ab --calls 3   # NCHW vs channels-last
 
 Only ratios measured in one run mean anything on a shared machine.
 """
@@ -129,12 +130,38 @@ def profile_table(name: str, fn, calls: int, rates: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+@torch.inference_mode()
+def channels_last_ab(latent: int, calls: int) -> None:
+    """The SD1.5 U-Net step (CFG batch 2) with weights and input in NCHW, then in channels-last
+    (oneDNN's native layout: no reorder around each convolution), calls alternated."""
+    import copy
+    with skeleton():
+        unet = UNet(UNET_PRESETS["sd15"])
+    unet = random_weights(unet)
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    x, t, ctx = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    xc = x.to(memory_format=torch.channels_last)
+    ref = unet(x, t, ctx)
+    print(f"channels-last against NCHW: largest difference / largest value "
+          f"{((nhwc(xc, t, ctx) - ref).abs().max() / ref.abs().max()).item():.1e}")
+    times: dict[str, list[float]] = {"NCHW": [], "channels-last": []}
+    for _ in range(calls):
+        for name, run in (("NCHW", lambda: unet(x, t, ctx)), ("channels-last", lambda: nhwc(xc, t, ctx))):
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    a, b = (statistics.median(v) for v in times.values())
+    print(f"U-Net step, {latent * 8}²: NCHW {a:.3f} s, channels-last {b:.3f} s ({b / a:.2f}×), medians of {calls}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--calls", type=int, default=2, help="timed calls per network (median)")
     parser.add_argument("--only", choices=("unet", "vae"), default=None)
+    parser.add_argument("--channels-last-ab", action="store_true",
+                        help="instead of the profile: the U-Net step in NCHW and in channels-last, calls alternated")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,6 +172,8 @@ def main() -> None:
     print(f"fp32 GEMM 2048³: {rates['gemm']:.0f} GFLOP/s; 3×3 conv 320→320 at 64×64, batch 2: "
           f"{rates['conv3x3']:.0f} GFLOP/s\n")
     latent = args.size // 8
+    if args.channels_last_ab:
+        return channels_last_ab(latent, args.calls)
     with torch.inference_mode():
         if args.only in (None, "unet"):
             with skeleton():
