@@ -32,7 +32,7 @@ class TracedNetwork:
         self._traces: dict[tuple, tuple[torch.jit.ScriptModule, tuple[int, ...]]] = {}
 
     def _weights(self) -> tuple[int, ...]:
-        return tuple(id(params[name]) for params, name in self._slots)
+        return tuple(id(params.get(name)) for params, name in self._slots)   # a removed one reads as None
 
     def _hooked(self) -> bool:
         return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
