@@ -241,15 +241,15 @@ def test_eval_refuses_a_missing_control_model_with_one_line(tmp_path, args, mess
 def test_training_regions_are_the_ones_sampling_reads_from_the_sketch():
     """The trainer's regions (cached palette indices + the caption's phrases) equal what
     `--regions` reads at sampling from the sketch image and the caption (sketch_regions)."""
-    from marble.adapters.regions import sketch_regions
+    from marble.adapters.regions import phrase_regions, sketch_regions
     from marble.checkpoints.resolve import load_model
-    from marble.train.controlnet import caption_phrases, sketch_regions_of
+    from marble.train.controlnet import index_masks
     text = load_model("builtin").model.text_encoder
-    scenes = [sample_scene("train", 0, i, 64) for i in range(40)]
-    phrases = caption_phrases([caption for _, caption in scenes], text)
     bound = 0
-    for (scene, caption), ph in zip(scenes, phrases):
-        got = sketch_regions_of(torch.from_numpy(sketch_indices(scene, 64)), ph)
+    for i in range(40):
+        scene, caption = sample_scene("train", 0, i, 64)
+        got = phrase_regions(index_masks(torch.from_numpy(sketch_indices(scene, 64))), caption, text.count_tokens,
+                             text.max_tokens)
         want = sketch_regions(sketch(scene, 64), caption, text.count_tokens, text.max_tokens)
         assert [(r.color, r.tokens) for r in got] == [(r.color, r.tokens) for r in want], caption
         assert all(torch.equal(a.mask, b.mask) for a, b in zip(got, want))

@@ -110,13 +110,24 @@ def phrase_tokens(count_tokens: Callable[[str], int], prompt: str, span: tuple[i
     return tuple(range(first, min(last, max_tokens - 1)))
 
 
-def sketch_regions(image: Image.Image, prompt: str, count_tokens: Callable[[str], int], max_tokens: int
+def phrase_regions(masks: dict[str, torch.Tensor], prompt: str, count_tokens: Callable[[str], int], max_tokens: int
                    ) -> list[Region]:
-    """The regions of a colour sketch that the prompt names: one per colour phrase whose colour the
-    sketch holds (a phrase whose colour is absent, and a colour no phrase names, bind nothing)."""
-    masks = color_masks(image)
+    """One region per colour phrase of the prompt whose colour has a mask ({colour name: (H, W)}): a
+    phrase whose colour is absent, and a colour no phrase names, bind nothing."""
     return [Region(color, masks[color], tokens) for color, span in color_phrases(prompt)
             if color in masks and (tokens := phrase_tokens(count_tokens, prompt, span, max_tokens))]
+
+
+def sketch_regions(image: Image.Image, prompt: str, count_tokens: Callable[[str], int], max_tokens: int
+                   ) -> list[Region]:
+    """The regions of a colour sketch that the prompt names (`phrase_regions` of its colour masks)."""
+    return phrase_regions(color_masks(image), prompt, count_tokens, max_tokens)
+
+
+def time_law(t: torch.Tensor, top: int, strength, decay: float) -> torch.Tensor:
+    """λ at timesteps t (0..top): strength · (t/T)^decay, or for a negative decay its mirror
+    strength · (1 − t/T)^|decay|, acting late. `strength` a number or one per row."""
+    return strength * ((t / top) ** decay if decay >= 0 else (1 - t / top) ** -decay)
 
 
 def level_grid(latent: tuple[int, int], queries: int) -> tuple[int, int]:
@@ -256,7 +267,7 @@ def region_denoiser(network, networks: list[nn.Module], regions: list[Region], l
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, cond_mark: torch.Tensor | None = None, **cond) -> torch.Tensor:
         t = schedule.sigma_to_t(sigma.detach().float().cpu()).clamp(0, top)
-        scale = strength * ((t / top) ** decay if decay >= 0 else (1 - t / top) ** -decay)
+        scale = time_law(t, top, strength, decay)
         cond_rows = torch.ones(len(x), dtype=torch.bool)
         if cond_mark is not None:           # one mark a half: repeat it over the half's rows
             cond_rows = (cond_mark.cpu() > 0).repeat_interleave(len(x) // len(cond_mark))

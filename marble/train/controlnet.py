@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marble.adapters.regions import MAX_STRENGTH, Region, color_phrases, phrase_tokens, region_attention, \
-    row_modulation, transformer_blocks
+from marble.adapters.regions import DECAY, MAX_STRENGTH, Region, phrase_regions, region_attention, row_modulation, \
+    time_law, transformer_blocks
 from marble.checkpoints.controlnet_files import ControlNetFile, write_controlnet
 from marble.checkpoints.resolve import LoadedModel, load_model
 from marble.models.controlnet import ControlNet, controlnet_config
@@ -102,27 +102,11 @@ def hints(indices: torch.Tensor) -> torch.Tensor:
     return rgb.permute(0, 3, 1, 2).float() / 255.0
 
 
-def caption_phrases(captions: list[str], text) -> list[tuple[tuple[int, tuple[int, ...]], ...]]:
-    """Per caption: (palette index, context positions) of each colour phrase, as sketch_regions
-    reads them at sampling (marble.adapters.regions.color_phrases, phrase_tokens)."""
+def index_masks(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{colour name: (H, W) float mask} of a cached sketch's palette indices: what color_masks reads
+    from the sketch image."""
     from marble.data.sketch import COLOR_INDEX
-    memo: dict[str, tuple] = {}
-    for c in set(captions):
-        memo[c] = tuple((COLOR_INDEX[color], tokens) for color, span in color_phrases(c)
-                        if (tokens := phrase_tokens(text.count_tokens, c, span, text.max_tokens)))
-    return [memo[c] for c in captions]
-
-
-def sketch_regions_of(indices: torch.Tensor, phrases) -> list[Region]:
-    """The regions of one cached sketch (palette indices (H, W)) that its caption's phrases name."""
-    from marble.data.sketch import COLOR_INDEX
-    names = {i: name for name, i in COLOR_INDEX.items()}
-    out = []
-    for k, tokens in phrases:
-        mask = (indices == k).float()
-        if mask.any():
-            out.append(Region(names[k], mask, tokens))
-    return out
+    return {name: mask for name, k in COLOR_INDEX.items() if (mask := (indices == k).float()).any()}
 
 
 def with_regions(network, blocks, rows: list[list[Region]], latent: tuple[int, int], scale: torch.Tensor):
@@ -206,8 +190,8 @@ def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Pa
     regions = float(cfg.model.get("regions", 0.0))
     if regions and flow:
         raise ConfigError("model.regions scales λ by the discrete timestep; train it for an eps or v model")
-    phrases = caption_phrases(load_captioned(cfg.data).captions, model.text_encoder) if regions else None
-    blocks = transformer_blocks([model.unet])
+    if regions:
+        captions, text, blocks = load_captioned(cfg.data).captions, model.text_encoder, transformer_blocks([model.unet])
 
     def step_loss(controlnet, step, gen):
         # the same draws, in the same order, as train diffusion's step
@@ -219,8 +203,9 @@ def train_controlnet(cfg: TrainConfig, world: World, resume: bool = False) -> Pa
         network = controlled(model.unet, controlnet, hints(sketches[idx]).to(dev))
         if regions:   # drawn after the diffusion draws, so a run without regions draws as before
             strength = torch.rand(cfg.batch, generator=gen) * regions * ~drop
-            rows_regions = [[] if d else sketch_regions_of(sketches[i], phrases[i]) for i, d in zip(idx.tolist(), drop)]
-            scale = (strength * (1 - t.float() / (T - 1))).to(dev)    # λ_t = W (1 − t/T), as at sampling (DECAY = -1)
+            rows_regions = [[] if d else phrase_regions(index_masks(sketches[i]), captions[i], text.count_tokens,
+                                                        text.max_tokens) for i, d in zip(idx.tolist(), drop)]
+            scale = time_law(t.float(), T - 1, strength, DECAY).to(dev)    # λ_t as sampling's
             network = with_regions(network, blocks, rows_regions, tuple(latents.shape[-2:]), scale)
         if flow:
             return flow_loss(network, latents[idx].to(dev), context, t.to(dev), eps.to(dev)), {}
