@@ -58,3 +58,44 @@ def stop_after_checkpoint(monkeypatch):
         finally:
             monkeypatch.setattr(TrainLoop, "save", real_save)
     return stop
+
+
+# A trainer process held right after it has written the checkpoint of one step, so that a test can
+# SIGKILL it there: a kill raced against a run that is fast on a quiet machine can come too late.
+_HOLD_AFTER_CHECKPOINT = """
+import sys, time
+from marble.train.loop import TrainLoop
+real_save = TrainLoop.save
+def save(self):
+    real_save(self)
+    if self.step == {step}:
+        time.sleep(3600)   # the checkpoint is written; the test kills the process here
+TrainLoop.save = save
+sys.argv = ["marble", *sys.argv[1:]]
+from marble.cli import main
+main()
+"""
+
+
+@pytest.fixture
+def sigkill_after_checkpoint():
+    """kill(args, checkpoint, step): run `marble ARGS` in a subprocess, SIGKILL it once it has written
+    `checkpoint` at `step` (or after four minutes, or when it ends by itself), and wait for it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from marble.train.checkpoint import load_checkpoint
+
+    def kill(args, checkpoint, step: int, timeout: float = 240) -> None:
+        p = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_CHECKPOINT.format(step=step), *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and p.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["step"] == step:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    return kill

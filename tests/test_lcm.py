@@ -2,8 +2,6 @@
 oracle, and `marble train lcm` on a tiny model (exact resume, a file that loads and samples)."""
 import json
 import math
-import signal
-import time
 
 import pytest
 import torch
@@ -239,18 +237,11 @@ def write_config(tmp, name, teacher, steps=6, lr=1e-3, sample_every=0):
     return path
 
 
-def test_training_resumes_after_sigkill_at_the_same_weights(tmp_path, teacher):
+def test_training_resumes_after_sigkill_at_the_same_weights(tmp_path, teacher, sigkill_after_checkpoint):
     finish(marble("train", "lcm", write_config(tmp_path, "straight", teacher)))
     cfg = write_config(tmp_path, "killed", teacher)
-    p = marble("train", "lcm", cfg)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if ckpt.exists() and 2 <= load_checkpoint(ckpt)["step"] < 6:
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
+    sigkill_after_checkpoint(("train", "lcm", cfg), ckpt, 2)
     assert load_checkpoint(ckpt)["step"] < 6, "the run finished before it could be killed"
     finish(marble("train", "lcm", cfg, "--resume"))
     a, b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt"), load_checkpoint(ckpt)

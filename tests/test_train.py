@@ -1,10 +1,8 @@
 """The trainer: exact resume after SIGKILL, DDP equals single-process, atomic outputs."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,20 +82,13 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_after_sigkill_ends_at_the_same_weights(tmp_path):
+def test_resume_after_sigkill_ends_at_the_same_weights(tmp_path, sigkill_after_checkpoint):
     folder = make_folder(tmp_path / "data")
     finish(marble("train", "diffusion", write_config(tmp_path, "straight", folder)))
 
     cfg = write_config(tmp_path, "killed", folder)
-    p = marble("train", "diffusion", cfg)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it once it has checkpointed mid-way
-        if ckpt.exists() and 2 <= load_checkpoint(ckpt)["step"] < 10:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
+    sigkill_after_checkpoint(("train", "diffusion", cfg), ckpt, 4)   # killed once it has checkpointed mid-way
     killed_at = load_checkpoint(ckpt)["step"]
     assert killed_at < 10, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "model.safetensors").exists()
