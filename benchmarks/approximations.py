@@ -4,6 +4,12 @@ exact path's image of the same seed (PSNR over 8-bit RGB), and the time per imag
 default settings. Variants run interleaved prompt by prompt, so a busy machine slows each alike.
 
     python benchmarks/approximations.py --model builtin --prompts 16 --threads 1
+    python benchmarks/approximations.py --random-sd sd15 --size 512 --steps 20 --prompts 2 --threads 2
+
+`--random-sd PRESET` runs the SD architecture with seeded random weights (marble.eval.sd_bench's
+random_sd_model, as `marble bench`): the issue asks for each approximation's cost on SD-shaped
+weights too, where 4096-token maps make ToMe and DeepCache's skipped blocks large. Its images are
+warmed with one small image per variant, not a full one.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import time
 import numpy as np
 import torch
 
-from marble.pipeline import load_pipeline
+from marble.checkpoints.resolve import LoadedModel
+from marble.eval.sd_bench import random_sd_model
+from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, resolve
 
 # the built-in model's world: coloured shapes and their relations (marble.data.shapes)
@@ -60,19 +68,30 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def measure(model: str, prompts: int, seed: int, report=None) -> dict[str, dict]:
+def random_sd_pipelines(preset: str) -> dict[bool, Pipeline]:
+    """Two pipelines on the same seeded random weights: quantising rewrites the U-Net in place."""
+    return {q: Pipeline(LoadedModel(random_sd_model(preset), preset, "random"), quantize="int8" if q else None)
+            for q in (False, True)}
+
+
+def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None,
+            size: int | None = None, steps: int | None = None, warm_size: int | None = None) -> dict[str, dict]:
     """Rows per variant; `report(rows, done)` is called after every 4 prompts (a long run on a busy
-    machine leaves its partial table behind)."""
-    pipes = {False: load_pipeline(model), True: load_pipeline(model, quantize="int8")}
+    machine leaves its partial table behind). `size`, `steps`: None for the model's defaults;
+    `warm_size`: the side of the warm-up image (None: a full image)."""
     images: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    shape = {} if size is None else {"width": size, "height": size}
+    warm = shape if warm_size is None else {"width": warm_size, "height": warm_size, "steps": 2}
     for name, (fields, quantized) in VARIANTS.items():   # warm each path once (first-call allocations)
         pipe = pipes[quantized]
-        pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, **fields), pipe.defaults))
+        pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps, **warm | fields),
+                              pipe.defaults))
     for i, prompt in enumerate(PROMPTS[:prompts]):
         for name, (fields, quantized) in VARIANTS.items():
             pipe = pipes[quantized]
-            request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, **fields), pipe.defaults)
+            request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, steps=steps, **shape | fields),
+                              pipe.defaults)
             t0 = time.perf_counter()
             image = pipe.generate(request).images[0]
             seconds[name].append(time.perf_counter() - t0)
@@ -107,17 +126,29 @@ def markdown(rows: dict[str, dict], header: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin")
+    parser.add_argument("--random-sd", metavar="PRESET", help="an SD architecture with seeded random weights "
+                        "(sd15, sd21, ...) instead of --model")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.random_sd:
+        model, pipes = f"{args.random_sd} (random weights)", random_sd_pipelines(args.random_sd)
+    else:
+        model, pipes = args.model, {q: load_pipeline(args.model, quantize="int8" if q else None) for q in (False, True)}
+    d = pipes[False].defaults
+    settings = (f"{args.size or d.width}², {d.sampler}, {args.steps or d.steps} steps, CFG {d.cfg:g}"
+                if args.size or args.steps or args.random_sd else "default settings")
     def header(done: int) -> str:
-        return (f"{args.model}, default settings, {done} prompts, seeds {args.seed}+i, "
+        return (f"{model}, {settings}, {done} prompts, seeds {args.seed}+i, "
                 f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}")
 
-    rows = measure(args.model, args.prompts, args.seed,
+    rows = measure(pipes, args.prompts, args.seed, size=args.size, steps=args.steps,
+                   warm_size=64 if args.random_sd else None,
                    report=lambda partial, done: print(markdown(partial, "(partial) " + header(done)) + "\n", flush=True))
     print(markdown(rows, header(args.prompts)))
 

@@ -1,6 +1,7 @@
 """The opt-in approximations (DeepCache, ToMe, dynamic int8): exact when off, the exact network
 on DeepCache's cache steps, reproducible for a seed when on, stated in the record, refused when
-malformed. Their quality cost is measured, not asserted, by benchmarks/approximations.py."""
+malformed, and above the quality floor docs/bench.md states for each on the built-in model. Their
+quality cost and time are measured by benchmarks/approximations.py."""
 import base64
 import io
 import json
@@ -288,3 +289,40 @@ def test_a1111_api_takes_the_fields_records_them_and_refuses_bad_values(tiny_pip
         assert np.array_equal(served, arrays(direct)[0])
         bad = client.post("/sdapi/v1/txt2img", json={**body, "tome": 0.9})
         assert bad.status_code == 400 and "tome" in bad.text
+
+
+# ---- quality floors on the built-in model --------------------------------------------------
+
+# docs/bench.md ("Quality floors") states these for the built-in model at its defaults (64², DPM++ 2M
+# Karras, 15 steps, CFG 4): each approximation's mean PSNR against the exact image of the same seed,
+# over FLOOR_PROMPTS. benchmarks/approximations.py measures the same quantity over 16 prompts.
+FLOOR_PROMPTS = ("a red circle above a blue square", "two blue squares", "a purple star below an orange circle",
+                 "a small green circle to the right of a large red triangle")
+FLOORS = {"DeepCache 2": ({"deepcache": 2}, False, 20.0), "DeepCache 3": ({"deepcache": 3}, False, 17.0),
+          "ToMe 0.5": ({"tome": 0.5}, False, 20.0), "int8": ({}, True, 30.0)}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def builtin_pipes():
+    from marble.pipeline import load_pipeline
+    return {False: load_pipeline("builtin"), True: load_pipeline("builtin", quantize="int8")}
+
+
+def builtin_images(pipe, **fields) -> list[np.ndarray]:
+    return [np.asarray(pipe.generate(resolve(GenerationRequest(prompt=p, seed=1000 + i, **fields),
+                                             pipe.defaults)).images[0]) for i, p in enumerate(FLOOR_PROMPTS)]
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_each_approximation_keeps_its_stated_quality_floor_on_the_builtin_model(builtin_pipes, name):
+    fields, quantized, floor = FLOORS[name]
+    exact = builtin_images(builtin_pipes[False])
+    approx = builtin_images(builtin_pipes[quantized], **fields)
+    scores = [psnr(a, b) for a, b in zip(approx, exact)]
+    assert all(np.isfinite(scores)), f"{name} left an image unchanged: is it applied?"
+    assert np.mean(scores) >= floor, f"{name}: mean PSNR {np.mean(scores):.1f} dB below its floor {floor} dB"
