@@ -61,11 +61,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cpu_name() -> str:
+    """The model name and the flags that decide the kernels (both AMD EPYCs here are "AMD EPYC")."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown CPU"
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({' '.join(shown) or 'no AVX2'})"
 
 
 def random_sd_pipelines(preset: str) -> dict[bool, Pipeline]:
@@ -74,29 +78,29 @@ def random_sd_pipelines(preset: str) -> dict[bool, Pipeline]:
             for q in (False, True)}
 
 
-def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None,
+def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None, report_every: int = 4,
             size: int | None = None, steps: int | None = None, warm_size: int | None = None) -> dict[str, dict]:
-    """Rows per variant; `report(rows, done)` is called after every 4 prompts (a long run on a busy
-    machine leaves its partial table behind). `size`, `steps`: None for the model's defaults;
+    """Rows per variant; `report(rows, done)` is called after every `report_every` prompts (a long run
+    on a busy machine leaves its partial table behind). `size`, `steps`: None for the model's defaults;
     `warm_size`: the side of the warm-up image (None: a full image)."""
     images: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    shape = {} if size is None else {"width": size, "height": size}
+    shape = ({} if size is None else {"width": size, "height": size}) | {"steps": steps}
     warm = shape if warm_size is None else {"width": warm_size, "height": warm_size, "steps": 2}
     for name, (fields, quantized) in VARIANTS.items():   # warm each path once (first-call allocations)
         pipe = pipes[quantized]
-        pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps, **warm | fields),
+        pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, **warm | fields),
                               pipe.defaults))
     for i, prompt in enumerate(PROMPTS[:prompts]):
         for name, (fields, quantized) in VARIANTS.items():
             pipe = pipes[quantized]
-            request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, steps=steps, **shape | fields),
+            request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, **shape | fields),
                               pipe.defaults)
             t0 = time.perf_counter()
             image = pipe.generate(request).images[0]
             seconds[name].append(time.perf_counter() - t0)
             images[name].append(np.asarray(image))
-        if report is not None and (i + 1) % 4 == 0 and i + 1 < prompts:
+        if report is not None and (i + 1) % report_every == 0 and i + 1 < prompts:
             report(summary(images, seconds), i + 1)
     return summary(images, seconds)
 
@@ -148,7 +152,7 @@ def main() -> None:
                 f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}")
 
     rows = measure(pipes, args.prompts, args.seed, size=args.size, steps=args.steps,
-                   warm_size=64 if args.random_sd else None,
+                   warm_size=64 if args.random_sd else None, report_every=1 if args.random_sd else 4,
                    report=lambda partial, done: print(markdown(partial, "(partial) " + header(done)) + "\n", flush=True))
     print(markdown(rows, header(args.prompts)))
 
