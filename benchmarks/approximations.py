@@ -51,6 +51,7 @@ VARIANTS = {
     "ToMe 0.5": ({"tome": 0.5}, False),
     "int8": ({}, True),
     "DeepCache 3 + ToMe 0.5 + int8": ({"deepcache": 3, "tome": 0.5}, True),
+    "ToMe 0.5 + int8": ({"tome": 0.5}, True),
 }
 
 
@@ -79,20 +80,23 @@ def random_sd_pipelines(preset: str) -> dict[bool, Pipeline]:
 
 
 def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None, report_every: int = 4,
-            size: int | None = None, steps: int | None = None, warm_size: int | None = None) -> dict[str, dict]:
+            size: int | None = None, steps: int | None = None, warm_size: int | None = None,
+            variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict]:
     """Rows per variant; `report(rows, done)` is called after every `report_every` prompts (a long run
     on a busy machine leaves its partial table behind). `size`, `steps`: None for the model's defaults;
-    `warm_size`: the side of the warm-up image (None: a full image)."""
-    images: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    `warm_size`: the side of the warm-up image (None: a full image); `variants`: names of VARIANTS,
+    "exact" first (the reference)."""
+    chosen = {name: VARIANTS[name] for name in ("exact", *variants)}
+    images: dict[str, list[np.ndarray]] = {name: [] for name in chosen}
+    seconds: dict[str, list[float]] = {name: [] for name in chosen}
     shape = ({} if size is None else {"width": size, "height": size}) | {"steps": steps}
     warm = shape if warm_size is None else {"width": warm_size, "height": warm_size, "steps": 2}
-    for name, (fields, quantized) in VARIANTS.items():   # warm each path once (first-call allocations)
+    for name, (fields, quantized) in chosen.items():   # warm each path once (first-call allocations)
         pipe = pipes[quantized]
         pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, **warm | fields),
                               pipe.defaults))
     for i, prompt in enumerate(PROMPTS[:prompts]):
-        for name, (fields, quantized) in VARIANTS.items():
+        for name, (fields, quantized) in chosen.items():
             pipe = pipes[quantized]
             request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, **shape | fields),
                               pipe.defaults)
@@ -108,7 +112,7 @@ def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None, r
 def summary(images: dict[str, list[np.ndarray]], seconds: dict[str, list[float]]) -> dict[str, dict]:
     exact_time = statistics.median(seconds["exact"])
     out = {}
-    for name in VARIANTS:
+    for name in images:
         scores = [psnr(a, b) for a, b in zip(images[name], images["exact"])]
         finite = [s for s in scores if math.isfinite(s)]
         t = statistics.median(seconds[name])
@@ -134,12 +138,17 @@ def main() -> None:
                         "(sd15, sd21, ...) instead of --model")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    parser.add_argument("--variants", help=f"comma-separated, beside exact (default: all): {', '.join(VARIANTS)}")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    variants = tuple(VARIANTS) if args.variants is None else tuple(v.strip() for v in args.variants.split(","))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     if args.random_sd:
         model, pipes = f"{args.random_sd} (random weights)", random_sd_pipelines(args.random_sd)
     else:
@@ -153,6 +162,7 @@ def main() -> None:
 
     rows = measure(pipes, args.prompts, args.seed, size=args.size, steps=args.steps,
                    warm_size=64 if args.random_sd else None, report_every=1 if args.random_sd else 4,
+                   variants=tuple(v for v in variants if v != "exact"),
                    report=lambda partial, done: print(markdown(partial, "(partial) " + header(done)) + "\n", flush=True))
     print(markdown(rows, header(args.prompts)))
 
