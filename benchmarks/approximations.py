@@ -5,6 +5,11 @@ default settings. Variants run interleaved prompt by prompt, so a busy machine s
 
     python benchmarks/approximations.py --model builtin --prompts 16 --threads 1
     python benchmarks/approximations.py --random-sd sd15 --size 512 --steps 20 --prompts 2 --threads 2
+    python benchmarks/approximations.py --random-sd sd15 --size 512 --steps 20 --prompts 2 --threads 2 \
+        --variants "ToMe 0.5 + int8,bf16,bf16 + ToMe 0.5"
+
+`--variants` picks rows beside the exact fp32 one. bf16 compute is itself measured against fp32:
+it is the exact path where the CPU has native bf16 (`--dtype auto`), and the image still differs.
 
 `--random-sd PRESET` runs the SD architecture with seeded random weights (marble.eval.sd_bench's
 random_sd_model, as `marble bench`): the issue asks for each approximation's cost on SD-shaped
@@ -43,16 +48,19 @@ PROMPTS = (
     "a purple circle above a yellow star", "four small red squares",
 )
 
-# name -> (request fields, quantised pipeline?)
+# name -> (request fields, pipeline: fp32, int8 (the U-Net's Linear layers quantised) or bf16 compute)
 VARIANTS = {
-    "exact": ({}, False),
-    "DeepCache 2": ({"deepcache": 2}, False),
-    "DeepCache 3": ({"deepcache": 3}, False),
-    "ToMe 0.5": ({"tome": 0.5}, False),
-    "int8": ({}, True),
-    "DeepCache 3 + ToMe 0.5 + int8": ({"deepcache": 3, "tome": 0.5}, True),
-    "ToMe 0.5 + int8": ({"tome": 0.5}, True),
+    "exact": ({}, "fp32"),
+    "DeepCache 2": ({"deepcache": 2}, "fp32"),
+    "DeepCache 3": ({"deepcache": 3}, "fp32"),
+    "ToMe 0.5": ({"tome": 0.5}, "fp32"),
+    "int8": ({}, "int8"),
+    "DeepCache 3 + ToMe 0.5 + int8": ({"deepcache": 3, "tome": 0.5}, "int8"),
+    "ToMe 0.5 + int8": ({"tome": 0.5}, "int8"),
+    "bf16": ({}, "bf16"),   # exact where bf16 is native (--dtype auto), an approximation of fp32 all the same
+    "bf16 + ToMe 0.5": ({"tome": 0.5}, "bf16"),
 }
+DEFAULT_VARIANTS = ("DeepCache 2", "DeepCache 3", "ToMe 0.5", "int8", "DeepCache 3 + ToMe 0.5 + int8")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,15 +81,22 @@ def cpu_name() -> str:
     return f"{name} ({' '.join(shown) or 'no AVX2'})"
 
 
-def random_sd_pipelines(preset: str) -> dict[bool, Pipeline]:
-    """Two pipelines on the same seeded random weights: quantising rewrites the U-Net in place."""
-    return {q: Pipeline(LoadedModel(random_sd_model(preset), preset, "random"), quantize="int8" if q else None)
-            for q in (False, True)}
+def pipelines(kinds: set[str], model: str | None = None, random_sd: str | None = None) -> dict[str, Pipeline]:
+    """One pipeline per kind, each on its own copy of the same weights (quantising rewrites the U-Net in
+    place): `model` loaded by name or path, or `random_sd`'s architecture with seeded random weights."""
+    def one(kind: str) -> Pipeline:
+        quantize = "int8" if kind == "int8" else None
+        if random_sd is None:
+            return load_pipeline(model, torch.bfloat16 if kind == "bf16" else torch.float32, quantize=quantize)
+        weights = random_sd_model(random_sd)
+        return Pipeline(LoadedModel(weights.to(torch.bfloat16) if kind == "bf16" else weights, random_sd, "random"),
+                        quantize=quantize)
+    return {kind: one(kind) for kind in sorted(kinds)}
 
 
-def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None, report_every: int = 4,
+def measure(pipes: dict[str, Pipeline], prompts: int, seed: int, report=None, report_every: int = 4,
             size: int | None = None, steps: int | None = None, warm_size: int | None = None,
-            variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict]:
+            variants: tuple[str, ...] = DEFAULT_VARIANTS) -> dict[str, dict]:
     """Rows per variant; `report(rows, done)` is called after every `report_every` prompts (a long run
     on a busy machine leaves its partial table behind). `size`, `steps`: None for the model's defaults;
     `warm_size`: the side of the warm-up image (None: a full image); `variants`: names of VARIANTS,
@@ -91,13 +106,13 @@ def measure(pipes: dict[bool, Pipeline], prompts: int, seed: int, report=None, r
     seconds: dict[str, list[float]] = {name: [] for name in chosen}
     shape = ({} if size is None else {"width": size, "height": size}) | {"steps": steps}
     warm = shape if warm_size is None else {"width": warm_size, "height": warm_size, "steps": 2}
-    for name, (fields, quantized) in chosen.items():   # warm each path once (first-call allocations)
-        pipe = pipes[quantized]
+    for name, (fields, kind) in chosen.items():   # warm each path once (first-call allocations)
+        pipe = pipes[kind]
         pipe.generate(resolve(GenerationRequest(prompt=PROMPTS[0], seed=seed, **warm | fields),
                               pipe.defaults))
     for i, prompt in enumerate(PROMPTS[:prompts]):
-        for name, (fields, quantized) in chosen.items():
-            pipe = pipes[quantized]
+        for name, (fields, kind) in chosen.items():
+            pipe = pipes[kind]
             request = resolve(GenerationRequest(prompt=prompt, seed=seed + i, **shape | fields),
                               pipe.defaults)
             t0 = time.perf_counter()
@@ -138,22 +153,22 @@ def main() -> None:
                         "(sd15, sd21, ...) instead of --model")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    parser.add_argument("--variants", help=f"comma-separated, beside exact (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"comma-separated, beside exact, from: {', '.join(VARIANTS)} "
+                        f"(default: {', '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = tuple(VARIANTS) if args.variants is None else tuple(v.strip() for v in args.variants.split(","))
+    variants = DEFAULT_VARIANTS if args.variants is None else tuple(v.strip() for v in args.variants.split(","))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    if args.random_sd:
-        model, pipes = f"{args.random_sd} (random weights)", random_sd_pipelines(args.random_sd)
-    else:
-        model, pipes = args.model, {q: load_pipeline(args.model, quantize="int8" if q else None) for q in (False, True)}
-    d = pipes[False].defaults
+    kinds = {VARIANTS[v][1] for v in ("exact", *variants)}
+    pipes = pipelines(kinds, args.model, args.random_sd)
+    model = f"{args.random_sd} (random weights)" if args.random_sd else args.model
+    d = pipes["fp32"].defaults
     settings = (f"{args.size or d.width}², {d.sampler}, {args.steps or d.steps} steps, CFG {d.cfg:g}"
                 if args.size or args.steps or args.random_sd else "default settings")
     def header(done: int) -> str:

@@ -1,8 +1,9 @@
 """One U-Net call of the built-in model, eager against channels-last and against a TorchScript
-trace (and, with --compile, against torch.compile), interleaved in one process (medians), with the
-largest output difference of each.
+trace (with --freeze, also the trace frozen and through torch.jit.optimize_for_inference; with
+--compile, torch.compile), interleaved in one process (medians), with the largest output
+difference of each.
 
-    python benchmarks/builtin_unet_ab.py --threads 1 --calls 25 [--compile]
+    python benchmarks/builtin_unet_ab.py --threads 1 --calls 25 [--compile] [--freeze] [--model builtin-lcm]
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -27,10 +29,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=25)
     parser.add_argument("--compile", action="store_true",
                         help="also torch.compile(unet, dynamic=False) (inductor; its compile time is printed)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="also the trace after torch.jit.freeze, and after torch.jit.optimize_for_inference")
+    parser.add_argument("--model", default="builtin")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = load_pipeline("builtin").model.unet
+    unet = load_pipeline(args.model).model.unet.eval()
     nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)
     traced = TracedNetwork(unet)
     compiled = torch.compile(unet, dynamic=False) if args.compile else None
@@ -41,6 +46,14 @@ def main() -> None:
             variants = {"eager": lambda: unet(x, t, ctx),
                         "channels-last": lambda: nhwc(x.contiguous(memory_format=torch.channels_last), t, ctx),
                         "traced": lambda: traced(x, t, ctx)}
+            if args.freeze:
+                with warnings.catch_warnings():   # the tracer's constant warnings, as TracedNetwork silences them
+                    warnings.simplefilter("ignore")
+                    frozen = torch.jit.freeze(torch.jit.trace(unet, (x, t, ctx), check_trace=False))
+                    optimized = torch.jit.optimize_for_inference(
+                        torch.jit.freeze(torch.jit.trace(unet, (x, t, ctx), check_trace=False)))
+                variants["frozen trace"] = lambda: frozen(x, t, ctx)
+                variants["optimize_for_inference"] = lambda: optimized(x, t, ctx)
             if compiled is not None:
                 start = time.perf_counter()
                 compiled(x, t, ctx)

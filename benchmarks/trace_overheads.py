@@ -7,6 +7,7 @@ ratios inside one run are read.
     python benchmarks/trace_overheads.py --part check           # the trace's staleness check: walk vs slots
     python benchmarks/trace_overheads.py --part codecs          # text encoder and VAE decode, eager vs traced
     python benchmarks/trace_overheads.py --part channels-last   # the traced batch-1 U-Net, NCHW vs channels-last
+    python benchmarks/trace_overheads.py --part freeze          # whole images, the trace frozen or not (not adopted)
 """
 from __future__ import annotations
 
@@ -126,16 +127,40 @@ def channels_last(model: str, rounds: int) -> None:
         print(f"{k}: {v * 1e3:.2f} ms a batch-1 call")
 
 
+def freeze(model: str, rounds: int) -> None:
+    """Whole images through TracedNetwork as it is, against the same with each trace frozen
+    (torch.jit.freeze: weights folded in as constants). Freezing was measured and not adopted: a
+    frozen graph may hold copies of weights that a fused LoRA later changes in place."""
+    import numpy as np
+    plain, frozen = load_pipeline(model, trace=True), load_pipeline(model, trace=True)
+    req = resolve(GenerationRequest(prompt=PROMPT, seed=0), plain.defaults)
+    a = np.asarray(plain.generate(req).images[0])
+    trace = torch.jit.trace
+    torch.jit.trace = lambda *args, **kwargs: torch.jit.freeze(trace(*args, **kwargs))   # the second pipeline's
+    try:                                                                                  # traces, cached after
+        b = np.asarray(frozen.generate(req).images[0])
+    finally:
+        torch.jit.trace = trace
+    print("bit-identical images:", np.array_equal(a, b))
+    t = medians({"trace (as shipped)": lambda: plain.generate(req),
+                 "frozen trace": lambda: frozen.generate(req)}, rounds)
+    for k, v in t.items():
+        print(f"{model}, {k}: {v * 1e3:.1f} ms an image")
+    before, now = t.values()
+    print(f"ratio {now / before:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("components", "check", "codecs", "channels-last"), required=True)
+    parser.add_argument("--part", choices=("components", "check", "codecs", "channels-last", "freeze"), required=True)
     parser.add_argument("--model", default="builtin-lcm")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, {args.model}")
-    {"components": components, "check": check, "codecs": codecs, "channels-last": channels_last}[args.part](
+    {"components": components, "check": check, "codecs": codecs, "channels-last": channels_last,
+     "freeze": freeze}[args.part](
         args.model, args.rounds)
 
 
