@@ -24,15 +24,14 @@ quiet_spin()   # as the CLI does: libgomp's short spin, read when torch loads
 
 import argparse
 import math
-import platform
 import statistics
-import subprocess
 import time
 
 import numpy as np
 import torch
 
 from marble.checkpoints.resolve import LoadedModel
+from marble.cpu_features import cpu_flags, cpu_name
 from marble.eval.sd_bench import random_sd_model
 from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, resolve
@@ -69,16 +68,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def cpu_name() -> str:
+def cpu_label() -> str:
     """The model name and the flags that decide the kernels (both AMD EPYCs here are "AMD EPYC")."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    flags = cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({' '.join(shown) or 'no AVX2'})"
+    return f"{cpu_name()} ({' '.join(shown) or 'no AVX2'})"
 
 
 def pipelines(kinds: set[str], model: str | None = None, random_sd: str | None = None) -> dict[str, Pipeline]:
@@ -173,7 +167,7 @@ def main() -> None:
                 if args.size or args.steps or args.random_sd else "default settings")
     def header(done: int) -> str:
         return (f"{model}, {settings}, {done} prompts, seeds {args.seed}+i, "
-                f"{torch.get_num_threads()} thread(s), {cpu_name()}, torch {torch.__version__}")
+                f"{torch.get_num_threads()} thread(s), {cpu_label()}, torch {torch.__version__}")
 
     rows = measure(pipes, args.prompts, args.seed, size=args.size, steps=args.steps,
                    warm_size=64 if args.random_sd else None, report_every=1 if args.random_sd else 4,
