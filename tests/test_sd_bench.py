@@ -29,6 +29,23 @@ def test_bench_times_marble_and_diffusers_on_the_same_weights():
     assert "| U-Net step (batch 2) |" in report.markdown() and any("marble fp32" in line for line in lines)
 
 
+def test_bench_with_approximations_times_them_beside_diffusers_and_measures_their_psnr():
+    settings = BenchSettings(size=64, steps=4, unet_calls=0, decodes=0, approximations={"tome": 0.5, "deepcache": 2})
+    report = run_bench(settings, log=[].append, config=tiny_sd("sd1"))
+    for timing in (report.marble_approx, report.marble_bf16_approx):
+        assert timing.image_s > 0 and timing.unet_step_s is None
+    # the approximate images differ from the exact fp32 one, and the exact bf16 one is nearer to it
+    assert math.isfinite(report.psnr_approx_db) and math.isfinite(report.psnr_bf16_approx_db)
+    assert report.psnr_bf16_db > report.psnr_bf16_approx_db
+    ratios = report.image_ratios()
+    assert set(ratios) == {"fp32", "bf16", "fp32_approx", "bf16_approx"}
+    assert ratios["fp32_approx"] == pytest.approx(report.marble_approx.image_s / report.diffusers.image_s)
+    data = json.loads(report.to_json())
+    assert data["settings"]["approximations"] == {"tome": 0.5, "deepcache": 2}
+    assert data["psnr_approx_vs_fp32_db"] == report.psnr_approx_db
+    assert "marble bf16 + ToMe 0.5 + DeepCache 2" in report.markdown()
+
+
 def test_psnr():
     import numpy as np
     a = np.zeros((4, 4, 3), np.uint8)
@@ -44,7 +61,8 @@ def test_bench_cli_refuses_bad_settings_in_one_line(tmp_path):
     from marble.cli import app
     taken = tmp_path / "taken.json"
     taken.write_text("{}")
-    for args in (["--size", "100"], ["--steps", "0"], ["--json", str(taken)]):
+    for args in (["--size", "100"], ["--steps", "0"], ["--json", str(taken)], ["--tome", "0.9"], ["--tome", "0"],
+                 ["--deepcache", "1"], ["--tome", "0.5", "--model", "builtin"], ["--deepcache", "2", "--arch", "sdxl"]):
         r = CliRunner().invoke(app, ["bench", *args])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert taken.read_text() == "{}"

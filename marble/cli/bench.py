@@ -25,6 +25,8 @@ def bench(
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Skip marble's bf16 run and its PSNR against fp32."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Also lay marble's convolution weights out NHWC (an experiment; generate runs NCHW)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    tome: Optional[float] = typer.Option(None, "--tome", help="SD1.5 comparison: also make marble's fp32 and bf16 images with ToMe at this ratio (0..0.75): their time and PSNR against the exact fp32 image, beside diffusers in the same run."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="SD1.5 comparison: also make marble's images with DeepCache at this interval (2..100), as --tome (both may be given)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here (never overwritten)."),
     model: Optional[str] = typer.Option(None, "--model", help="Instead of the SD1.5 comparison, time this model "
                                         "(e.g. builtin) through the whole pipeline at its defaults: warm seconds per "
@@ -50,6 +52,18 @@ def bench(
         fail("--low-memory is an option of --arch sdxl")
     if dtype is not None and model is None:
         fail("--dtype is an option of --model (the SD1.5 comparison times fp32 and bf16 itself)")
+    approximations = {k: v for k, v in (("tome", tome), ("deepcache", deepcache)) if v is not None}
+    if approximations and (model is not None or arch != "sd15"):
+        fail("--tome and --deepcache are options of the SD1.5 comparison")
+    if approximations:
+        import math
+
+        from marble.models.deepcache import MAX_INTERVAL
+        from marble.models.tome import MAX_RATIO
+        if tome is not None and not (math.isfinite(tome) and 0 < tome <= MAX_RATIO):
+            fail(f"--tome must be in (0, {MAX_RATIO:g}], got {tome:g}")
+        if deepcache is not None and not 2 <= deepcache <= MAX_INTERVAL:
+            fail(f"--deepcache must be an integer in [2, {MAX_INTERVAL}], got {deepcache}")
     if model is not None:
         if runs < 1 or cold_runs < 0:
             fail("--runs must be >= 1 and --cold-runs >= 0")
@@ -88,7 +102,8 @@ def bench(
 
     settings = BenchSettings(size=size, steps=2 if quick else steps, cfg=cfg, unet_calls=1 if quick else unet_calls,
                              decodes=1 if quick else 2, images=not no_images, diffusers=not no_diffusers,
-                             bf16=not no_bf16, channels_last=channels_last, threads=threads)
+                             bf16=not no_bf16, channels_last=channels_last, threads=threads,
+                             approximations=approximations)
     report = run_bench(settings, log=info)
     typer.echo(report.markdown())
     if json_out is not None:

@@ -6,6 +6,9 @@ what counts is time and memory. diffusers' pipeline is built around the very sam
 copy) and starts from the same initial latent, so its image is also a full-size parity check.
 Reported: seconds per U-Net step (one CFG-batched call, batch 2), per VAE decode, per image; peak
 RSS of each phase; the marble / diffusers ratio; and marble's bf16 mode with its PSNR against fp32.
+With opt-in approximations (`approximations`: request fields such as {"tome": 0.5}), marble's fp32
+and bf16 images are made again with them: image time and PSNR against the exact fp32 image, so the
+issue's "≤ 0.5× diffusers with approximations that keep 30 dB" is one run's ratio.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +53,11 @@ class BenchSettings:
     channels_last: bool = False   # NHWC weights for marble's convolutions (oneDNN's other layout); not what generate uses
     seed: int = 0
     threads: int | None = None
+    approximations: dict = field(default_factory=dict)   # request fields, e.g. {"tome": 0.5}: extra image rows
+
+    def approximation_label(self) -> str:
+        names = {"tome": "ToMe", "deepcache": "DeepCache"}
+        return " + ".join(f"{names.get(k, k)} {v:g}" for k, v in self.approximations.items())
 
 
 @dataclass
@@ -192,7 +200,8 @@ def diffusers_pipeline(model: LatentDiffusion):
 # --- timing ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log) -> Timing:
+def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log, fields: dict | None = None) -> Timing:
+    """U-Net step, decode and whole image as s asks; `fields`: extra request fields for the image."""
     from marble.pipeline import Pipeline
     from marble.request import GenerationRequest, resolve
 
@@ -215,7 +224,8 @@ def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log) -> Timing:
     if s.images:
         pipe = Pipeline(LoadedModel(model, s.preset, "random"))
         request = resolve(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=s.seed, steps=s.steps,
-                                            sampler="Euler", cfg=s.cfg, width=s.size, height=s.size), pipe.defaults)
+                                            sampler="Euler", cfg=s.cfg, width=s.size, height=s.size, **(fields or {})),
+                          pipe.defaults)
         last = {}
         t0 = time.perf_counter()
         image = pipe.generate(request, callback=lambda i, n, x0: last.update(x0=x0)).images[0]
@@ -285,6 +295,18 @@ class BenchReport:
     latent_rel_diff_vs_diffusers: float | None = None   # max |a − b| / max |b| of the final latents
     saturated_fraction: float | None = None             # marble fp32 pixels at 0 or 255
     psnr_bf16_db: float | None = None
+    marble_approx: Timing | None = None        # the fp32 image with settings.approximations
+    marble_bf16_approx: Timing | None = None   # the bf16 image with them
+    psnr_approx_db: float | None = None        # each against the exact fp32 image
+    psnr_bf16_approx_db: float | None = None
+
+    def image_ratios(self) -> dict[str, float]:
+        """Each marble image's time over diffusers fp32's, in this run."""
+        if not (self.diffusers and self.diffusers.image_s):
+            return {}
+        rows = {"fp32": self.marble, "bf16": self.marble_bf16, "fp32_approx": self.marble_approx,
+                "bf16_approx": self.marble_bf16_approx}
+        return {k: t.image_s / self.diffusers.image_s for k, t in rows.items() if t is not None and t.image_s}
 
     def ratios(self) -> dict[str, float]:
         out = {}
@@ -307,12 +329,19 @@ class BenchReport:
                            "mean_pixel_diff_vs_diffusers": self.mean_pixel_diff_vs_diffusers,
                            "latent_rel_diff_vs_diffusers": self.latent_rel_diff_vs_diffusers,
                            "saturated_fraction": self.saturated_fraction,
-                           "psnr_bf16_vs_fp32_db": self.psnr_bf16_db}, indent=2)
+                           "psnr_bf16_vs_fp32_db": self.psnr_bf16_db,
+                           "marble_approx": timing(self.marble_approx),
+                           "marble_bf16_approx": timing(self.marble_bf16_approx),
+                           "psnr_approx_vs_fp32_db": self.psnr_approx_db,
+                           "psnr_bf16_approx_vs_fp32_db": self.psnr_bf16_approx_db,
+                           "image_over_diffusers": self.image_ratios()}, indent=2)
 
     def markdown(self) -> str:
         s = self.settings
         fmt = lambda v, unit: "—" if v is None else f"{v:.2f} {unit}"   # noqa: E731
-        cols = [("marble fp32", self.marble), ("diffusers fp32", self.diffusers), ("marble bf16", self.marble_bf16)]
+        label = s.approximation_label()
+        cols = [("marble fp32", self.marble), ("diffusers fp32", self.diffusers), ("marble bf16", self.marble_bf16),
+                (f"marble fp32 + {label}", self.marble_approx), (f"marble bf16 + {label}", self.marble_bf16_approx)]
         cols = [(n, t) for n, t in cols if t is not None]
         lines = [f"SD1.5 architecture, random weights ({self.weights_gb:.2f} GB fp32), {s.size}×{s.size}, "
                  f"Euler {s.steps} steps, CFG {s.cfg:g}, {self.threads} threads",
@@ -330,6 +359,12 @@ class BenchReport:
                          f"saturated, where a sign flip is a full-scale difference)")
         if self.psnr_bf16_db is not None:
             extra.append(f"bf16 image vs fp32 image: PSNR {self.psnr_bf16_db:.1f} dB")
+        for name, db in ((f"fp32 + {label}", self.psnr_approx_db), (f"bf16 + {label}", self.psnr_bf16_approx_db)):
+            if db is not None:
+                extra.append(f"{name} image vs fp32 image: PSNR {db:.1f} dB")
+        if self.marble_approx is not None and self.image_ratios():
+            extra.append("image / diffusers fp32 image: " + ", ".join(
+                f"{k.replace('_approx', ' + ' + label)} {v:.2f}×" for k, v in self.image_ratios().items()))
         return "\n".join(lines + [""] + extra)
 
 
@@ -352,6 +387,11 @@ def run_bench(s: BenchSettings, log: Log = print, config: LatentDiffusionConfig 
         use_channels_last(model)
     log("marble fp32:")
     report.marble = time_marble(model, s, log)
+    images_only = replace(s, unet_calls=0, decodes=0)
+    if s.approximations and s.images:
+        log(f"marble fp32 + {s.approximation_label()}:")
+        report.marble_approx = time_marble(model, images_only, log, s.approximations)
+        report.psnr_approx_db = psnr(report.marble.image, report.marble_approx.image)
     if report.diffusers is not None and report.diffusers.image is not None and report.marble.image is not None:
         diff = np.abs(report.marble.image.astype(int) - report.diffusers.image.astype(int))
         report.max_pixel_diff_vs_diffusers = int(diff.max())
@@ -366,4 +406,8 @@ def run_bench(s: BenchSettings, log: Log = print, config: LatentDiffusionConfig 
         report.marble_bf16 = time_marble(model, s, log)
         if fp32_image is not None and report.marble_bf16.image is not None:
             report.psnr_bf16_db = psnr(fp32_image, report.marble_bf16.image)
+        if s.approximations and s.images:
+            log(f"marble bf16 + {s.approximation_label()}:")
+            report.marble_bf16_approx = time_marble(model, images_only, log, s.approximations)
+            report.psnr_bf16_approx_db = psnr(fp32_image, report.marble_bf16_approx.image)
     return report
