@@ -43,7 +43,9 @@ def test_bench_with_approximations_times_them_beside_diffusers_and_measures_thei
     data = json.loads(report.to_json())
     assert data["settings"]["approximations"] == {"tome": 0.5, "deepcache": 2}
     assert data["psnr_approx_vs_fp32_db"] == report.psnr_approx_db
-    assert "marble bf16 + ToMe 0.5 + DeepCache 2" in report.markdown()
+    text = report.markdown()
+    assert "marble bf16 + ToMe 0.5 + DeepCache 2" in text
+    assert f"bf16 + ToMe 0.5 + DeepCache 2 image vs fp32 image: PSNR {report.psnr_bf16_approx_db:.1f} dB" in text
 
 
 def test_psnr():

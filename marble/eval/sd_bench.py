@@ -339,9 +339,9 @@ class BenchReport:
     def markdown(self) -> str:
         s = self.settings
         fmt = lambda v, unit: "—" if v is None else f"{v:.2f} {unit}"   # noqa: E731
-        label = s.approximation_label()
+        approx = s.approximation_label()
         cols = [("marble fp32", self.marble), ("diffusers fp32", self.diffusers), ("marble bf16", self.marble_bf16),
-                (f"marble fp32 + {label}", self.marble_approx), (f"marble bf16 + {label}", self.marble_bf16_approx)]
+                (f"marble fp32 + {approx}", self.marble_approx), (f"marble bf16 + {approx}", self.marble_bf16_approx)]
         cols = [(n, t) for n, t in cols if t is not None]
         lines = [f"SD1.5 architecture, random weights ({self.weights_gb:.2f} GB fp32), {s.size}×{s.size}, "
                  f"Euler {s.steps} steps, CFG {s.cfg:g}, {self.threads} threads",
@@ -359,12 +359,12 @@ class BenchReport:
                          f"saturated, where a sign flip is a full-scale difference)")
         if self.psnr_bf16_db is not None:
             extra.append(f"bf16 image vs fp32 image: PSNR {self.psnr_bf16_db:.1f} dB")
-        for name, db in ((f"fp32 + {label}", self.psnr_approx_db), (f"bf16 + {label}", self.psnr_bf16_approx_db)):
+        for name, db in ((f"fp32 + {approx}", self.psnr_approx_db), (f"bf16 + {approx}", self.psnr_bf16_approx_db)):
             if db is not None:
                 extra.append(f"{name} image vs fp32 image: PSNR {db:.1f} dB")
         if self.marble_approx is not None and self.image_ratios():
             extra.append("image / diffusers fp32 image: " + ", ".join(
-                f"{k.replace('_approx', ' + ' + label)} {v:.2f}×" for k, v in self.image_ratios().items()))
+                f"{k.replace('_approx', ' + ' + approx)} {v:.2f}×" for k, v in self.image_ratios().items()))
         return "\n".join(lines + [""] + extra)
 
 
