@@ -3,6 +3,7 @@ same tensors (its image and final latents agree with marble's), and bf16 stays c
 import json
 import math
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,6 +49,20 @@ def test_bench_with_approximations_times_them_beside_diffusers_and_measures_thei
     assert f"bf16 + ToMe 0.5 + DeepCache 2 image vs fp32 image: PSNR {report.psnr_bf16_approx_db:.1f} dB" in text
 
 
+def test_bench_with_int8_times_a_quantised_copy_and_leaves_the_bf16_row_without_it():
+    settings = BenchSettings(size=64, steps=2, unet_calls=0, decodes=0, diffusers=False,
+                             approximations={"tome": 0.5}, quantize="int8")
+    report = run_bench(settings, log=[].append, config=tiny_sd("sd1"))
+    assert report.marble_approx.image_s > 0 and report.marble_bf16_approx.image_s > 0
+    assert math.isfinite(report.psnr_approx_db)
+    text = report.markdown()
+    assert "marble fp32 + ToMe 0.5 + int8" in text and "marble bf16 + ToMe 0.5 |" in text
+    # int8 changes the fp32 row's image and nothing else: the exact rows and the bf16 row are as without it
+    plain = run_bench(replace(settings, quantize=None), log=[].append, config=tiny_sd("sd1"))
+    assert report.psnr_approx_db != plain.psnr_approx_db
+    assert report.psnr_bf16_approx_db == plain.psnr_bf16_approx_db and report.psnr_bf16_db == plain.psnr_bf16_db
+
+
 def test_psnr():
     import numpy as np
     a = np.zeros((4, 4, 3), np.uint8)
@@ -64,7 +79,8 @@ def test_bench_cli_refuses_bad_settings_in_one_line(tmp_path):
     taken = tmp_path / "taken.json"
     taken.write_text("{}")
     for args in (["--size", "100"], ["--steps", "0"], ["--json", str(taken)], ["--tome", "0.9"], ["--tome", "0"],
-                 ["--deepcache", "1"], ["--tome", "0.5", "--model", "builtin"], ["--deepcache", "2", "--arch", "sdxl"]):
+                 ["--deepcache", "1"], ["--tome", "0.5", "--model", "builtin"], ["--deepcache", "2", "--arch", "sdxl"],
+                 ["--quantize", "int4"], ["--quantize", "int8", "--model", "builtin"]):
         r = CliRunner().invoke(app, ["bench", *args])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert taken.read_text() == "{}"

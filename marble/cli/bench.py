@@ -27,6 +27,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
     tome: Optional[float] = typer.Option(None, "--tome", help="SD1.5 comparison: also make marble's fp32 and bf16 images with ToMe at this ratio (0..0.75): their time and PSNR against the exact fp32 image, beside diffusers in the same run."),
     deepcache: Optional[int] = typer.Option(None, "--deepcache", help="SD1.5 comparison: also make marble's images with DeepCache at this interval (2..100), as --tome (both may be given)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="SD1.5 comparison: 'int8': the fp32 image with --tome/--deepcache (or alone) runs on a second copy of the weights with dynamic int8 Linear layers (about 4.3 GB more memory; bf16 refuses int8)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here (never overwritten)."),
     model: Optional[str] = typer.Option(None, "--model", help="Instead of the SD1.5 comparison, time this model "
                                         "(e.g. builtin) through the whole pipeline at its defaults: warm seconds per "
@@ -53,8 +54,10 @@ def bench(
     if dtype is not None and model is None:
         fail("--dtype is an option of --model (the SD1.5 comparison times fp32 and bf16 itself)")
     approximations = {k: v for k, v in (("tome", tome), ("deepcache", deepcache)) if v is not None}
-    if approximations and (model is not None or arch != "sd15"):
-        fail("--tome and --deepcache are options of the SD1.5 comparison")
+    if (approximations or quantize is not None) and (model is not None or arch != "sd15"):
+        fail("--tome, --deepcache and --quantize are options of the SD1.5 comparison")
+    if quantize is not None and quantize != "int8":
+        fail(f"--quantize must be int8, not {quantize!r}")
     if approximations:
         import math
 
@@ -103,7 +106,7 @@ def bench(
     settings = BenchSettings(size=size, steps=2 if quick else steps, cfg=cfg, unet_calls=1 if quick else unet_calls,
                              decodes=1 if quick else 2, images=not no_images, diffusers=not no_diffusers,
                              bf16=not no_bf16, channels_last=channels_last, threads=threads,
-                             approximations=approximations)
+                             approximations=approximations, quantize=quantize)
     report = run_bench(settings, log=info)
     typer.echo(report.markdown())
     if json_out is not None:

@@ -6,9 +6,10 @@ what counts is time and memory. diffusers' pipeline is built around the very sam
 copy) and starts from the same initial latent, so its image is also a full-size parity check.
 Reported: seconds per U-Net step (one CFG-batched call, batch 2), per VAE decode, per image; peak
 RSS of each phase; the marble / diffusers ratio; and marble's bf16 mode with its PSNR against fp32.
-With opt-in approximations (`approximations`: request fields such as {"tome": 0.5}), marble's fp32
-and bf16 images are made again with them: image time and PSNR against the exact fp32 image, so the
-issue's "≤ 0.5× diffusers with approximations that keep 30 dB" is one run's ratio.
+With opt-in approximations (`approximations`: request fields such as {"tome": 0.5}; `quantize`:
+"int8", on a second copy of the weights, fp32 only), marble's fp32 and bf16 images are made again
+with them: image time and PSNR against the exact fp32 image, so the issue's "≤ 0.5× diffusers with
+approximations that keep 30 dB" is one run's ratio.
 """
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None
     approximations: dict = field(default_factory=dict)   # request fields, e.g. {"tome": 0.5}: extra image rows
+    quantize: str | None = None   # "int8": the fp32 extra row runs a quantised copy (bf16 refuses it)
 
-    def approximation_label(self) -> str:
+    def approximation_label(self, quantized: bool = True) -> str:
         names = {"tome": "ToMe", "deepcache": "DeepCache"}
-        return " + ".join(f"{names.get(k, k)} {v:g}" for k, v in self.approximations.items())
+        parts = [f"{names.get(k, k)} {v:g}" for k, v in self.approximations.items()]
+        return " + ".join(parts + ([self.quantize] if quantized and self.quantize else []))
 
 
 @dataclass
@@ -200,8 +203,10 @@ def diffusers_pipeline(model: LatentDiffusion):
 # --- timing ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log, fields: dict | None = None) -> Timing:
-    """U-Net step, decode and whole image as s asks; `fields`: extra request fields for the image."""
+def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log, fields: dict | None = None,
+                quantize: str | None = None) -> Timing:
+    """U-Net step, decode and whole image as s asks; `fields`: extra request fields for the image;
+    `quantize`: the image's pipeline quantises the model's U-Net (in place)."""
     from marble.pipeline import Pipeline
     from marble.request import GenerationRequest, resolve
 
@@ -222,7 +227,7 @@ def time_marble(model: LatentDiffusion, s: BenchSettings, log: Log, fields: dict
         out.vae_decode_s = median_time(lambda: model.vae.decode(x), s.decodes)
         log(f"  VAE decode {s.size}²: {out.vae_decode_s:.2f} s")
     if s.images:
-        pipe = Pipeline(LoadedModel(model, s.preset, "random"))
+        pipe = Pipeline(LoadedModel(model, s.preset, "random"), quantize=quantize)
         request = resolve(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=s.seed, steps=s.steps,
                                             sampler="Euler", cfg=s.cfg, width=s.size, height=s.size, **(fields or {})),
                           pipe.defaults)
@@ -339,9 +344,9 @@ class BenchReport:
     def markdown(self) -> str:
         s = self.settings
         fmt = lambda v, unit: "—" if v is None else f"{v:.2f} {unit}"   # noqa: E731
-        approx = s.approximation_label()
+        approx, approx16 = s.approximation_label(), s.approximation_label(quantized=False)
         cols = [("marble fp32", self.marble), ("diffusers fp32", self.diffusers), ("marble bf16", self.marble_bf16),
-                (f"marble fp32 + {approx}", self.marble_approx), (f"marble bf16 + {approx}", self.marble_bf16_approx)]
+                (f"marble fp32 + {approx}", self.marble_approx), (f"marble bf16 + {approx16}", self.marble_bf16_approx)]
         cols = [(n, t) for n, t in cols if t is not None]
         lines = [f"SD1.5 architecture, random weights ({self.weights_gb:.2f} GB fp32), {s.size}×{s.size}, "
                  f"Euler {s.steps} steps, CFG {s.cfg:g}, {self.threads} threads",
@@ -359,12 +364,13 @@ class BenchReport:
                          f"saturated, where a sign flip is a full-scale difference)")
         if self.psnr_bf16_db is not None:
             extra.append(f"bf16 image vs fp32 image: PSNR {self.psnr_bf16_db:.1f} dB")
-        for name, db in ((f"fp32 + {approx}", self.psnr_approx_db), (f"bf16 + {approx}", self.psnr_bf16_approx_db)):
+        for name, db in ((f"fp32 + {approx}", self.psnr_approx_db), (f"bf16 + {approx16}", self.psnr_bf16_approx_db)):
             if db is not None:
                 extra.append(f"{name} image vs fp32 image: PSNR {db:.1f} dB")
         if self.marble_approx is not None and self.image_ratios():
             extra.append("image / diffusers fp32 image: " + ", ".join(
-                f"{k.replace('_approx', ' + ' + approx)} {v:.2f}×" for k, v in self.image_ratios().items()))
+                f"{k.replace('bf16_approx', 'bf16 + ' + approx16).replace('fp32_approx', 'fp32 + ' + approx)} {v:.2f}×"
+                for k, v in self.image_ratios().items()))
         return "\n".join(lines + [""] + extra)
 
 
@@ -388,10 +394,13 @@ def run_bench(s: BenchSettings, log: Log = print, config: LatentDiffusionConfig 
     log("marble fp32:")
     report.marble = time_marble(model, s, log)
     images_only = replace(s, unet_calls=0, decodes=0)
-    if s.approximations and s.images:
+    if (s.approximations or s.quantize) and s.images:
         log(f"marble fp32 + {s.approximation_label()}:")
-        report.marble_approx = time_marble(model, images_only, log, s.approximations)
+        # quantising rewrites a U-Net in place: a second copy of the same seeded weights
+        fp32 = random_sd_model(config or s.preset, s.seed) if s.quantize else model
+        report.marble_approx = time_marble(fp32, images_only, log, s.approximations, quantize=s.quantize)
         report.psnr_approx_db = psnr(report.marble.image, report.marble_approx.image)
+        del fp32
     if report.diffusers is not None and report.diffusers.image is not None and report.marble.image is not None:
         diff = np.abs(report.marble.image.astype(int) - report.diffusers.image.astype(int))
         report.max_pixel_diff_vs_diffusers = int(diff.max())
@@ -407,7 +416,7 @@ def run_bench(s: BenchSettings, log: Log = print, config: LatentDiffusionConfig 
         if fp32_image is not None and report.marble_bf16.image is not None:
             report.psnr_bf16_db = psnr(fp32_image, report.marble_bf16.image)
         if s.approximations and s.images:
-            log(f"marble bf16 + {s.approximation_label()}:")
+            log(f"marble bf16 + {s.approximation_label(quantized=False)}:")
             report.marble_bf16_approx = time_marble(model, images_only, log, s.approximations)
             report.psnr_bf16_approx_db = psnr(fp32_image, report.marble_bf16_approx.image)
     return report
