@@ -32,7 +32,7 @@ import torch
 
 from marble.checkpoints.resolve import LoadedModel
 from marble.cpu_features import cpu_flags, cpu_name
-from marble.eval.sd_bench import random_sd_model
+from marble.eval.sd_bench import psnr, random_sd_model
 from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, resolve
 
@@ -60,12 +60,6 @@ VARIANTS = {
     "bf16 + ToMe 0.5": ({"tome": 0.5}, "bf16"),
 }
 DEFAULT_VARIANTS = ("DeepCache 2", "DeepCache 3", "ToMe 0.5", "int8", "DeepCache 3 + ToMe 0.5 + int8")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two 8-bit images in dB: 10·log10(255² / MSE); inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def cpu_label() -> str:

@@ -18,6 +18,7 @@ from marble.checkpoints.checkpoint import state_hash
 from marble.checkpoints.resolve import LoadedModel, random_model
 from marble.cli import app
 from marble.diffusion.schedule import spacing
+from marble.eval.sd_bench import psnr
 from marble.errors import LoraError, ModelLoadError
 from marble.models.deepcache import DeepCache, deepcache_denoiser
 from marble.models.quantize import is_quantized
@@ -302,27 +303,24 @@ FLOORS = {"DeepCache 2": ({"deepcache": 2}, False, 20.0), "DeepCache 3": ({"deep
           "ToMe 0.5": ({"tome": 0.5}, False, 20.0), "int8": ({}, True, 30.0)}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
-@pytest.fixture(scope="module")
-def builtin_pipes():
-    from marble.pipeline import load_pipeline
-    return {False: load_pipeline("builtin"), True: load_pipeline("builtin", quantize="int8")}
-
-
 def builtin_images(pipe, **fields) -> list[np.ndarray]:
     return [np.asarray(pipe.generate(resolve(GenerationRequest(prompt=p, seed=1000 + i, **fields),
                                              pipe.defaults)).images[0]) for i, p in enumerate(FLOOR_PROMPTS)]
 
 
+@pytest.fixture(scope="module")
+def builtin_pipes():
+    """The exact and the int8 pipeline, and the exact images every floor is measured against (made once)."""
+    from marble.pipeline import load_pipeline
+    exact = load_pipeline("builtin")
+    return {False: exact, True: load_pipeline("builtin", quantize="int8")}, builtin_images(exact)
+
+
 @pytest.mark.parametrize("name", list(FLOORS))
 def test_each_approximation_keeps_its_stated_quality_floor_on_the_builtin_model(builtin_pipes, name):
     fields, quantized, floor = FLOORS[name]
-    exact = builtin_images(builtin_pipes[False])
-    approx = builtin_images(builtin_pipes[quantized], **fields)
+    pipes, exact = builtin_pipes
+    approx = builtin_images(pipes[quantized], **fields)
     scores = [psnr(a, b) for a, b in zip(approx, exact)]
     assert all(np.isfinite(scores)), f"{name} left an image unchanged: is it applied?"
     assert np.mean(scores) >= floor, f"{name}: mean PSNR {np.mean(scores):.1f} dB below its floor {floor} dB"
