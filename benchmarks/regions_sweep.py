@@ -33,6 +33,8 @@ def point_name(strength: float, decay: float, args) -> str:
         extra += f"-w{args.weight or 1:g}-{args.mode or 'balanced'}"
     if args.cfg is not None:
         extra += f"-cfg{args.cfg:g}"
+    if args.scenes != "prompt":
+        extra += f"-scenes-{args.scenes}"
     return f"s{strength:g}-d{decay:g}{extra}"
 
 
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default=None, help="its control mode (default balanced)")
     ap.add_argument("--cfg", type=float, default=None, help="the CFG scale (default: the model's)")
     ap.add_argument("--control-model", type=Path, default=CONTROLNET, help="the ControlNet (default: the shipped one)")
+    ap.add_argument("--scenes", default="prompt", choices=("prompt", "image"),
+                    help="one scene a prompt (default) or one an image (marble eval --scenes)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     categories = tuple(c.strip() for c in args.categories.split(","))
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
                 unit = {k: v for k, v in (("weight", args.weight), ("mode", args.mode)) if v is not None}
                 report, _ = control_eval("builtin", args.control_model.resolve(), prompts, seeds, args.split, None, None, args.cfg,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
-                                         regions=strength)
+                                         regions=strength, scenes_per=args.scenes)
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
                 report["regions_self_attention"] = args.self_attention
                 tmp = path.with_suffix(".part")

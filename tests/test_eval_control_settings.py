@@ -64,6 +64,7 @@ def test_weight_0_is_the_run_without_and_an_explicit_default_unit_is_the_default
     assert all(ctrl[k] != plain[k] for k in ctrl), "the ControlNet must change every image, or weight 0 proves nothing"
     assert default["control_settings"] == {"weight": 1.0, "mode": "Balanced", "start": 0.0, "end": 1.0,
                                            "resize": "Just Resize", "regions": 0.0}
+    assert default["scenes_per"] == "prompt"
     assert {p["category"] for p in default["with_control"]["prompts"]} == {"position", "color_attr"}
     assert set(default["side_by_side"]) == {"position", "color_attr", "overall"}
 
@@ -100,6 +101,7 @@ def test_the_json_records_the_unit_with_the_mode_by_its_canonical_name(controlne
     (["--control-start", "0.6", "--control-end", "0.4"], "guidance start 0.6 must be below guidance end 0.4"),
     (["--control-end", "1.5"], "guidance end must be a number in [0, 1]"),
     (["--regions", "12"], "regions must be a number in [0, 10]"),
+    (["--scenes", "seed"], "--scenes must be one of prompt, image, got 'seed'"),
 ])
 def test_a_bad_unit_is_one_line_exit_2_before_any_image(controlnet, tmp_path, images, args, message):
     out = tmp_path / "out.json"
@@ -115,6 +117,7 @@ def test_a_bad_unit_is_one_line_exit_2_before_any_image(controlnet, tmp_path, im
     (["--control-start", "0.1", "--control-end", "0.9"], "--control-start needs --control sketch"),
     (["--control-only"], "--control-only needs --control sketch"),
     (["--regions", "0.5"], "--regions needs --control sketch"),
+    (["--scenes", "image"], "--scenes needs --control sketch"),
     (["--categories", "position,colour_attr"],
      "--categories: unknown category 'colour_attr'; choose from " + ", ".join(CATEGORIES)),
     (["--categories", ","], "--categories: no category given"),
@@ -124,6 +127,37 @@ def test_unit_flags_without_control_and_unknown_categories_are_one_line_exit_2(t
     r = runner.invoke(app, ["eval", "--model", "tiny-random", "--steps", "2", *args, "--json", str(out)])
     assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not out.exists() and not images
+
+
+def test_scenes_per_image_sketch_a_scene_of_its_own_for_every_seed():
+    """--scenes image: image (text, seed) is steered by the sketch of truth_scene(requirement,
+    1000 + seed); --scenes prompt: every seed by the prompt's one scene, truth_scene(requirement, 0)."""
+    from marble.data.sketch import sketch
+    from marble.eval.control import image_scenes, prompt_scenes, scene_keys, sketch_source
+    from marble.eval.prompts import truth_scene
+    prompts = build_prompts("heldout", {"counting": 4})
+    seeds = [0, 1, 2]
+    echo = lambda prompt, seed, image: image        # noqa: E731  (the control image each image gets)
+    per_image = sketch_source(echo, image_scenes(prompts, seeds), 64, scene_keys("image"))
+    per_prompt = sketch_source(echo, prompt_scenes(prompts), 64)
+    for p in prompts:
+        drawn = [per_image(p.text, s).tobytes() for s in seeds]
+        assert drawn == [sketch(truth_scene(p.requirement, 1000 + s), 64).tobytes() for s in seeds]
+        assert len(set(drawn)) == len(seeds), "every seed gets a layout of its own"
+        once = sketch(truth_scene(p.requirement, 0), 64).tobytes()
+        assert [per_prompt(p.text, s).tobytes() for s in seeds] == [once] * len(seeds)
+        assert once not in drawn
+
+
+def test_the_json_names_each_images_scene_with_scenes_image(controlnet, tmp_path, images):
+    from marble.eval.prompts import truth_scene
+    report = run_eval(tmp_path, "img", "--control", "sketch", "--control-model", controlnet, "--control-only",
+                      "--scenes", "image")
+    prompts = {p["prompt"]: p for p in report["with_control"]["prompts"]}
+    assert report["scenes_per"] == "image" and len(images) == 2
+    assert set(report["scenes"]) == {f"{text} #0" for text in prompts}
+    for p in build_prompts("heldout", {c: n for c, n in scale_counts(6).items() if c in ("position", "color_attr")}):
+        assert report["scenes"][f"{p.text} #0"] == truth_scene(p.requirement, 1000).to_dict()
 
 
 @pytest.mark.parametrize("split", ["seen", "heldout"])

@@ -132,6 +132,9 @@ def eval_command(
     regions: Optional[float] = typer.Option(None, "--regions", help="With --control: also bind the caption's colour "
                                             "phrases to the sketch's colour regions (generate's --regions), this "
                                             "strong, 0..10."),
+    scenes: str = typer.Option("prompt", "--scenes", help="With --control: 'prompt' (each prompt's one scene, "
+                               "sketched for all its seeds) or 'image' (a scene of its own for every image: as "
+                               "many layouts as images). docs/controlnet-training.md#evaluating-it."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories, comma-separated "
                                              "(e.g. position,color_attr); each keeps the prompts it has in the full "
                                              "run of --prompts. Default: all six."),
@@ -149,16 +152,19 @@ def eval_command(
     counts = category_counts(prompts, categories)
     unit = {"weight": control_weight, "mode": control_mode, "start": control_start, "end": control_end}
     unit_flags = [f"--control-{k}" for k, v in unit.items() if v is not None] + (["--control-only"] if control_only else []) \
-        + (["--regions"] if regions is not None else [])
+        + (["--regions"] if regions is not None else []) + (["--scenes"] if scenes != "prompt" else [])
     if control is not None or control_model is not None or unit_flags:
         if deepcache is not None or tome is not None or quantize is not None:
             fail("--control runs the exact path: leave out --deepcache, --tome and --quantize")
         control_path = check_control(control, control_model, model, probe, unit_flags)
+        from marble.eval.control import SCENES_PER
+        if scenes not in SCENES_PER:
+            fail(f"--scenes must be one of {', '.join(SCENES_PER)}, got {scenes!r}")
         prompt_list = build_prompts(split, counts)
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
                                      threads, lora, dtype, trace, keep_tiles=sheet is not None,
                                      unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only,
-                                     regions=regions)
+                                     regions=regions, scenes_per=scenes)
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
             _write_sheet(sheet, tiles, group=2)
@@ -308,11 +314,12 @@ def check_control(control: str | None, control_model: Path | None, model: str, p
 
 def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[int], split: str, sampler, steps, cfg,
                  threads: int, loras, dtype: str, trace: bool, keep_tiles: bool, unit: dict | None = None,
-                 baseline: bool = True, regions: float | None = None) -> tuple[dict, list]:
+                 baseline: bool = True, regions: float | None = None, scenes_per: str = "prompt") -> tuple[dict, list]:
     """Both runs on one loaded model: with the sketch ControlNet, then (`baseline`) without it.
     `unit`: the ControlNet unit's weight, mode, start and end where given (ControlSpec's defaults
     otherwise); `regions`: the strength binding the caption's colour phrases to the sketch
-    (marble.adapters.regions) in the controlled run. Prints the side-by-side table and returns the
+    (marble.adapters.regions) in the controlled run; `scenes_per`: one scene a prompt or one an
+    image (marble.eval.control). Prints the side-by-side table and returns the
     JSON report and the controlled run's sheet tiles."""
     from dataclasses import replace
 
@@ -322,7 +329,8 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
     from marble.errors import ModelLoadError
     from marble.eval.benchmark import markdown_table
     from marble.data.sketch import sketch
-    from marble.eval.control import bar_verdict, comparison_table, prompt_scenes, side_by_side, sketch_source
+    from marble.eval.control import (bar_verdict, comparison_table, image_scenes, prompt_scenes, scene_keys,
+                                     side_by_side, sketch_source)
     from marble.request import GenerationRequest, RequestError, resolve
 
     compute_dtype = read_dtype(dtype)
@@ -350,11 +358,14 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
 
     size = min(req.width, req.height)
-    scenes = prompt_scenes(prompt_list, size)
-    with_result, tiles = _run(sketch_source(controlled, scenes, size), prompt_list, seed_list, f"{split} + sketch",
-                              keep_tiles)
-    # the sheet pairs each result with the sketch that steered it (a tile's caption is "[category] text")
-    tiles = [t for tile in tiles for t in ((sketch(scenes[tile[2].split("] ", 1)[1]], size), None, "sketch"), tile)]
+    scenes = prompt_scenes(prompt_list, size) if scenes_per == "prompt" else image_scenes(prompt_list, seed_list, size)
+    key = scene_keys(scenes_per)
+    with_result, tiles = _run(sketch_source(controlled, scenes, size, key), prompt_list, seed_list,
+                              f"{split} + sketch", keep_tiles)
+    # the sheet pairs each result (the first seed's) with the sketch that steered it; a tile's
+    # caption is "[category] text"
+    tiles = [t for tile in tiles
+             for t in ((sketch(scenes[key(tile[2].split("] ", 1)[1], seed_list[0])], size), None, "sketch"), tile)]
     with_d = with_result.to_dict()
     typer.echo(markdown_table(with_result))
     if baseline:
@@ -373,6 +384,7 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
                                 "base_model_hash": base_hash},
               "control_settings": {"weight": spec.weight, "mode": spec.mode, "start": spec.start, "end": spec.end,
                                    "resize": spec.resize, "regions": req.regions},
+              "scenes_per": scenes_per,
               "side_by_side": table, "bar": bar_verdict(table), "with_control": with_d, "without_control": without_d,
               "scenes": {text: scene.to_dict() for text, scene in scenes.items()}}
     return report, tiles
