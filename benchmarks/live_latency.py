@@ -24,7 +24,6 @@ import argparse
 import base64
 import io
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 
 from marble.cli.serve import default_live_model
+from marble.cpu_features import cpu_name
 from marble.pipeline import load_pipeline
 from marble.request import GenerationRequest, resolve
 from marble.server.app import create_app
@@ -46,16 +46,6 @@ from marble.server.thread import ServerThread
 PROMPT = "two red circles above a blue square"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def type_and_measure(page, prompt: str, delay_ms: float) -> dict:
@@ -105,7 +95,7 @@ def run(args) -> dict:
     want = np.asarray(chosen.generate(resolve(request, chosen.defaults)).images[0])
     latencies = got["latencies"]
     server_ms = [1000 * s["seconds"] for s in got["shown"]]
-    return {"cpu": cpu_model(), "threads": args.threads, "trace": args.trace, "model": settings["model"], "steps": settings["steps"],
+    return {"cpu": cpu_name(), "threads": args.threads, "trace": args.trace, "model": settings["model"], "steps": settings["steps"],
             "sampler": settings["sampler"], "cfg": settings["cfg"], "size": f"{settings['width']}x{settings['height']}",
             "debounce_ms": args.debounce_ms, "delay_ms": args.delay_ms, "keys": len(PROMPT),
             "images": len(got["shown"]), "stale": len(got["stale"]), "final_equals_generate": bool(np.array_equal(drawn, want)),

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None and args.json.exists():
         ap.error(f"{args.json} exists; not overwritten")
 
-    from marble.eval.sdxl_bench import cpu_model
+    from marble.cpu_features import cpu_name
     from marble.models.stable_diffusion import sd_config
     from sd15_memory import ARCHS, write_fp16_single_file
     times: dict[str, list[float]] = {f"{v}, hash {h}": [] for v in variants for h in ("cold", "warm")}
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> None:
                 times[f"{v}, hash warm"].append(load_seconds(v, path, cache, args.threads))   # the same cache, now filled
                 print(f"run {run + 1}: {v}: cold {times[f'{v}, hash cold'][-1]:.2f} s, "
                       f"warm {times[f'{v}, hash warm'][-1]:.2f} s", flush=True)
-    print(f"\n{args.arch}, fp16 single file {nbytes / 1e9:.3f} GB, {args.threads} threads, {cpu_model()}, "
+    print(f"\n{args.arch}, fp16 single file {nbytes / 1e9:.3f} GB, {args.threads} threads, {cpu_name()}, "
           f"median of {args.runs}\n\n| load | seconds |\n|---|---:|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.2f} |")
     if args.json is not None:
         from marble.fileio import write_new
-        report = {"arch": args.arch, "weights_gb": nbytes / 1e9, "threads": args.threads, "cpu": cpu_model(),
+        report = {"arch": args.arch, "weights_gb": nbytes / 1e9, "threads": args.threads, "cpu": cpu_name(),
                   "runs": args.runs, "seconds": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}
         write_new(args.json, (json.dumps(report, indent=1) + "\n").encode())
 

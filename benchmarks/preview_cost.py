@@ -16,27 +16,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from marble.cpu_features import cpu_flags, cpu_name
 from marble.models.latent_preview import LATENT_RGB
 from marble.pipeline import load_pipeline, pixels_to_pil
 from marble.request import GenerationRequest, resolve
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
-        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-        return f"{name} ({', '.join(simd) or 'no AVX2'})"
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
+def cpu_label() -> str:
+    flags = cpu_flags()
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{cpu_name()} ({', '.join(simd) or 'no AVX2'})"
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -102,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"CPU: {cpu_label()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"medians of {args.repeats}")
     print(f"{'model':<12} {'size':<8} {'CFG':>4} {'step ms':>9} {'preview ms':>11} {'preview/step':>13} "
           f"{'VAE preview ms':>15}")

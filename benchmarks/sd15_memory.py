@@ -285,7 +285,8 @@ def measure(size: int = 512, steps: int = 2, cfg: float = 7.5, threads: int | No
             rows: dict[str, bool] = ROWS, log=print, arch: str = "sd15", vae_tile_size: int = 0) -> dict:
     """Write the file once (`config` None: `arch`'s released architecture), then one fresh process
     per row (each with VAE tiles of `vae_tile_size` pixels; 0: untiled); the report as a dict."""
-    from marble.eval.sdxl_bench import cpu_model, malloc_trim
+    from marble.cpu_features import cpu_name
+    from marble.eval.sdxl_bench import malloc_trim
     from marble.models.stable_diffusion import sd_config
     spec = ARCHS[arch]
     model = config or sd_config(spec.preset)
@@ -298,7 +299,7 @@ def measure(size: int = 512, steps: int = 2, cfg: float = 7.5, threads: int | No
         log(f"wrote {nbytes / 1e9:.3f} GB of fp16 weights to {path} in {written:.0f} s")
         report = {"settings": {"arch": arch, "model": model.name, "size": size, "steps": steps, "sampler": "Euler",
                                "cfg": cfg, "weights": "fp16", "threads": threads, "vae_tile_size": vae_tile_size},
-                  "cpu": cpu_model(), "weights_gb": nbytes / 1e9, "file_gb": path.stat().st_size / 1e9,
+                  "cpu": cpu_name(), "weights_gb": nbytes / 1e9, "file_gb": path.stat().st_size / 1e9,
                   "networks_gb": {k: v / 1e9 for k, v in network_bytes(model).items()}, "write_seconds": written,
                   "target_gb": spec.target_gb if spec.target_ratio is None else spec.target_ratio * nbytes / 1e9,
                   "target_ratio": spec.target_ratio, "rows": {}}

@@ -61,6 +61,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sd15_memory  # noqa: E402  (the file writer, the phase clock, /proc/self/status)
 
+from marble.cpu_features import cpu_flags, cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEGATIVE, PHASES = sd15_memory.PROMPT, sd15_memory.NEGATIVE, sd15_memory.PHASES
 SDCPP_WTYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
@@ -284,21 +286,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
+def shown_flags() -> list[str]:
+    have = cpu_flags()
+    return [f for f in CPU_FLAGS if f in have]
 
 
 def measure(engines: list[dict], s: dict, sdcpp_python: Path | None, config=None, log=print,
             logs: Path | None = None) -> dict:
     """Write the file once (None: SD1.5's architecture), then each engine in a fresh process."""
-    from marble.eval.sdxl_bench import cpu_model, malloc_trim
+    from marble.eval.sdxl_bench import malloc_trim
     from marble.models.stable_diffusion import sd_config
     with tempfile.TemporaryDirectory(prefix="marble-sdcpp-compare-") as folder:
         path = Path(folder) / "sd15-random-fp16.safetensors"
@@ -309,7 +305,7 @@ def measure(engines: list[dict], s: dict, sdcpp_python: Path | None, config=None
         log(f"wrote {nbytes / 1e9:.3f} GB of fp16 weights to {path} in {time.perf_counter() - t0:.0f} s")
         report = {"settings": {**s, "sampler": "Euler", "schedule": "discrete (linspace)", "prompt": PROMPT,
                                "negative_prompt": NEGATIVE, "model": "sd15" if config is None else "custom"},
-                  "cpu": cpu_model(), "cpu_flags": cpu_flags(), "file_gb": path.stat().st_size / 1e9, "rows": []}
+                  "cpu": cpu_name(), "cpu_flags": shown_flags(), "file_gb": path.stat().st_size / 1e9, "rows": []}
         for engine in engines:
             log(f"{engine['name']}: a fresh process ...")
             row = run_engine(engine, path, s, sdcpp_python, logs)

@@ -29,6 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from marble.cpu_features import cpu_name
+
 Log = Callable[[str], None]
 SIDES = ("marble", "diffusers")
 
@@ -274,16 +276,6 @@ class SdxlBenchReport:
                            "marble_over_diffusers": self.ratios(), "unet_rel_diff": self.unet_rel_diff}, indent=2)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def run_sdxl_bench(s: SdxlBenchSettings, log: Log = print, diffusers: bool = True) -> SdxlBenchReport:
     """Each side in a fresh `python -m marble.eval.sdxl_bench` (this interpreter, this PYTHONPATH)."""
     sides = SIDES if diffusers else SIDES[:1]
@@ -300,7 +292,7 @@ def run_sdxl_bench(s: SdxlBenchSettings, log: Log = print, diffusers: bool = Tru
             results[side] = SideResult(**data, output=np.load(out, allow_pickle=False))
             r = results[side]
             log(f"  U-Net step {r.unet_step_s:.2f} s, VAE decode {r.vae_decode_s:.2f} s, peak RSS {r.peak_rss_gb:.2f} GB")
-    report = SdxlBenchReport(s, results, cpu=cpu_model())
+    report = SdxlBenchReport(s, results, cpu=cpu_name())
     if diffusers:
         a, b = results["marble"].output, results["diffusers"].output
         report.unet_rel_diff = float(np.abs(a - b).max() / np.abs(b).max())
