@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                 unit = {k: v for k, v in (("weight", args.weight), ("mode", args.mode)) if v is not None}
                 report, _ = control_eval("builtin", args.control_model.resolve(), prompts, seeds, args.split, None, None, args.cfg,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
-                                         regions=strength, scenes_per=args.scenes)
+                                         regions=strength, scenes_per=args.scenes,
+                                         full_prompts=build_prompts(args.split, scale_counts(args.prompts)))
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
                 report["regions_self_attention"] = args.self_attention
                 tmp = path.with_suffix(".part")

@@ -150,14 +150,33 @@ def test_scenes_per_image_sketch_a_scene_of_its_own_for_every_seed():
 
 
 def test_the_json_names_each_images_scene_with_scenes_image(controlnet, tmp_path, images):
-    from marble.eval.prompts import truth_scene
+    from marble.eval.control import image_scenes
     report = run_eval(tmp_path, "img", "--control", "sketch", "--control-model", controlnet, "--control-only",
                       "--scenes", "image")
     prompts = {p["prompt"]: p for p in report["with_control"]["prompts"]}
     assert report["scenes_per"] == "image" and len(images) == 2
     assert set(report["scenes"]) == {f"{text} #0" for text in prompts}
-    for p in build_prompts("heldout", {c: n for c, n in scale_counts(6).items() if c in ("position", "color_attr")}):
-        assert report["scenes"][f"{p.text} #0"] == truth_scene(p.requirement, 1000).to_dict()
+    subset = build_prompts("heldout", {c: n for c, n in scale_counts(6).items() if c in ("position", "color_attr")})
+    expected = image_scenes(subset, [0], full=build_prompts("heldout", scale_counts(6)))
+    assert report["scenes"] == {k: scene.to_dict() for k, scene in expected.items()}
+
+
+@pytest.mark.parametrize("per", ["prompt", "image"])
+def test_a_category_subset_sketches_each_text_as_the_full_run_does(per):
+    """24 of the 34 held-out colour-attribution texts are two_objects texts too, whose requirement
+    (and so truth scene) is two_objects'; the full run sketches them from that first prompt."""
+    from marble.eval.control import image_key, image_scenes, prompt_scenes
+    full = build_prompts("heldout", scale_counts(200))
+    subset = [p for p in full if p.category == "color_attr"]
+    scenes = (lambda ps, **kw: prompt_scenes(ps, **kw)) if per == "prompt" else \
+        (lambda ps, **kw: image_scenes(ps, [0, 1], **kw))
+    whole, alone, kept = scenes(full), scenes(subset), scenes(subset, full=full)
+    assert kept.keys() == alone.keys() and kept == {k: whole[k] for k in kept}
+    shared = {p.text for p in full if p.category == "two_objects"} & {p.text for p in subset}
+    assert len(shared) == 24
+    key = (lambda t: t) if per == "prompt" else (lambda t: image_key(t, 1))
+    assert all(alone[key(t)] != whole[key(t)] for t in shared), "without the full run's order, shared texts move"
+    assert all(alone[key(p.text)] == whole[key(p.text)] for p in subset if p.text not in shared)
 
 
 @pytest.mark.parametrize("split", ["seen", "heldout"])

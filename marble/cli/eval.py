@@ -160,11 +160,13 @@ def eval_command(
         from marble.eval.control import SCENES_PER
         if scenes not in SCENES_PER:
             fail(f"--scenes must be one of {', '.join(SCENES_PER)}, got {scenes!r}")
+        from marble.eval.prompts import scale_counts
         prompt_list = build_prompts(split, counts)
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
                                      threads, lora, dtype, trace, keep_tiles=sheet is not None,
                                      unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only,
-                                     regions=regions, scenes_per=scenes)
+                                     regions=regions, scenes_per=scenes,
+                                     full_prompts=build_prompts(split, scale_counts(prompts)))
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
             _write_sheet(sheet, tiles, group=2)
@@ -314,12 +316,14 @@ def check_control(control: str | None, control_model: Path | None, model: str, p
 
 def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[int], split: str, sampler, steps, cfg,
                  threads: int, loras, dtype: str, trace: bool, keep_tiles: bool, unit: dict | None = None,
-                 baseline: bool = True, regions: float | None = None, scenes_per: str = "prompt") -> tuple[dict, list]:
+                 baseline: bool = True, regions: float | None = None, scenes_per: str = "prompt",
+                 full_prompts=()) -> tuple[dict, list]:
     """Both runs on one loaded model: with the sketch ControlNet, then (`baseline`) without it.
     `unit`: the ControlNet unit's weight, mode, start and end where given (ControlSpec's defaults
     otherwise); `regions`: the strength binding the caption's colour phrases to the sketch
     (marble.adapters.regions) in the controlled run; `scenes_per`: one scene a prompt or one an
-    image (marble.eval.control). Prints the side-by-side table and returns the
+    image (marble.eval.control); `full_prompts`: the whole run's prompts when `prompt_list` is a
+    --categories subset of it, so that each text is sketched as in the whole run. Prints the side-by-side table and returns the
     JSON report and the controlled run's sheet tiles."""
     from dataclasses import replace
 
@@ -358,7 +362,8 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
         return pipe.generate_image(prompt, seed=seed, steps=steps, sampler=sampler, cfg=cfg)
 
     size = min(req.width, req.height)
-    scenes = prompt_scenes(prompt_list, size) if scenes_per == "prompt" else image_scenes(prompt_list, seed_list, size)
+    scenes = (prompt_scenes(prompt_list, size, full_prompts) if scenes_per == "prompt"
+              else image_scenes(prompt_list, seed_list, size, full_prompts))
     key = scene_keys(scenes_per)
     with_result, tiles = _run(sketch_source(controlled, scenes, size, key), prompt_list, seed_list,
                               f"{split} + sketch", keep_tiles)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from marble.data.scene import Scene
 from marble.data.sketch import sketch
-from marble.eval.prompts import Prompt, truth_scene
+from marble.eval.prompts import Prompt, Requirement, truth_scene
 
 # the issue's bar for the built-in ControlNet on held-out compositions (GenEval accuracy)
 BAR = {"position": 0.95, "counting": 0.95, "color_attr": 0.90}
@@ -30,27 +30,33 @@ IMAGE_SCENE_SEED = 1000       # --scenes image: seed s sketches scene 1000 + s, 
 SCENES_PER = ("prompt", "image")
 
 
-def prompt_scenes(prompts: Sequence[Prompt], size: int = 64) -> dict[str, Scene]:
-    """text -> the scene sketched for it (its first prompt's truth scene), deterministic."""
-    scenes: dict[str, Scene] = {}
+def _first_requirements(prompts: Sequence[Prompt]) -> dict[str, Requirement]:
+    first: dict[str, Requirement] = {}
     for p in prompts:
-        if p.text not in scenes:
-            scenes[p.text] = truth_scene(p.requirement, SCENE_SEED, size)
-    return scenes
+        first.setdefault(p.text, p.requirement)
+    return first
+
+
+def prompt_scenes(prompts: Sequence[Prompt], size: int = 64, full: Sequence[Prompt] = ()) -> dict[str, Scene]:
+    """text -> the scene sketched for it, deterministic: the truth scene of the text's first prompt
+    in `full` (the whole run's prompts: a --categories subset then sketches what the full run
+    does; a text of two_objects and color_attr has each category's requirement, and so its own
+    scene), else in `prompts`."""
+    first = _first_requirements([*full, *prompts])
+    return {text: truth_scene(first[text], SCENE_SEED, size) for text in dict.fromkeys(p.text for p in prompts)}
 
 
 def image_key(text: str, seed: int) -> str:
     return f"{text} #{seed}"
 
 
-def image_scenes(prompts: Sequence[Prompt], seeds: Sequence[int], size: int = 64) -> dict[str, Scene]:
-    """image_key(text, seed) -> a scene of its own for each image (`--scenes image`), deterministic."""
-    scenes: dict[str, Scene] = {}
-    for p in prompts:
-        for seed in seeds:
-            if image_key(p.text, seed) not in scenes:
-                scenes[image_key(p.text, seed)] = truth_scene(p.requirement, IMAGE_SCENE_SEED + seed, size)
-    return scenes
+def image_scenes(prompts: Sequence[Prompt], seeds: Sequence[int], size: int = 64,
+                 full: Sequence[Prompt] = ()) -> dict[str, Scene]:
+    """image_key(text, seed) -> a scene of its own for each image (`--scenes image`), deterministic;
+    the requirement is chosen as in prompt_scenes."""
+    first = _first_requirements([*full, *prompts])
+    return {image_key(text, seed): truth_scene(first[text], IMAGE_SCENE_SEED + seed, size)
+            for text in dict.fromkeys(p.text for p in prompts) for seed in seeds}
 
 
 def scene_keys(per: str) -> Callable[[str, int], str]:
