@@ -282,3 +282,56 @@ def test_the_controlnets_attention_too_when_asked(files, monkeypatch, mode):
         monkeypatch.setattr(regions, "CONTROLNETS", on)
         out[on] = np.asarray(pipe.generate_image("a red circle above a blue square", **options), dtype=int)
     assert np.abs(out[True] - out[False]).max() > 0
+
+
+def test_components_are_the_8_connected_blobs():
+    from marble.adapters.regions import components
+    mask = torch.zeros(9, 9)
+    mask[0:2, 0:2] = 1
+    mask[2, 2] = 1                 # touches the first blob by a corner: the same blob
+    mask[4:9, 5:8] = 1
+    mask[0, 8] = 1                 # one pixel alone
+    got = sorted((int(c.sum()), tuple(c.nonzero()[0].tolist())) for c in components(mask))
+    assert got == [(1, (0, 8)), (5, (0, 0)), (15, (4, 5))]
+    assert torch.equal(sum(components(mask)), mask) and components(torch.zeros(4, 4)) == []
+
+
+# held-out position prompts of two shapes of one colour, in each phrasing of the relation
+SAME_COLOUR = [("a red diamond below a red square", "below"), ("a red square above a red diamond", "above"),
+               ("a green circle below a green star", "below"), ("a pink diamond to the left of a pink cross", "left of"),
+               ("a pink cross on the right of a pink diamond", "right of"), ("a blue star over a blue circle", "above")]
+
+
+@pytest.mark.parametrize("prompt, relation", SAME_COLOUR)
+def test_two_phrases_of_one_colour_bind_the_silhouette_their_relation_names(prompt, relation):
+    """Oracle: each object's own silhouette, sketched alone, from a scene the world composes with
+    that relation (the first phrase's shape `relation` the second's)."""
+    from dataclasses import replace
+
+    from marble.checkpoints.resolve import load_model
+    from marble.data.sketch import sketch_indices
+    from marble.eval.prompts import Need, Requirement, truth_scene
+    text = load_model("builtin").model.text_encoder
+    (c1, s1), (c2, s2) = [(color, prompt[a:b].split()[-1]) for color, (a, b) in color_phrases(prompt)]
+    need = Requirement("position", (Need(s1, c1), Need(s2, c2)), relation)
+    for seed in range(3):
+        scene = truth_scene(need, seed)
+        regions = sketch_regions(sketch(scene), prompt, text.count_tokens, text.max_tokens)
+        assert [r.color for r in regions] == [c1, c2]
+        for region, shape in zip(regions, (s1, s2)):
+            obj = next(o for o in scene.objects if o.shape == shape)
+            alone = torch.from_numpy((sketch_indices(replace(scene, objects=(obj,))) > 0).astype(np.float32))
+            assert torch.equal(region.mask, alone), (prompt, seed, shape)
+
+
+@pytest.mark.parametrize("prompt", ["a red diamond and a red square", "a red diamond below a blue square",
+                                    "two red diamonds below a red square"])
+def test_without_a_relation_or_two_silhouettes_both_phrases_bind_the_whole_colour(prompt):
+    from marble.adapters.regions import phrase_regions
+    masks = {"red": torch.zeros(16, 16), "blue": torch.zeros(16, 16)}
+    masks["red"][1:4, 2:5] = 1
+    masks["red"][10:13, 2:5] = 1
+    masks["red"][10:13, 9:12] = 1 if prompt.startswith("two") else 0     # three red blobs: no split
+    masks["blue"][10:13, 9:12] = 1 if "blue" in prompt else 0
+    regions = phrase_regions(masks, prompt, lambda s: len(s.split()) + 2, 32)
+    assert [(r.color, torch.equal(r.mask, masks[r.color])) for r in regions] == [(c, True) for c, _ in color_phrases(prompt)]

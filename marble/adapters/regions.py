@@ -110,12 +110,56 @@ def phrase_tokens(count_tokens: Callable[[str], int], prompt: str, span: tuple[i
     return tuple(range(first, min(last, max_tokens - 1)))
 
 
+def components(mask: torch.Tensor) -> list[torch.Tensor]:
+    """The 8-connected components of a (H, W) 0/1 mask, each as a float mask: labels spread to the
+    largest label of the 3×3 neighbourhood until nothing changes (a pass per pixel of the longest
+    path). 8, not 4: a hard-edged star's tips touch its body only at corners."""
+    on = mask > 0
+    labels = torch.where(on, torch.arange(1, on.numel() + 1, dtype=torch.float64).view(on.shape), 0.0)
+    while True:
+        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * on
+        if torch.equal(grown, labels):
+            return [(labels == v).float() for v in labels[on].unique()]
+        labels = grown
+
+
+# which way the first of two phrases lies from the second: (axis of the centroid, first is lower)
+RELATION_AXES = {"left": (1, True), "right": (1, False), "above": (0, True), "over": (0, True),
+                 "below": (0, False), "under": (0, False), "beneath": (0, False)}
+
+
+def split_by_relation(masks: list[torch.Tensor], between: str) -> list[torch.Tensor] | None:
+    """Two phrases of one colour ("a red diamond below a red square") and that colour's two
+    silhouettes: the silhouette each phrase names by the relation word between them (first,
+    second), or None where the words or the silhouettes do not say (no relation word, not two)."""
+    words = [w for w in re.findall(r"[a-z]+", between.lower()) if w in RELATION_AXES]
+    if len(masks) != 2 or len(words) != 1:
+        return None
+    axis, first_lower = RELATION_AXES[words[0]]
+    a, b = (float(m.nonzero()[:, axis].double().mean()) for m in masks)   # centroid row (0) or column (1)
+    if a == b:
+        return None
+    low, high = masks if a < b else masks[::-1]
+    return [low, high] if first_lower else [high, low]
+
+
 def phrase_regions(masks: dict[str, torch.Tensor], prompt: str, count_tokens: Callable[[str], int], max_tokens: int
                    ) -> list[Region]:
     """One region per colour phrase of the prompt whose colour has a mask ({colour name: (H, W)}): a
-    phrase whose colour is absent, and a colour no phrase names, bind nothing."""
-    return [Region(color, masks[color], tokens) for color, span in color_phrases(prompt)
-            if color in masks and (tokens := phrase_tokens(count_tokens, prompt, span, max_tokens))]
+    phrase whose colour is absent, and a colour no phrase names, bind nothing. Where exactly two
+    phrases share a colour and a relation word stands between them, each binds only the silhouette
+    the relation gives it (split_by_relation); otherwise both bind the whole colour, and the
+    attention could not tell "a red diamond below a red square" from its mirror."""
+    phrases = [(color, span) for color, span in color_phrases(prompt) if color in masks]
+    own = {}
+    for color in {c for c, _ in phrases}:
+        spans = [span for c, span in phrases if c == color]
+        if len(spans) == 2:
+            split = split_by_relation(components(masks[color]), prompt[spans[0][1]:spans[1][0]])
+            if split is not None:
+                own.update(zip(spans, split))
+    return [Region(color, own.get(span, masks[color]), tokens) for color, span in phrases
+            if (tokens := phrase_tokens(count_tokens, prompt, span, max_tokens))]
 
 
 def sketch_regions(image: Image.Image, prompt: str, count_tokens: Callable[[str], int], max_tokens: int
