@@ -323,8 +323,8 @@ def control_eval(model: str, control_path: Path, prompt_list, seed_list: list[in
     otherwise); `regions`: the strength binding the caption's colour phrases to the sketch
     (marble.adapters.regions) in the controlled run; `scenes_per`: one scene a prompt or one an
     image (marble.eval.control); `full_prompts`: the whole run's prompts when `prompt_list` is a
-    --categories subset of it, so that each text is sketched as in the whole run. Prints the side-by-side table and returns the
-    JSON report and the controlled run's sheet tiles."""
+    --categories subset of it, so that each text is sketched as in the whole run. Prints the
+    side-by-side table and returns the JSON report and the controlled run's sheet tiles."""
     from dataclasses import replace
 
     from PIL import Image
