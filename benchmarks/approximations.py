@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from marble.checkpoints.resolve import LoadedModel
-from marble.cpu_features import cpu_flags, cpu_name
+from marble.cpu_features import cpu_label
 from marble.eval.sd_bench import psnr, random_sd_model
 from marble.pipeline import Pipeline, load_pipeline
 from marble.request import GenerationRequest, resolve
@@ -60,13 +60,6 @@ VARIANTS = {
     "bf16 + ToMe 0.5": ({"tome": 0.5}, "bf16"),
 }
 DEFAULT_VARIANTS = ("DeepCache 2", "DeepCache 3", "ToMe 0.5", "int8", "DeepCache 3 + ToMe 0.5 + int8")
-
-
-def cpu_label() -> str:
-    """The model name and the flags that decide the kernels (both AMD EPYCs here are "AMD EPYC")."""
-    flags = cpu_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{cpu_name()} ({' '.join(shown) or 'no AVX2'})"
 
 
 def pipelines(kinds: set[str], model: str | None = None, random_sd: str | None = None) -> dict[str, Pipeline]:

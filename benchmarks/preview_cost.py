@@ -21,16 +21,10 @@ import time
 
 import torch
 
-from marble.cpu_features import cpu_flags, cpu_name
+from marble.cpu_features import cpu_label
 from marble.models.latent_preview import LATENT_RGB
 from marble.pipeline import load_pipeline, pixels_to_pil
 from marble.request import GenerationRequest, resolve
-
-
-def cpu_label() -> str:
-    flags = cpu_flags()
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{cpu_name()} ({', '.join(simd) or 'no AVX2'})"
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from marble.adapters.controlnet import ControlSpec
     from marble.checkpoints.resolve import load_model
     from marble.cli.compute import apply_threads
-    from marble.cpu_features import cpu_flags, cpu_name
+    from marble.cpu_features import cpu_label
     from marble.data.sketch import sketch
     from marble.eval.control import prompt_scenes
     from marble.eval.prompts import build_prompts
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
             pipe.generate_image(prompt.text, seed=i, controls=(spec,), regions=strength)
             if i:
                 times[name].append(time.perf_counter() - start)
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "amx", "avx2"))))
-    print(f"{cpu_name()} ({flags}), {args.threads} threads, fp32, built-in model 64x64, DPM++ 2M Karras 15 steps, CFG 4; "
+    print(f"{cpu_label()}, {args.threads} threads, fp32, built-in model 64x64, DPM++ 2M Karras 15 steps, CFG 4; "
           f"{prompt.text!r}; medians of {args.runs}")
     medians = {k: statistics.median(v) for k, v in times.items()}
     for name, m in medians.items():

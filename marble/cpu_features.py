@@ -52,6 +52,16 @@ def cpu_flags(text: str | None = None) -> frozenset[str]:
     return frozenset(line.split())
 
 
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")   # the flags that pick torch's kernels
+
+
+def cpu_label(text: str | None = None) -> str:
+    """The name and the kernel-deciding flags, for a benchmark's header: both EPYCs here are
+    called "AMD EPYC", and only their flags tell them apart."""
+    flags = cpu_flags(text)
+    return f"{cpu_name(text)} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'})"
+
+
 def native_bf16(text: str | None = None) -> bool:
     """True where bf16 matrix products run in hardware (AMX or AVX512-BF16)."""
     return any(flag in cpu_flags(text) for flag in NATIVE_BF16_FLAGS)

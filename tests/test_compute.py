@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from marble import cpu_features
 from marble.cli import app
-from marble.cpu_features import cpu_flags, cpu_name, dtype_name, dtype_warning, native_bf16, resolve_dtype
+from marble.cpu_features import cpu_flags, cpu_label, cpu_name, dtype_name, dtype_warning, native_bf16, resolve_dtype
 from marble.errors import ModelLoadError
 from marble.threads import SPIN_COUNT, quiet_spin
 
@@ -42,6 +42,9 @@ def test_cpu_probe_reads_name_and_flags_of_each_machine():
     assert "avx2" in cpu_flags(AVX2_EPYC) and "amx_bf16" in cpu_flags(AMX_XEON)
     assert "bf16" in cpu_flags(ARM)
     assert [native_bf16(t) for t in (AVX2_EPYC, BF16_EPYC, AMX_XEON, "")] == [False, True, True, False]
+    assert [cpu_label(t) for t in (AVX2_EPYC, BF16_EPYC, AMX_XEON)] == [
+        "AMD EPYC (avx2)", "AMD EPYC 9R14 (avx2 avx512f avx512_bf16)",
+        "Intel(R) Xeon(R) Platinum 8488C (avx2 avx512f avx512_bf16 amx_bf16)"]
 
 
 def test_auto_dtype_is_bf16_only_where_native():
