@@ -146,20 +146,28 @@ def resolve(request: GenerationRequest, defaults: ModelDefaults) -> ResolvedRequ
     return ResolvedRequest(**fields_, text_prompt=text_prompt, lora_specs=lora_specs, warnings=warnings)
 
 
-def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict:
-    """DeepCache's interval and ToMe's ratio, checked: {deepcache: 1, tome: 0.0} when off."""
-    interval = 1 if request.deepcache is None else request.deepcache
+def check_approximations(deepcache, tome) -> dict:
+    """DeepCache's interval and ToMe's ratio, range-checked (RequestError): {deepcache: 1, tome:
+    0.0} when off (None)."""
+    interval = 1 if deepcache is None else deepcache
     if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
         raise RequestError(f"deepcache must be an integer in [1, {MAX_INTERVAL}] (1 = off), got {interval!r}")
-    ratio = 0.0 if request.tome is None else request.tome
+    ratio = 0.0 if tome is None else tome
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
             or not 0 <= ratio <= MAX_RATIO:
         raise RequestError(f"tome must be a number in [0, {MAX_RATIO:g}] (0 = off), got {ratio!r}")
+    return {"deepcache": interval, "tome": float(ratio)}
+
+
+def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict:
+    """check_approximations, and what the model and the request allow with them."""
+    checked = check_approximations(request.deepcache, request.tome)
+    interval, ratio = checked["deepcache"], checked["tome"]
     if (interval > 1 or ratio) and not defaults.unet:
         raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
     if interval > 1 and request.controls:
         raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
-    return {"deepcache": interval, "tome": float(ratio)}
+    return checked
 
 
 def _regions(request: GenerationRequest, defaults: ModelDefaults) -> float:
