@@ -368,9 +368,9 @@ class BenchReport:
             if db is not None:
                 extra.append(f"{name} image vs fp32 image: PSNR {db:.1f} dB")
         if self.marble_approx is not None and self.image_ratios():
+            names = {"fp32_approx": f"fp32 + {approx}", "bf16_approx": f"bf16 + {approx16}"}
             extra.append("image / diffusers fp32 image: " + ", ".join(
-                f"{k.replace('bf16_approx', 'bf16 + ' + approx16).replace('fp32_approx', 'fp32 + ' + approx)} {v:.2f}×"
-                for k, v in self.image_ratios().items()))
+                f"{names.get(k, k)} {v:.2f}×" for k, v in self.image_ratios().items()))
         return "\n".join(lines + [""] + extra)
 
 
