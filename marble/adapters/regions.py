@@ -128,12 +128,16 @@ RELATION_AXES = {"left": (1, True), "right": (1, False), "above": (0, True), "ov
                  "below": (0, False), "under": (0, False), "beneath": (0, False)}
 
 
-def split_by_relation(masks: list[torch.Tensor], between: str) -> list[torch.Tensor] | None:
-    """Two phrases of one colour ("a red diamond below a red square") and that colour's two
-    silhouettes: the silhouette each phrase names by the relation word between them (first,
-    second), or None where the words or the silhouettes do not say (no relation word, not two)."""
+def split_by_relation(mask: torch.Tensor, between: str) -> list[torch.Tensor] | None:
+    """Two phrases of one colour ("a red diamond below a red square") and that colour's mask: the
+    silhouette each phrase names by the relation word between them (first, second), or None where
+    the words or the silhouettes do not say (no single relation word, not two blobs). The words are
+    read first: the blobs cost a pass per pixel of the longest path."""
     words = [w for w in re.findall(r"[a-z]+", between.lower()) if w in RELATION_AXES]
-    if len(masks) != 2 or len(words) != 1:
+    if len(words) != 1:
+        return None
+    masks = components(mask)
+    if len(masks) != 2:
         return None
     axis, first_lower = RELATION_AXES[words[0]]
     a, b = (float(m.nonzero()[:, axis].double().mean()) for m in masks)   # centroid row (0) or column (1)
@@ -155,7 +159,7 @@ def phrase_regions(masks: dict[str, torch.Tensor], prompt: str, count_tokens: Ca
     for color in {c for c, _ in phrases}:
         spans = [span for c, span in phrases if c == color]
         if len(spans) == 2:
-            split = split_by_relation(components(masks[color]), prompt[spans[0][1]:spans[1][0]])
+            split = split_by_relation(masks[color], prompt[spans[0][1]:spans[1][0]])
             if split is not None:
                 own.update(zip(spans, split))
     return [Region(color, own.get(span, masks[color]), tokens) for color, span in phrases
