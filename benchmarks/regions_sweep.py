@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     categories = tuple(c.strip() for c in args.categories.split(","))
     pick_categories(",".join(categories))
-    counts = {c: n for c, n in scale_counts(args.prompts).items() if c in categories}
-    prompts = build_prompts(args.split, counts)
+    full = build_prompts(args.split, scale_counts(args.prompts))   # the whole run's, for each text's scene
+    prompts = [p for p in full if p.category in categories]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table_only:                       # every point in OUT, whatever grid made it
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 report, _ = control_eval("builtin", args.control_model.resolve(), prompts, seeds, args.split, None, None, args.cfg,
                                          args.threads, [], args.dtype, False, False, unit=unit, baseline=False,
                                          regions=strength, scenes_per=args.scenes,
-                                         full_prompts=build_prompts(args.split, scale_counts(args.prompts)))
+                                         full_prompts=full)
                 report["regions_decay"], report["regions_controlnets"] = decay, args.controlnets
                 report["regions_self_attention"] = args.self_attention
                 tmp = path.with_suffix(".part")

@@ -161,12 +161,13 @@ def eval_command(
         if scenes not in SCENES_PER:
             fail(f"--scenes must be one of {', '.join(SCENES_PER)}, got {scenes!r}")
         from marble.eval.prompts import scale_counts
-        prompt_list = build_prompts(split, counts)
+        full = build_prompts(split, scale_counts(prompts))    # a --categories subset keeps its prompts and scenes
+        prompt_list = [p for p in full if p.category in counts]
         report, tiles = control_eval(model, control_path, prompt_list, list(range(seeds)), split, sampler, steps, cfg,
                                      threads, lora, dtype, trace, keep_tiles=sheet is not None,
                                      unit={k: v for k, v in unit.items() if v is not None}, baseline=not control_only,
                                      regions=regions, scenes_per=scenes,
-                                     full_prompts=build_prompts(split, scale_counts(prompts)))
+                                     full_prompts=full)
         _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
         if sheet is not None:
             _write_sheet(sheet, tiles, group=2)
