@@ -312,3 +312,66 @@ def test_bad_model_tables_are_one_line(tmp_path, teacher):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2 and word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
         cfg.write_text(cfg.read_text().replace(f"solver_steps = 25\n{extra}", "solver_steps = 30"))
+
+
+def test_staged_lr_is_lr_factor_without_a_heal_and_restarts_after_one():
+    from marble.train.config import OptimConfig, TrainConfig
+    from marble.train.lcm import staged_lr
+    from marble.train.loop import lr_factor
+    cfg = TrainConfig(kind="lcm", run_dir="x", steps=30, optim=OptimConfig(warmup=4, min_lr_ratio=0.1))
+    assert [staged_lr(s, cfg, 0, 5.0) for s in range(30)] == [lr_factor(s, cfg) for s in range(30)]
+    staged = [staged_lr(s, cfg, 10, 5.0) for s in range(30)]
+    cosine = lambda progress: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # noqa: E731
+    # the heal: warm-up over 4 steps to 5x, cosine over its 10 steps; then the same over the other 20
+    assert staged[:4] == [5.0 * (s + 1) / 4 for s in range(4)] and staged[9] == pytest.approx(5.0 * cosine(5 / 6))
+    assert staged[10:14] == [(s + 1) / 4 for s in range(4)] and staged[29] == pytest.approx(cosine(15 / 16))
+
+
+def _student_config(tmp_path, name, teacher, extra, steps=3, lr=0.0):
+    """A tiny run's config with `extra` lines in its model table."""
+    cfg = write_config(tmp_path, name, teacher, steps=steps, lr=lr)
+    cfg.write_text(cfg.read_text().replace("solver_steps = 50", "solver_steps = 50\n" + extra))
+    return cfg
+
+
+def test_a_cut_student_starts_as_the_teachers_kept_modules_and_loads(tmp_path, teacher):
+    from marble.checkpoints.resolve import load_model
+    from marble.pipeline import Pipeline
+    from marble.train.block_removal import pruned_model
+    finish(marble("train", "lcm", _student_config(
+        tmp_path, "cut", teacher, "student = {decoder_blocks = 1, middle_block = false}\nheal_steps = 1")))
+    out = load_file(tmp_path / "cut" / "model.safetensors")
+    expected = pruned_model(load_model(str(teacher[0])).model, {"decoder_blocks": 1, "middle_block": False})
+    want = {f"unet.{k}": v for k, v in expected.unet.state_dict().items()}
+    assert {k for k in out if k.startswith("unet.")} == want.keys()     # lr 0: the kept modules, unchanged
+    assert all(torch.equal(out[k], v.half()) for k, v in want.items())
+    loaded = load_model(str(tmp_path / "cut" / "model.safetensors"))
+    assert loaded.model.config.unet.pruned and not loaded.model.config.unet.middle_block
+    pipe = Pipeline(loaded)
+    a, b = pipe.generate_image("a red square", seed=5), pipe.generate_image("a red square", seed=5)
+    assert a.size == (64, 64) and a.tobytes() == b.tobytes()
+
+
+def test_the_heal_regresses_onto_the_teachers_own_prediction(tmp_path, teacher):
+    losses = {}
+    for name, student in [("whole", "{decoder_blocks = 2}"), ("cut", "{decoder_blocks = 1}")]:
+        finish(marble("train", "lcm", _student_config(tmp_path, name, teacher,
+                                                      f"student = {student}\nheal_steps = 2")))
+        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+    # lr 0: a student that removed nothing is the teacher, so its heal loss is exactly 0; the
+    # consistency step after it is not
+    assert losses["whole"][:2] == [0.0, 0.0] and losses["whole"][2] > 0
+    assert all(v > 0 for v in losses["cut"])
+
+
+@pytest.mark.parametrize("extra, word", [
+    ("student = {decoders = 1}", "decoders"),
+    ("student = {decoder_blocks = 5}", "decoder_blocks"),
+    ("heal_steps = 2", "set model.student too"),
+    ("student = {middle_block = false}\nheal_steps = 6", "fewer than steps"),
+    ("student = {middle_block = false}\nheal_steps = 1\nheal_lr = 0", "heal_lr"),
+])
+def test_bad_student_tables_are_one_line(tmp_path, teacher, extra, word):
+    p = marble("train", "lcm", _student_config(tmp_path, "bad", teacher, extra, steps=6, lr=1e-3))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

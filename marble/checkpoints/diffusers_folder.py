@@ -389,6 +389,9 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, allow_pickle:
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int, vector: VectorConditioning | None = None) -> dict:
     if c.coord_channels or c.attention_position:
         raise ValueError("this U-Net has explicit position inputs; diffusers' UNet2DConditionModel has none")
+    if c.pruned:
+        raise ValueError("this U-Net is pruned (fewer decoder blocks or no middle block); "
+                         "diffusers' UNet2DConditionModel always has layers_per_block + 1 up blocks")
     levels = range(len(c.channel_mult))
     widths = [c.model_channels * m for m in c.channel_mult]
     heads = [c.heads_and_dim(w)[0] for w in widths]

@@ -70,6 +70,9 @@ def deepcache_denoiser(model, sigmas: torch.Tensor, interval: int, branch: int =
     input shape differs from the cached one (a new batch layout) runs the full network."""
     if not isinstance(model.unet, UNet):
         raise ValueError("DeepCache needs a U-Net (this model's denoiser is a transformer)")
+    if model.unet.config.pruned:   # its shallow pass pairs the first input blocks with the last output blocks
+        raise ValueError("DeepCache needs the U-Net's whole decoder; this model's is pruned (fewer decoder blocks "
+                         "or no middle block)")
     cache = DeepCache(model.unet, branch)
     full, shallow = model.denoiser_for(cache.full), model.denoiser_for(cache.shallow)
 

@@ -37,10 +37,25 @@ class UNetConfig:
     dropout: float = 0.0
     coord_channels: bool = False               # join x, y coordinate channels to the input (CoordConv); the input conv takes 2 more
     attention_position: bool = False           # add a 2-D sin-cos position embedding to every spatial transformer's tokens
+    decoder_blocks: int = 0                    # ResBlocks per level on the way up; 0 = num_res_blocks + 1 (all skips used)
+    middle_block: bool = True                  # False: no middle block (BK-SDM's pruned U-Nets; Kim et al. 2023)
 
     def __post_init__(self):
         if self.level_depths and len(self.level_depths) != len(self.channel_mult):
             raise ValueError(f"level_depths {self.level_depths} needs one depth per level ({len(self.channel_mult)})")
+        if not 0 <= self.decoder_blocks <= self.num_res_blocks + 1:
+            raise ValueError(f"decoder_blocks must be 1 to {self.num_res_blocks + 1} (or 0 for all), "
+                             f"not {self.decoder_blocks}")
+
+    @property
+    def up_blocks(self) -> int:
+        """ResBlocks per level on the way up. Fewer than num_res_blocks + 1 leaves each level's
+        shallower skips unused (BK-SDM removes decoder blocks with their skips)."""
+        return self.decoder_blocks or self.num_res_blocks + 1
+
+    @property
+    def pruned(self) -> bool:
+        return self.up_blocks != self.num_res_blocks + 1 or not self.middle_block
 
     def depth(self, level: int) -> int:
         """Transformer blocks in the spatial transformers of `level`; -1 is the middle block."""
@@ -153,9 +168,10 @@ class UNetEncoder(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
+        # without a middle block this is an empty sequence: the identity
         self.middle_block = TimestepEmbedSequential([
             ResBlock(ch, emb_dim, ch, c.groups, c.dropout), transformer(c, ch, -1),
-            ResBlock(ch, emb_dim, ch, c.groups, c.dropout)])
+            ResBlock(ch, emb_dim, ch, c.groups, c.dropout)] if c.middle_block else [])
         return skip_channels
 
     def _embedding(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -195,14 +211,19 @@ class UNet(UNetEncoder):
         ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
+        self.unused_skips: list[int] = []       # after each output block's skip: the skips it leaves unused
         for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
+            for i in range(c.up_blocks):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels, c.groups, c.dropout)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
                     layers.append(transformer(c, ch, level))
-                if level and i == c.num_res_blocks:
+                last = i == c.up_blocks - 1
+                if level and last:
                     layers.append(Upsample(ch))
+                unused = c.num_res_blocks + 1 - c.up_blocks if last else 0
+                del skip_channels[len(skip_channels) - unused:]
+                self.unused_skips.append(unused)
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
         self.out = nn.Sequential(normalization(ch, c.groups), nn.SiLU(),
@@ -240,8 +261,9 @@ class UNet(UNetEncoder):
         if control is not None:
             skips = [s + r.to(s.dtype) for s, r in zip(skips, control)]
             h = h + control[-1].to(h.dtype)
-        for block in self.output_blocks:
+        for block, unused in zip(self.output_blocks, self.unused_skips):
             h = torch.cat([h, skips.pop()], dim=1)
+            del skips[len(skips) - unused:]
             # upsample to the next skip's size, so latent sides need not be multiples of 2^levels
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

@@ -21,6 +21,12 @@ model table:
   grounding     {token_weight, pixel_weight, levels}: TokenCompose's losses on the student's
                 cross-attention maps, as in `marble train diffusion` (marble/train/grounding.py); absent = off.
                 Only the student's forward is recorded: the teacher's step and the EMA target run first
+  student       a smaller student cut from the teacher (BK-SDM block removal, marble/train/block_removal.py):
+                {decoder_blocks, middle_block, attention_levels}; absent = the teacher's whole U-Net
+  heal_steps    the first N steps train the cut student on the teacher's own prediction (BK-SDM's output
+                distillation: MSE between the networks' outputs at uniform t, captions dropped as in
+                training) before consistency distillation starts (default 0)
+  heal_lr       the heal's peak learning rate (default optim.lr); each stage has its own warm-up and cosine
 ema_decay is μ of the target network f_θ⁻ (LCM: 0.95); the shipped weights are that EMA.
 Output: run_dir/model.safetensors; every sample_every steps a grid in run_dir/samples/ and the EMA
 student as run_dir/snapshots/step-NNNNNN.safetensors (to evaluate a run while it continues).
@@ -28,6 +34,7 @@ student as run_dir/snapshots/step-NNNNNN.safetensors (to evaluate a run while it
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,20 +43,21 @@ from torch.func import functional_call
 from marble.checkpoints.checkpoint import from_model
 from marble.checkpoints.marble_format import write_marble
 from marble.checkpoints.resolve import load_model
-from marble.diffusion.denoiser import discrete_denoiser
+from marble.diffusion.denoiser import add_noise_vp, discrete_denoiser
 from marble.diffusion.few_step import FewStepSettings
 from marble.diffusion.guidance import guided_denoiser
+from marble.train.block_removal import pruned_model
 from marble.train.config import ConfigError, TrainConfig
 from marble.train.consistency import edge_sigmas, huber, lcd_target, phase_edges, phased, skipping_grid
 from marble.train.data import batch_indices
 from marble.train.diffusion import cached_training_set, write_samples
 from marble.train.distributed import World
 from marble.train.grounding import grounding_closure, grounding_config
-from marble.train.loop import TrainLoop
+from marble.train.loop import TrainLoop, lr_factor
 
 STUDENT_DEFAULTS = {"default_steps": 4, "default_sampler": "LCM", "default_cfg": 1.0}
 MODEL_KEYS = {"init", "name", "guidance", "solver_steps", "huber_c", "phases", "export_dtype", "grounding",
-              *STUDENT_DEFAULTS}
+              "student", "heal_steps", "heal_lr", *STUDENT_DEFAULTS}
 
 
 def check_model_table(m: dict) -> None:
@@ -66,6 +74,14 @@ def check_model_table(m: dict) -> None:
         raise ConfigError(f"model.phases must be an integer >= 1, not {phases!r}")
     if phases > 1 and m.get("solver_steps", 50) != 50:
         raise ConfigError("model.phases > 1 needs solver_steps = 50: its edges are the LCM spacing's timesteps")
+    heal = m.get("heal_steps", 0)
+    if isinstance(heal, bool) or not isinstance(heal, int) or heal < 0:
+        raise ConfigError(f"model.heal_steps must be an integer >= 0, not {heal!r}")
+    if heal and "student" not in m:
+        raise ConfigError("model.heal_steps heals a cut student: set model.student too")
+    if "heal_lr" in m and not (isinstance(m["heal_lr"], (int, float)) and not isinstance(m["heal_lr"], bool)
+                               and m["heal_lr"] > 0):
+        raise ConfigError(f"model.heal_lr must be a number > 0, not {m['heal_lr']!r}")
     if m.get("export_dtype", "float16") not in ("float16", "float32"):
         raise ConfigError(f"model.export_dtype must be float16 or float32, not {m['export_dtype']!r}")
     grounding_config(m.get("grounding", {}))     # checked before the teacher loads
@@ -91,6 +107,14 @@ def student_config(m: dict, teacher_config, solver_steps: int):
     return teacher_config.replace(name=name, few_step=card, **settings)
 
 
+def staged_lr(step: int, cfg: TrainConfig, heal_steps: int, heal_ratio: float) -> float:
+    """The lr factor when a heal comes first: each stage its own warm-up and cosine (the heal scaled
+    by heal_lr / lr). Without a heal, lr_factor itself."""
+    if step < heal_steps:
+        return heal_ratio * lr_factor(step, replace(cfg, steps=heal_steps))
+    return lr_factor(step - heal_steps, replace(cfg, steps=cfg.steps - heal_steps))
+
+
 def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     if world.size > 1:
         raise ConfigError("marble train lcm runs in one process; start it without torchrun")
@@ -108,13 +132,23 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     k = model.schedule.num_timesteps // len(grid)
     phases = m.get("phases", 1)     # one: plain LCD (no edge σ at all)
     edge_table = edge_sigmas(model.schedule.sigmas, phase_edges(model.schedule.num_timesteps, len(grid), phases))
-    teacher = discrete_denoiser(copy.deepcopy(model.unet), model.schedule, model.config.prediction)
+    teacher_unet = copy.deepcopy(model.unet)
+    teacher = discrete_denoiser(teacher_unet, model.schedule, model.config.prediction)
+    if "student" in m:
+        model = pruned_model(model, m["student"]).eval().requires_grad_(False)
     model.unet.requires_grad_(True)
+    heal_steps = m.get("heal_steps", 0)
+    if heal_steps >= cfg.steps:
+        raise ConfigError(f"model.heal_steps ({heal_steps}) must be fewer than steps ({cfg.steps})")
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
     ground = grounding_closure(grounding_config(m.get("grounding", {})), cfg, world, model.unet,
                                model.text_encoder, model.config.text, latents.shape[-1])
-    loop = TrainLoop(cfg, model.unet, world, run_dir)
+    if "heal_lr" in m and not cfg.optim.lr:
+        raise ConfigError("model.heal_lr is relative to optim.lr, which is 0")
+    heal_ratio = m["heal_lr"] / cfg.optim.lr if "heal_lr" in m else 1.0
+    loop = TrainLoop(cfg, model.unet, world, run_dir,
+                     (lambda step: staged_lr(step, cfg, heal_steps, heal_ratio)) if heal_steps else None)
     if resume:
         loop.resume()
     sigmas = model.schedule.sigmas.to(world.device)
@@ -123,7 +157,26 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     target = discrete_denoiser(ema_unet, model.schedule, model.config.prediction)
     dev = world.device
 
+    def heal_loss(net, step, gen):
+        """BK-SDM's output distillation: the cut student's prediction onto the whole teacher's."""
+        idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
+        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=gen).to(dev)
+        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen).to(dev)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
+        context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
+        z = add_noise_vp(latents[idx].to(dev), sigmas[t], eps)
+        with torch.no_grad():
+            target = teacher_unet(z, t.float(), context=context)
+
+        def distance():
+            return torch.mean((net(z, t.float(), context=context).float() - target.float()) ** 2)
+        if ground is None:
+            return distance(), {}
+        return ground(distance, idx, drop)
+
     def step_loss(net, step, gen):
+        if step < heal_steps:
+            return heal_loss(net, step, gen)
         idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
         t = grid[torch.randint(0, len(grid), (cfg.batch,), generator=gen)]
         eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)

@@ -43,14 +43,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class TrainLoop:
-    def __init__(self, cfg: TrainConfig, module: nn.Module, world: World, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, module: nn.Module, world: World, run_dir: Path,
+                 schedule: Callable[[int], float] | None = None):
+        """`schedule(step)`: the lr factor; default lr_factor's warm-up and cosine over cfg.steps."""
         self.cfg, self.world, self.run_dir = cfg, world, Path(run_dir)
         self.module = module.to(world.device)
         self.net = DistributedDataParallel(self.module) if world.distributed else self.module
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                      weight_decay=o.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule or (lambda s: lr_factor(s, cfg)))
         self.ema = EMA(self.module, cfg.ema_decay)
         self.step = 0
         self.seconds_before, self._t0 = 0.0, None   # training wall time of earlier segments; this segment's start
