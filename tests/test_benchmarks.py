@@ -162,3 +162,17 @@ def test_regions_speed_times_both_variants(capsys):
     times = [float(line.rsplit(": ", 1)[1].split()[0]) for line in lines[1:]]
     assert lines[1].startswith("  ControlNet: ") and lines[2].startswith("  ControlNet + regions 0.5: ")
     assert times[0] > 0 and times[1] > 0 and abs(times[2] - times[1] / times[0]) < 0.01   # printed to 3 decimals
+
+
+def test_few_step_speed_alternates_models_and_writes_each_ones_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))     # it reads trace_overheads' medians
+    speed = load_script("few_step_speed")
+    out = tmp_path / "speed.json"
+    assert speed.main(["--models", "tiny-random,tiny-random", "--rounds", "1", "--threads", "1",
+                       "--json", str(out)]) == 0
+    import json
+    record = json.loads(out.read_text())
+    assert [r["model"] for r in record["rows"]] == ["tiny-random", "tiny-random"]
+    assert all(r["eager_s"] > 0 and r["traced_s"] > 0 for r in record["rows"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-random")]
+    assert len(table) == 2 and table[0].endswith("| 1.000 |")

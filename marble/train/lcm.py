@@ -120,6 +120,11 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         raise ConfigError("marble train lcm runs in one process; start it without torchrun")
     m = cfg.model
     check_model_table(m)
+    heal_steps = m.get("heal_steps", 0)
+    if heal_steps >= cfg.steps:
+        raise ConfigError(f"model.heal_steps ({heal_steps}) must be fewer than steps ({cfg.steps})")
+    if "heal_lr" in m and not cfg.optim.lr:
+        raise ConfigError("model.heal_lr is relative to optim.lr, which is 0")
     run_dir = Path(cfg.run_dir)
     loaded = load_model(m["init"])
     model = loaded.model.to(world.device).eval().requires_grad_(False)
@@ -137,15 +142,10 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     if "student" in m:
         model = pruned_model(model, m["student"]).eval().requires_grad_(False)
     model.unet.requires_grad_(True)
-    heal_steps = m.get("heal_steps", 0)
-    if heal_steps >= cfg.steps:
-        raise ConfigError(f"model.heal_steps ({heal_steps}) must be fewer than steps ({cfg.steps})")
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
     ground = grounding_closure(grounding_config(m.get("grounding", {})), cfg, world, model.unet,
                                model.text_encoder, model.config.text, latents.shape[-1])
-    if "heal_lr" in m and not cfg.optim.lr:
-        raise ConfigError("model.heal_lr is relative to optim.lr, which is 0")
     heal_ratio = m["heal_lr"] / cfg.optim.lr if "heal_lr" in m else 1.0
     loop = TrainLoop(cfg, model.unet, world, run_dir,
                      (lambda step: staged_lr(step, cfg, heal_steps, heal_ratio)) if heal_steps else None)
@@ -166,10 +166,10 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
         z = add_noise_vp(latents[idx].to(dev), sigmas[t], eps)
         with torch.no_grad():
-            target = teacher_unet(z, t.float(), context=context)
+            wanted = teacher_unet(z, t.float(), context=context)
 
         def distance():
-            return torch.mean((net(z, t.float(), context=context).float() - target.float()) ** 2)
+            return torch.mean((net(z, t.float(), context=context).float() - wanted.float()) ** 2)
         if ground is None:
             return distance(), {}
         return ground(distance, idx, drop)
