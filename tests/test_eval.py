@@ -337,3 +337,26 @@ def test_eval_command_scores_the_concept_splits(cli_app, tmp_path):
         report = json.loads(out.read_text())
         assert report["split"] == split and report["overall"] == 1.0 and set(report["categories"]) == set(CATEGORIES)
         assert all("heart" in p["prompt"] for p in report["prompts"])
+
+
+def test_repeated_names_the_categories_whose_texts_come_back():
+    from marble.eval.prompts import build_prompts, repeated, scale_counts
+    assert repeated("heldout", scale_counts(200)) == {}
+    counts = scale_counts(800)
+    over, prompts = repeated("heldout", counts), build_prompts("heldout", counts)
+    for category in CATEGORIES:
+        texts = [p.text for p in prompts if p.category == category]
+        if len(set(texts)) < len(texts):
+            assert over.pop(category) == (len(texts), len(set(texts)))
+    assert over == {}
+
+
+def test_eval_warns_when_prompts_repeat_texts(cli_app, tmp_path):
+    r = run(cli_app, "--model", "groundtruth", "--split", "heldout", "--prompts", 800, "--categories", "counting",
+            "--seeds", 1, "--json", tmp_path / "gt.json")
+    assert r.exit_code == 0, r.output
+    from marble.eval.prompts import repeated, scale_counts
+    asked, distinct = repeated("heldout", scale_counts(800))["counting"]
+    assert f"--prompts 800 repeats texts (counting {asked} of {distinct} distinct)" in r.output
+    r = run(cli_app, "--model", "groundtruth", "--prompts", 12, "--seeds", 1, "--json", tmp_path / "b.json")
+    assert r.exit_code == 0 and "repeats texts" not in r.output

@@ -150,6 +150,7 @@ def eval_command(
 
     _check_flags(split, seeds, prompts, threads, json_out, sheet)
     counts = category_counts(prompts, categories)
+    _warn_repeats(split, prompts, counts)
     unit = {"weight": control_weight, "mode": control_mode, "start": control_start, "end": control_end}
     unit_flags = [f"--control-{k}" for k, v in unit.items() if v is not None] + (["--control-only"] if control_only else []) \
         + (["--regions"] if regions is not None else []) + (["--scenes"] if scenes != "prompt" else [])
@@ -189,6 +190,15 @@ def eval_command(
     _write_new(json_out, (json.dumps(report, indent=1) + "\n").encode(), "--json")
     if sheet is not None:
         _write_sheet(sheet, tiles)
+
+
+def _warn_repeats(split: str, prompts: int, counts: dict[str, int]) -> None:
+    from marble.eval.prompts import repeated
+    over = repeated(split, counts)
+    if over:
+        listed = ", ".join(f"{c} {asked} of {distinct}" for c, (asked, distinct) in over.items())
+        warn(f"--prompts {prompts} repeats texts ({listed} distinct): a repeated text at one seed is the same "
+             "image, scored again; add seeds instead")
 
 
 def _check_flags(split: str, seeds: int, prompts: int, threads: int, json_out: Path, sheet: Path | None) -> None:

@@ -183,6 +183,19 @@ def build_prompts(split: str, counts: dict[str, int] | None = None) -> list[Prom
     return prompts
 
 
+def repeated(split: str, counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The categories asked for more prompts than they have distinct texts: {category: (asked,
+    distinct)}. build_prompts repeats their lists, and a repeated text at one seed is the same image."""
+    out = {}
+    for k, category in enumerate(CATEGORIES):
+        asked = counts.get(category, 0)
+        if asked > 0:
+            distinct = len(_candidates(category, split, np.random.Generator(np.random.PCG64([_SPLIT_CODE[split], k]))))
+            if asked > distinct:
+                out[category] = (asked, distinct)
+    return out
+
+
 def scale_counts(total: int) -> dict[str, int]:
     """DEFAULT_COUNTS scaled to about `total` prompts (at least one per category)."""
     base = sum(DEFAULT_COUNTS.values())
