@@ -137,10 +137,11 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     k = model.schedule.num_timesteps // len(grid)
     phases = m.get("phases", 1)     # one: plain LCD (no edge σ at all)
     edge_table = edge_sigmas(model.schedule.sigmas, phase_edges(model.schedule.num_timesteps, len(grid), phases))
-    teacher_unet = copy.deepcopy(model.unet)
+    if "student" in m:      # a cut student is a new network: the teacher's stays as it is
+        teacher_unet, model = model.unet, pruned_model(model, m["student"]).eval().requires_grad_(False)
+    else:
+        teacher_unet = copy.deepcopy(model.unet)
     teacher = discrete_denoiser(teacher_unet, model.schedule, model.config.prediction)
-    if "student" in m:
-        model = pruned_model(model, m["student"]).eval().requires_grad_(False)
     model.unet.requires_grad_(True)
 
     latents, states, rows = cached_training_set(cfg, world, model.vae, model.text_encoder, model.config.text)
