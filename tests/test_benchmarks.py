@@ -176,3 +176,17 @@ def test_few_step_speed_alternates_models_and_writes_each_ones_row(tmp_path, cap
     assert all(r["eager_s"] > 0 and r["traced_s"] > 0 for r in record["rows"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-random")]
     assert len(table) == 2 and table[0].endswith("| 1.000 |")
+
+
+def test_cpu_targets_dry_run_lists_every_step_and_writes_nothing(tmp_path):
+    import subprocess
+    script = ROOT / "benchmarks" / "cpu_targets.sh"
+    before = set((ROOT / "docs" / "results").rglob("*"))
+    p = subprocess.run([str(script), "--dry-run", "--with-sdcpp"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    steps = [line.split(":")[0] for line in p.stdout.splitlines() if line.startswith("== ")]
+    assert steps == ["== few-step-speed", "== bench-builtin-lcm", "== bench-builtin", "== profile-sd15",
+                     "== bench-sd15", "== sdcpp-compare"]
+    assert set((ROOT / "docs" / "results").rglob("*")) == before
+    bad = subprocess.run([str(script), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr and len(bad.stderr.splitlines()) == 1
