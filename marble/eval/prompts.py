@@ -165,6 +165,12 @@ def _concept_candidates(category: str, new: bool, rng: np.random.Generator) -> l
     return out
 
 
+def _pool(category: str, split: str) -> list[Prompt]:
+    """A category's distinct prompts in the split, in their fixed seeded order."""
+    rng = np.random.Generator(np.random.PCG64([_SPLIT_CODE[split], CATEGORIES.index(category)]))
+    return _candidates(category, split, rng)
+
+
 def build_prompts(split: str, counts: dict[str, int] | None = None) -> list[Prompt]:
     """The benchmark's prompt list for a split: `counts[category]` prompts per category (default
     DEFAULT_COUNTS, 200 in all), the same list every time. A category with fewer distinct prompts
@@ -173,12 +179,11 @@ def build_prompts(split: str, counts: dict[str, int] | None = None) -> list[Prom
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     counts = DEFAULT_COUNTS if counts is None else counts
     prompts = []
-    for k, category in enumerate(CATEGORIES):
+    for category in CATEGORIES:
         n = counts.get(category, 0)
         if n <= 0:
             continue
-        rng = np.random.Generator(np.random.PCG64([_SPLIT_CODE[split], k]))
-        pool = _candidates(category, split, rng)
+        pool = _pool(category, split)
         prompts.extend(pool[i % len(pool)] for i in range(n))
     return prompts
 
@@ -186,14 +191,9 @@ def build_prompts(split: str, counts: dict[str, int] | None = None) -> list[Prom
 def repeated(split: str, counts: dict[str, int]) -> dict[str, tuple[int, int]]:
     """The categories asked for more prompts than they have distinct texts: {category: (asked,
     distinct)}. build_prompts repeats their lists, and a repeated text at one seed is the same image."""
-    out = {}
-    for k, category in enumerate(CATEGORIES):
-        asked = counts.get(category, 0)
-        if asked > 0:
-            distinct = len(_candidates(category, split, np.random.Generator(np.random.PCG64([_SPLIT_CODE[split], k]))))
-            if asked > distinct:
-                out[category] = (asked, distinct)
-    return out
+    asked = {c: counts[c] for c in CATEGORIES if counts.get(c, 0) > 0}
+    distinct = {c: len(_pool(c, split)) for c in asked}
+    return {c: (n, distinct[c]) for c, n in asked.items() if n > distinct[c]}
 
 
 def scale_counts(total: int) -> dict[str, int]:

@@ -117,7 +117,8 @@ def grounding_term(cfg: GroundingConfig, unet: nn.Module, masks: torch.Tensor, t
     if any(h < 1 or side % h for h, _ in grids.values()):
         raise ConfigError(f"model.grounding.levels {cfg.levels} do not fit a {side}x{side} latent")
     c = unet.config
-    attended = set(c.attention_levels) | ({len(c.channel_mult) - 1} if c.middle_block else set())   # the middle block sits at the last level
+    middle = {len(c.channel_mult) - 1} if c.middle_block else set()     # the middle block sits at the last level
+    attended = set(c.attention_levels) | middle
     if not set(cfg.levels) <= attended:
         raise ConfigError(f"model.grounding.levels {cfg.levels}: this U-Net has cross-attention only at levels "
                           f"{sorted(attended)}")
