@@ -178,7 +178,8 @@ class Pipeline:
                              width=c.default_width, height=c.default_height,
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
                              max_control_units=self.max_control_units, micro=self.micro_kinds(),
-                             unet=isinstance(self.model.unet, UNet))
+                             unet=isinstance(self.model.unet, UNet),
+                             whole_decoder=isinstance(self.model.unet, UNet) and not self.model.unet.config.pruned)
 
 
     def micro_kinds(self) -> tuple[str, ...]:

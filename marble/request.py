@@ -93,6 +93,7 @@ class ModelDefaults:
     max_control_units: int = 3  # ControlNet units a request may carry
     micro: tuple[str, ...] = () # SDXL micro-conditioning the models take: "size" (base, refiner), "aesthetic" (refiner)
     unet: bool = True           # the denoiser is a U-Net: DeepCache and ToMe apply
+    whole_decoder: bool = True  # ... with every decoder block and the middle block: DeepCache's shallow pass fits
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,9 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
     interval, ratio = checked["deepcache"], checked["tome"]
     if (interval > 1 or ratio) and not defaults.unet:
         raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
+    if interval > 1 and defaults.unet and not defaults.whole_decoder:
+        raise RequestError("DeepCache needs the U-Net's whole decoder; this model's U-Net is cut (fewer decoder "
+                           "blocks or no middle block)")
     if interval > 1 and request.controls:
         raise RequestError("DeepCache does not combine with ControlNet (the residuals reach every skip level)")
     return checked

@@ -136,3 +136,16 @@ def test_deepcache_and_diffusers_export_refuse_a_pruned_unet():
         deepcache_denoiser(cut, torch.tensor([1.0, 0.5]), 2)
     with pytest.raises(ValueError, match="pruned"):
         unet_config_to_diffusers(cut.config.unet, 8)
+
+
+def test_a_request_for_deepcache_on_a_cut_model_is_refused_before_it_runs():
+    from marble.checkpoints.resolve import LoadedModel, random_model
+    from marble.pipeline import Pipeline
+    from marble.request import GenerationRequest, RequestError, resolve
+    whole = Pipeline(LoadedModel(random_model(), "whole", ""))
+    cut = Pipeline(LoadedModel(pruned_model(random_model(), {"middle_block": False}), "cut", ""))
+    assert whole.defaults.whole_decoder and not cut.defaults.whole_decoder
+    assert resolve(GenerationRequest(prompt="a red square", deepcache=2), whole.defaults).deepcache == 2
+    with pytest.raises(RequestError, match="DeepCache needs the U-Net's whole decoder"):
+        resolve(GenerationRequest(prompt="a red square", deepcache=2), cut.defaults)
+    assert resolve(GenerationRequest(prompt="a red square", tome=0.5), cut.defaults).tome == 0.5
