@@ -325,13 +325,48 @@ def test_two_phrases_of_one_colour_bind_the_silhouette_their_relation_names(prom
 
 
 @pytest.mark.parametrize("prompt", ["a red diamond and a red square", "a red diamond below a blue square",
-                                    "two red diamonds below a red square"])
+                                    "two red diamonds below two red squares", "a red diamond below a red square"])
 def test_without_a_relation_or_two_silhouettes_both_phrases_bind_the_whole_colour(prompt):
     from marble.adapters.regions import phrase_regions
     masks = {"red": torch.zeros(16, 16), "blue": torch.zeros(16, 16)}
     masks["red"][1:4, 2:5] = 1
     masks["red"][10:13, 2:5] = 1
-    masks["red"][10:13, 9:12] = 1 if prompt.startswith("two") else 0     # three red blobs: no split
+    masks["red"][10:13, 9:12] = 1 if "two" in prompt or "below a red" in prompt else 0   # three red blobs: counts 4 or 2
     masks["blue"][10:13, 9:12] = 1 if "blue" in prompt else 0
     regions = phrase_regions(masks, prompt, lambda s: len(s.split()) + 2, 32)
     assert [(r.color, torch.equal(r.mask, masks[r.color])) for r in regions] == [(c, True) for c, _ in color_phrases(prompt)]
+
+
+@pytest.mark.parametrize("prompt, first, second", [
+    ("two red circles above a red square", "AB", "C"),
+    ("a red square below two red circles", "C", "AB"),
+    ("2 red circles over a red square", "AB", "C"),
+    ("three red stars above a red square", "ABD", "C"),
+    ("a red square above two red circles", None, None),     # the two top blobs tie on the axis: no order
+    ("two red circles above two red squares", None, None),  # four counted, three drawn
+])
+def test_counted_phrases_of_one_colour_take_as_many_silhouettes_as_they_count(prompt, first, second):
+    from marble.adapters.regions import phrase_regions
+    blobs = {"A": (slice(1, 4), slice(2, 5)), "B": (slice(1, 4), slice(9, 12)), "C": (slice(10, 13), slice(5, 8)),
+             "D": (slice(2, 5), slice(13, 15))}
+    red = torch.zeros(16, 16)
+    for name, (rows, cols) in blobs.items():
+        if name != "D" or "three" in prompt:
+            red[rows, cols] = 1
+
+    def only(names):
+        mask = torch.zeros(16, 16)
+        for name in names:
+            mask[blobs[name]] = 1
+        return mask
+    regions = phrase_regions({"red": red}, prompt, lambda s: len(s.split()) + 2, 32)
+    assert len(regions) == 2
+    want = [red, red] if first is None else [only(first), only(second)]
+    assert all(torch.equal(r.mask, m) for r, m in zip(regions, want)), prompt
+
+
+def test_phrase_count_reads_the_number_before_a_phrase():
+    from marble.adapters.regions import phrase_count
+    prompt = "two red circles above 3 blue stars and the green square beside four pink crosses"
+    starts = [prompt.index(w) for w in ("red", "blue", "green", "pink")]
+    assert [phrase_count(prompt, s) for s in starts] == [2, 3, 1, 4] and phrase_count("red", 0) == 1

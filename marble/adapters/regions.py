@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from marble.data.captions import COLOR_SYNONYMS, SHAPE_SYNONYMS, plural
+from marble.data.captions import COLOR_SYNONYMS, NUMBER_WORDS, SHAPE_SYNONYMS, plural
 from marble.data.shapes import COLORS, SHAPES
 from marble.models.layers import SpatialTransformer
 
@@ -128,22 +128,40 @@ RELATION_AXES = {"left": (1, True), "right": (1, False), "above": (0, True), "ov
                  "below": (0, False), "under": (0, False), "beneath": (0, False)}
 
 
-def split_by_relation(mask: torch.Tensor, between: str) -> list[torch.Tensor] | None:
-    """Two phrases of one colour ("a red diamond below a red square") and that colour's mask: the
-    silhouette each phrase names by the relation word between them (first, second), or None where
-    the words or the silhouettes do not say (no single relation word, not two blobs). The words are
-    read first: the blobs cost a pass per pixel of the longest path."""
+COUNT_WORDS = {w: n for n, w in NUMBER_WORDS.items()}
+
+
+def phrase_count(prompt: str, start: int) -> int:
+    """How many objects the phrase starting at `start` names: the number word or digits just before
+    it ("two red circles": 2, "3 red stars": 3), else one ("a red square", "the red square")."""
+    before = re.findall(r"[a-z0-9]+", prompt[:start].lower())
+    word = before[-1] if before else ""
+    if word.isdigit():
+        return max(1, int(word))
+    return COUNT_WORDS.get(word, 1)
+
+
+def split_by_relation(mask: torch.Tensor, between: str, counts: tuple[int, int] = (1, 1)
+                      ) -> list[torch.Tensor] | None:
+    """Two phrases of one colour ("a red diamond below a red square", "two red circles above a red
+    square") and that colour's mask: the silhouettes each phrase names by the relation word between
+    them (first, second), or None where the words or the silhouettes do not say (no single relation
+    word, not as many blobs as the phrases count, or blobs the relation's axis cannot order). The
+    blobs are ordered by centroid along that axis and the phrases take them in the relation's order.
+    The words are read first: the blobs cost a pass per pixel of the longest path."""
     words = [w for w in re.findall(r"[a-z]+", between.lower()) if w in RELATION_AXES]
     if len(words) != 1:
         return None
     masks = components(mask)
-    if len(masks) != 2:
+    if len(masks) != sum(counts):
         return None
     axis, first_lower = RELATION_AXES[words[0]]
-    a, b = (float(m.nonzero()[:, axis].double().mean()) for m in masks)   # centroid row (0) or column (1)
-    if a == b:
+    centre = [float(m.nonzero()[:, axis].double().mean()) for m in masks]   # centroid row (0) or column (1)
+    order = sorted(range(len(masks)), key=centre.__getitem__)
+    cut = counts[0] if first_lower else counts[1]             # how many blobs the lower-placed phrase takes
+    if centre[order[cut - 1]] == centre[order[cut]]:
         return None
-    low, high = masks if a < b else masks[::-1]
+    low, high = (sum(masks[i] for i in group) for group in (order[:cut], order[cut:]))
     return [low, high] if first_lower else [high, low]
 
 
@@ -151,15 +169,17 @@ def phrase_regions(masks: dict[str, torch.Tensor], prompt: str, count_tokens: Ca
                    ) -> list[Region]:
     """One region per colour phrase of the prompt whose colour has a mask ({colour name: (H, W)}): a
     phrase whose colour is absent, and a colour no phrase names, bind nothing. Where exactly two
-    phrases share a colour and a relation word stands between them, each binds only the silhouette
-    the relation gives it (split_by_relation); otherwise both bind the whole colour, and the
-    attention could not tell "a red diamond below a red square" from its mirror."""
+    phrases share a colour and a relation word stands between them, each binds only the silhouettes
+    the relation gives it, as many as its count word says (split_by_relation); otherwise both bind
+    the whole colour, and the attention could not tell "a red diamond below a red square" from its
+    mirror."""
     phrases = [(color, span) for color, span in color_phrases(prompt) if color in masks]
     own = {}
     for color in {c for c, _ in phrases}:
         spans = [span for c, span in phrases if c == color]
         if len(spans) == 2:
-            split = split_by_relation(masks[color], prompt[spans[0][1]:spans[1][0]])
+            counts = (phrase_count(prompt, spans[0][0]), phrase_count(prompt, spans[1][0]))
+            split = split_by_relation(masks[color], prompt[spans[0][1]:spans[1][0]], counts)
             if split is not None:
                 own.update(zip(spans, split))
     return [Region(color, own.get(span, masks[color]), tokens) for color, span in phrases
