@@ -179,7 +179,7 @@ class Pipeline:
                              latent_factor=self.model.latent_factor, max_pixels=c.max_pixels, few_step=c.few_step,
                              max_control_units=self.max_control_units, micro=self.micro_kinds(),
                              unet=isinstance(self.model.unet, UNet),
-                             whole_decoder=isinstance(self.model.unet, UNet) and not self.model.unet.config.pruned)
+                             whole_decoder=not getattr(self.model.unet.config, "pruned", False))
 
 
     def micro_kinds(self) -> tuple[str, ...]:

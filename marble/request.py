@@ -166,7 +166,7 @@ def _approximations(request: GenerationRequest, defaults: ModelDefaults) -> dict
     interval, ratio = checked["deepcache"], checked["tome"]
     if (interval > 1 or ratio) and not defaults.unet:
         raise RequestError("DeepCache and ToMe need a U-Net; this model's denoiser is a transformer")
-    if interval > 1 and defaults.unet and not defaults.whole_decoder:
+    if interval > 1 and not defaults.whole_decoder:
         raise RequestError("DeepCache needs the U-Net's whole decoder; this model's U-Net is cut (fewer decoder "
                            "blocks or no middle block)")
     if interval > 1 and request.controls:

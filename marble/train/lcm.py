@@ -158,31 +158,37 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
     target = discrete_denoiser(ema_unet, model.schedule, model.config.prediction)
     dev = world.device
 
-    def heal_loss(net, step, gen):
-        """BK-SDM's output distillation: the cut student's prediction onto the whole teacher's."""
+    every_t = torch.arange(model.schedule.num_timesteps)
+
+    def draw(step, gen, timesteps):
+        """A step's rows, their timesteps (from `timesteps`), noise and dropped captions, in one order
+        of draws for both stages; and the rows' contexts."""
         idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
-        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=gen).to(dev)
-        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen).to(dev)
+        t = timesteps[torch.randint(0, len(timesteps), (cfg.batch,), generator=gen)]
+        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
         drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
         context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
-        z = add_noise_vp(latents[idx].to(dev), sigmas[t], eps)
+        return idx, t, eps, drop, context
+
+    def grounded(distance, idx, drop):
+        return (distance(), {}) if ground is None else ground(distance, idx, drop)
+
+    def heal_loss(net, step, gen):
+        """BK-SDM's output distillation: the cut student's prediction onto the whole teacher's."""
+        idx, t, eps, drop, context = draw(step, gen, every_t)
+        t = t.to(dev)
+        z = add_noise_vp(latents[idx].to(dev), sigmas[t], eps.to(dev))
         with torch.no_grad():
             wanted = teacher_unet(z, t.float(), context=context)
 
         def distance():
             return torch.mean((net(z, t.float(), context=context).float() - wanted.float()) ** 2)
-        if ground is None:
-            return distance(), {}
-        return ground(distance, idx, drop)
+        return grounded(distance, idx, drop)
 
     def step_loss(net, step, gen):
         if step < heal_steps:
             return heal_loss(net, step, gen)
-        idx = torch.tensor(batch_indices(len(latents), cfg.batch, step, cfg.seed))
-        t = grid[torch.randint(0, len(grid), (cfg.batch,), generator=gen)]
-        eps = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.data.caption_dropout
-        context = states[torch.where(drop, torch.zeros_like(rows[idx]), rows[idx])].to(dev)
+        idx, t, eps, drop, context = draw(step, gen, grid)
         cond, uncond = {"context": context}, {"context": states[:1].expand_as(context).to(dev)}
         student = discrete_denoiser(net, model.schedule, model.config.prediction)
         sigma_edge = edge_table[t].to(dev) if phases > 1 else None
@@ -194,9 +200,7 @@ def train_lcm(cfg: TrainConfig, world: World, resume: bool = False) -> Path:
         def distance():     # LCD eq. 11 (PCM's phased form); the target ran above, outside any attention hooks
             return huber(phased(lambda x, sigma: student(x, sigma, **cond), x_t, sigma_t, t.to(dev), sigma_edge),
                          y, huber_c).mean()
-        if ground is None:
-            return distance(), {}
-        return ground(distance, idx, drop)
+        return grounded(distance, idx, drop)
 
     def write_student(path: Path) -> None:
         """The EMA student as a marble model file (never over an existing one)."""
